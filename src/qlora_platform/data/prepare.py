@@ -1,0 +1,133 @@
+"""`qlora prepare`: raw inputs to `train.jsonl` + `eval.jsonl` in chat form.
+
+    qlora prepare --sample                                # the offline stdlib data set
+    qlora prepare --input faq.csv --columns instruction=question,output=answer
+    qlora prepare --input notes.jsonl --input manual.pdf --doc-mode qa
+    qlora prepare --input tatsu-lab/alpaca --format hf
+
+Inputs are read by their type (JSONL/JSON, CSV, PDF/HTML/Markdown/text, or a
+Hugging Face dataset), normalised to chat records, checked, deduplicated and
+split into a seeded holdout with no prompt on both sides. A bad record stops the
+run with its file and line, unless `--skip-invalid` is given; then it is
+dropped and counted. Every dropped record is reported.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from ..errors import UserError
+from .formats import FORMATS, answer_of, iter_jsonl, normalise_key, prompt_of, to_chat_record, write_jsonl
+from .sample import build_sample_records
+from .sources import DOC_SUFFIXES, csv_to_jsonl, document_records, hf_dataset_to_jsonl
+from .split import split_holdout
+
+
+def read_source(source: str, fmt: str = "auto", mapping: dict | None = None, doc_mode: str = "qa",
+                split: str = "train") -> list[tuple[str, dict]]:
+    """(where, raw record) pairs from one input."""
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if fmt == "hf" or (not path.exists() and "/" in source and suffix not in (".jsonl", ".json", ".csv")):
+        return hf_dataset_to_jsonl(source, split=split, mapping=mapping)
+    if path.is_dir():
+        return hf_dataset_to_jsonl(source, split=split, mapping=mapping)
+    if not path.exists():
+        raise UserError(f"input '{source}' does not exist")
+    if suffix == ".jsonl":
+        rows = [(f"{path}:{n}", obj) for n, obj in iter_jsonl(path)]
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: a .json input must hold a list of records (or use .jsonl)")
+        rows = [(f"{path}[{i}]", obj) for i, obj in enumerate(data)]
+    elif suffix == ".csv":
+        return csv_to_jsonl(path, mapping)
+    elif suffix in DOC_SUFFIXES:
+        return document_records(path, mode=doc_mode)
+    else:
+        raise UserError(f"{path}: unsupported input type '{suffix}'; use .jsonl, .json, .csv, "
+                        f"{', '.join(sorted(DOC_SUFFIXES))} or a Hugging Face dataset (--format hf)")
+    if mapping:
+        rows = [(w, {field: obj.get(col) for field, col in mapping.items()}) for w, obj in rows]
+    return rows
+
+
+def prepare(inputs: list[str], out_dir: str | Path = "data", fmt: str = "auto", mapping: dict | None = None,
+            doc_mode: str = "qa", eval_ratio: float = 0.1, seed: int = 42, skip_invalid: bool = False,
+            sample: bool = False, split: str = "train") -> dict:
+    """Write train/eval JSONL and return the report (also written as prepare_report.json)."""
+    if fmt not in ("auto", "hf", *FORMATS):
+        raise UserError(f"--format must be auto, hf or one of {', '.join(FORMATS)}; got '{fmt}'")
+    if not 0 <= eval_ratio < 1:
+        raise UserError(f"--eval-ratio must be in [0, 1), got {eval_ratio}")
+    if not inputs and not sample:
+        raise UserError("nothing to prepare: give --input FILE (repeatable) or --sample")
+    records: list[dict] = []
+    invalid: Counter = Counter()
+    first_invalid: list[str] = []
+    raw_count = 0
+    if sample:
+        records += build_sample_records()
+        raw_count += len(records)
+    record_fmt = "auto" if fmt == "hf" else fmt
+    for source in inputs:
+        for where, raw in read_source(source, fmt, mapping, doc_mode, split):
+            raw_count += 1
+            try:
+                records.append(to_chat_record(raw, where, record_fmt))
+            except UserError as err:
+                if not skip_invalid:
+                    raise UserError(f"{err} (or pass --skip-invalid to drop and count such records)") from None
+                reason = str(err).split(": ", 1)[-1]
+                invalid[reason.split(";")[0][:80]] += 1
+                if len(first_invalid) < 5:
+                    first_invalid.append(str(err))
+
+    seen, unique, duplicates = set(), [], 0
+    for rec in records:
+        key = (normalise_key(prompt_of(rec)), normalise_key(answer_of(rec)))
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        unique.append(rec)
+    if not unique:
+        raise UserError("no valid record left to write; see the errors above")
+    train, holdout = split_holdout(unique, eval_ratio, seed)
+    out_dir = Path(out_dir)
+    write_jsonl(out_dir / "train.jsonl", train)
+    if holdout:
+        write_jsonl(out_dir / "eval.jsonl", holdout)
+    words = [len(answer_of(r).split()) for r in unique]
+    report = {
+        "inputs": (["sample:python-stdlib"] if sample else []) + list(inputs),
+        "records_read": raw_count, "invalid_dropped": sum(invalid.values()),
+        "invalid_reasons": dict(invalid), "invalid_examples": first_invalid,
+        "duplicates_dropped": duplicates, "written": len(unique),
+        "train": len(train), "eval": len(holdout),
+        "avg_answer_words": round(sum(words) / len(words), 1),
+        "categories": dict(Counter(str(r.get("category", "")) for r in unique)),
+        "train_file": str(out_dir / "train.jsonl"),
+        "eval_file": str(out_dir / "eval.jsonl") if holdout else None,
+    }
+    (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"read {report['records_read']} records; wrote {report['written']} "
+             f"({report['train']} train -> {report['train_file']}, {report['eval']} holdout"
+             f"{' -> ' + report['eval_file'] if report['eval_file'] else ''})",
+             f"dropped: {report['duplicates_dropped']} duplicates, {report['invalid_dropped']} invalid",
+             f"average answer length: {report['avg_answer_words']} words"]
+    for reason, n in report["invalid_reasons"].items():
+        lines.append(f"  invalid x{n}: {reason}")
+    if report["avg_answer_words"] < 50:
+        lines.append("warning: answers average under 50 words; short answers teach little "
+                     "(see 'qlora validate')")
+    return "\n".join(lines)

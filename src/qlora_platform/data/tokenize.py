@@ -1,0 +1,87 @@
+"""Chat records to token ids and labels, with the loss on assistant tokens only.
+
+The conversation is rendered once with the tokenizer's own chat template and
+tokenized with character offsets; the character span of each assistant answer is
+found by rendering the conversation up to that answer (with the generation
+prompt) and up to its end. Tokens inside a span keep their ids as labels, all
+others get -100. The span runs through the end-of-turn token (EOS), so the model
+learns to stop; if a template adds no EOS, one is appended and labelled.
+
+    ex = encode_record(tokenizer, {"messages": [...]}, max_seq_len=384)
+    ex["input_ids"], ex["labels"], ex["truncated"]
+
+Plain `{"text": ...}` records are labelled on every token and end with EOS.
+"""
+from __future__ import annotations
+
+from ..errors import UserError
+
+IGNORE = -100
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    # transformers renders templates in a sandboxed Jinja environment.
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the [start, end) character span of each assistant answer."""
+    full = render_chat(tokenizer, messages)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1])
+        if not full.startswith(before) or not full.startswith(upto):
+            raise UserError("the chat template renders a conversation differently from its prefixes, so "
+                            "assistant tokens cannot be located; use a standard chat template")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_record(tokenizer, record: dict, max_seq_len: int) -> dict:
+    """{'input_ids', 'labels', 'length', 'truncated'} for one chat or text record."""
+    eos_id = tokenizer.eos_token_id
+    if "text" in record:
+        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [eos_id]
+        labels = list(ids)
+    else:
+        text, spans = assistant_spans(tokenizer, record["messages"])
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        labels = [IGNORE] * len(ids)
+        for start, end in spans:
+            last = None
+            for t, (a, b) in enumerate(offsets):
+                if b > start and a < end and b > a:  # overlaps: a token may straddle the boundary
+                    labels[t] = ids[t]
+                    last = t
+            if last is None:
+                continue
+            # Stop the labels at the end-of-turn token: whitespace the template adds
+            # after it (a newline) is not part of the answer.
+            eos_at = next((t for t in range(last, -1, -1) if ids[t] == eos_id and labels[t] != IGNORE), None)
+            if eos_at is not None:
+                for t in range(eos_at + 1, last + 1):
+                    labels[t] = IGNORE
+            else:
+                ids.insert(last + 1, eos_id)
+                labels.insert(last + 1, eos_id)
+                offsets.insert(last + 1, (end, end))
+    full_length = len(ids)
+    truncated = full_length > max_seq_len
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    return {"input_ids": ids, "labels": labels, "length": full_length, "truncated": truncated}
+
+
+def encode_records(tokenizer, records: list[dict], max_seq_len: int, drop_unlabelled: bool = True):
+    """Encode many records; those left with no label after truncation are counted, not kept."""
+    out, dropped = [], 0
+    for rec in records:
+        ex = encode_record(tokenizer, rec, max_seq_len)
+        if drop_unlabelled and all(lab == IGNORE for lab in ex["labels"]):
+            dropped += 1
+            continue
+        out.append(ex)
+    return out, dropped

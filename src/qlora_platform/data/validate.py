@@ -1,0 +1,140 @@
+"""`qlora validate FILE`: everything that can be wrong with a training file, found before training.
+
+    qlora validate data/train.jsonl --eval data/eval.jsonl --config configs/smollm2-135m.yaml
+
+Errors (the file is not fit to train on; exit 1, each with file:line):
+malformed JSON, unknown format or missing fields, empty or whitespace answers,
+a chat template that fails to render, labels that do not end with EOS,
+prompts that also appear in the holdout file (leakage).
+Warnings (exit 0): duplicates, answers averaging under 50 words, examples
+longer than max_seq_len (and how many would be truncated).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .formats import answer_of, normalise_key, prompt_of, to_chat_record
+from .tokenize import IGNORE, encode_record
+
+MAX_LISTED = 20
+
+
+@dataclass
+class ValidationReport:
+    path: str
+    records: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def format(self) -> str:
+        lines = [f"{self.path}: {self.records} records"]
+        lines += [f"  {k}: {v}" for k, v in self.stats.items()]
+        shown = self.errors[:MAX_LISTED]
+        lines += [f"error: {e}" for e in shown]
+        if len(self.errors) > len(shown):
+            lines.append(f"error: ... and {len(self.errors) - len(shown)} more errors")
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append("OK" if self.ok else f"FAILED: {len(self.errors)} error(s)")
+        return "\n".join(lines)
+
+
+def _read_lines(path: Path, report: ValidationReport) -> list[tuple[int, dict]]:
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                report.errors.append(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})")
+                continue
+            if not isinstance(obj, dict):
+                report.errors.append(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            try:
+                out.append((lineno, to_chat_record(obj, f"{path}:{lineno}")))
+            except UserError as err:
+                report.errors.append(str(err))
+    return out
+
+
+def validate_file(path: str | Path, tokenizer=None, max_seq_len: int | None = None,
+                  eval_path: str | Path | None = None) -> ValidationReport:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file '{path}' does not exist")
+    report = ValidationReport(str(path))
+    records = _read_lines(path, report)
+    report.records = len(records) + len(report.errors)
+    if not records:
+        report.errors.append(f"{path}: no valid record")
+        return report
+
+    seen: dict[tuple, int] = {}
+    duplicates = []
+    for lineno, rec in records:
+        key = (normalise_key(prompt_of(rec)), normalise_key(answer_of(rec)))
+        if key in seen:
+            duplicates.append(f"{path}:{lineno} repeats line {seen[key]}")
+        else:
+            seen[key] = lineno
+    if duplicates:
+        report.warnings.append(f"{len(duplicates)} duplicate record(s), e.g. {'; '.join(duplicates[:3])} "
+                               f"('qlora prepare' removes them)")
+    words = [len(answer_of(r).split()) for _, r in records]
+    avg = sum(words) / len(words)
+    report.stats["answers"] = f"{len(records)} valid, average {avg:.1f} words, shortest {min(words)}, longest {max(words)}"
+    if avg < 50:
+        report.warnings.append(f"answers average {avg:.1f} words (under 50): short answers teach the model "
+                               f"little style or substance")
+
+    if tokenizer is not None:
+        lengths, truncated, no_eos = [], [], []
+        for lineno, rec in records:
+            where = f"{path}:{lineno}"
+            try:
+                ex = encode_record(tokenizer, rec, max_seq_len or 10 ** 9)
+            except Exception as err:  # noqa: BLE001 - template errors come in many types
+                report.errors.append(f"{where}: the chat template failed to render: {str(err).splitlines()[0]}")
+                continue
+            lengths.append(ex["length"])
+            if ex["truncated"]:
+                truncated.append(where)
+                continue
+            labelled = [lab for lab in ex["labels"] if lab != IGNORE]
+            if not labelled or labelled[-1] != tokenizer.eos_token_id:
+                no_eos.append(where)
+        for where in no_eos:
+            report.errors.append(f"{where}: the labels do not end with the EOS token "
+                                 f"'{tokenizer.eos_token}', so the model would not learn to stop")
+        if lengths:
+            lengths.sort()
+            report.stats["tokens"] = (f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}, "
+                                      f"total {sum(lengths)}")
+        if truncated:
+            report.warnings.append(f"{len(truncated)} of {len(records)} records exceed max_seq_len "
+                                   f"{max_seq_len} tokens and would be truncated (e.g. {truncated[0]}); "
+                                   f"raise data.max_seq_len or shorten them")
+
+    if eval_path:
+        eval_path = Path(eval_path)
+        holdout = _read_lines(eval_path, ValidationReport(str(eval_path)))
+        train_prompts: dict[str, int] = {}
+        for n, r in records:
+            train_prompts.setdefault(normalise_key(prompt_of(r)), n)
+        for lineno, rec in holdout:
+            n = train_prompts.get(normalise_key(prompt_of(rec)))
+            if n is not None:
+                report.errors.append(f"{eval_path}:{lineno}: the same prompt is in {path}:{n} "
+                                     f"(train/holdout leakage inflates the evaluation)")
+        report.stats["holdout"] = f"{len(holdout)} records checked for leakage"
+    return report

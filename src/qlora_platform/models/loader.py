@@ -1,0 +1,181 @@
+"""Loading base models and tokenizers, 4-bit QLoRA set-up, and LoRA adapters.
+
+One place decides where a model comes from (hub id, local folder, .gguf file or
+`bundled:NAME`), on which device and in which dtype it runs, and how it is
+quantized (NF4 + double quantization through bitsandbytes, on CPU and GPU alike):
+
+    tok = load_tokenizer(cfg.model)
+    model = load_base_model(cfg, device, for_training=True)
+    model = attach_lora(model, cfg)
+
+Hub failures (401/403 on gated models, unknown ids, no network) become one
+`UserError` that says what to do.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..config import Config, ModelConfig
+from ..errors import UserError
+from .bundled import BUNDLED_PREFIX, resolve_gguf
+
+
+def resolve_model_source(name: str) -> str:
+    """A local folder path or a hub id that `from_pretrained` accepts; GGUF is converted first."""
+    if name.startswith(BUNDLED_PREFIX) or name.endswith(".gguf"):
+        return str(resolve_gguf(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder '{path}' has no config.json: point model.name at a "
+                            f"Hugging Face model folder, a .gguf file, or a hub id")
+        return str(path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local:
+        raise UserError(f"model path '{name}' does not exist; use a local folder, a .gguf file, "
+                        f"'bundled:smollm2-135m-instruct' or a hub id such as "
+                        f"'mistralai/Mistral-7B-Instruct-v0.3'")
+    return name  # a hub id
+
+
+def hub_error(name: str, err: Exception) -> UserError:
+    """Turn the hub's many failure modes into one actionable line."""
+    text = f"{type(err).__name__}: {err}"
+    if any(s in text for s in ("401", "403", "GatedRepo", "gated", "restricted")):
+        return UserError(f"the hub refused '{name}' (401/403): it is gated or private. Accept its licence "
+                         f"on its model page, then set HF_TOKEN or run 'huggingface-cli login'")
+    if any(s in text for s in ("RepositoryNotFound", "404", "not a valid model identifier")):
+        return UserError(f"model '{name}' was not found on the hub nor on disk; check the id or path")
+    if any(s in text for s in ("offline", "LocalEntryNotFound", "Connection", "resolve", "couldn't connect")):
+        return UserError(f"cannot reach the hub to fetch '{name}' and it is not in the local cache; "
+                         f"connect to the network or point model.name at a local folder")
+    return UserError(f"cannot load model '{name}': {str(err).splitlines()[0]}")
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("training.device is 'cuda' but no CUDA GPU is visible; set --device cpu "
+                        "or check 'qlora doctor'")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def pick_compute_dtype(requested: str, device: str):
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On the CPU bitsandbytes computes NF4 matmuls in bf16 correctly (to 0.3% of fp32)
+    # and faster on CPUs with AVX512-BF16 / AMX; fp32 elsewhere.
+    return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(model_cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - the hub raises many types
+        raise hub_error(model_cfg.name, err) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"the tokenizer of '{model_cfg.name}' has no chat template; use an instruct "
+                        f"model or one whose tokenizer_config.json defines chat_template")
+    return tok
+
+
+def disable_cpu_weight_repacking(model) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights for its fast CPU inference kernel.
+
+    bitsandbytes 0.50.2 on CPUs with AVX512-BF16 repacks a Linear4bit weight in place
+    the first time the layer runs in eval mode without gradients; afterwards that layer
+    passes no gradient to its input, even in train mode, so training after any
+    evaluation silently goes wrong. Must run before the model's first forward pass.
+    Returns how many layers were changed.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def load_base_model(cfg: Config, device: str, for_training: bool, quantize: bool | None = None):
+    """The base model, 4-bit quantized when the config says so (and `quantize` is not False)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    source = resolve_model_source(cfg.model.name)
+    dtype = pick_compute_dtype(cfg.quantization.compute_dtype, device)
+    quantize = cfg.quantization.load_in_4bit if quantize is None else quantize
+    kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                  attn_implementation=cfg.model.attn_implementation, use_safetensors=True,
+                  dtype=dtype if quantize else (dtype if device == "cuda" else torch.float32))
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization.quant_type,
+            bnb_4bit_use_double_quant=cfg.quantization.double_quant, bnb_4bit_compute_dtype=dtype)
+    kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ImportError as err:
+        raise UserError(f"missing package to load '{cfg.model.name}': {err}; run 'qlora doctor'") from None
+    except Exception as err:  # noqa: BLE001
+        if "safetensors" in str(err).lower() and "use_safetensors" not in str(err):
+            raise UserError(f"'{cfg.model.name}' has no safetensors weights; the platform loads "
+                            f"safetensors only (pickled .bin files can run code)") from None
+        raise hub_error(cfg.model.name, err) from None
+    if for_training and quantize:
+        disable_cpu_weight_repacking(model)
+    model.config.use_cache = not for_training
+    return model
+
+
+def attach_lora(model, cfg: Config):
+    """Wrap a (quantized) base model with trainable LoRA adapters; base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc = cfg.training.gradient_checkpointing
+    if cfg.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM", bias="none")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:
+        raise UserError(f"lora.target_modules: {str(err).splitlines()[0]}") from None
+    # Gradient checkpointing only acts in train mode; from_pretrained returns eval mode.
+    model.train()
+    return model
+
+
+def load_adapter(base_model, adapter_dir: str | os.PathLike, trainable: bool = False):
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json); "
+                        f"point at <output_dir>/final_adapter or a checkpoint-N folder")
+    return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)

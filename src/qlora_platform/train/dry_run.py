@@ -1,0 +1,36 @@
+"""`qlora train --dry-run`: validate the config and print the memory estimate, loading no weights.
+
+Reads only the model's config.json (from the hub, a folder or the bundled
+model), so it answers in seconds whether a run will fit before any download.
+"""
+from __future__ import annotations
+
+from ..config import Config, dump_config
+from ..errors import UserError
+from ..models.loader import hub_error, resolve_model_source
+from ..models.memory import GIB, estimate_training_memory, format_estimate
+
+
+def dry_run(cfg: Config) -> str:
+    import torch
+    from transformers import AutoConfig
+
+    source = resolve_model_source(cfg.model.name)
+    try:
+        mc = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as err:  # noqa: BLE001
+        raise hub_error(cfg.model.name, err) from None
+    if not hasattr(mc, "intermediate_size"):
+        raise UserError(f"'{cfg.model.name}' ({mc.model_type}) is not a decoder the estimate knows "
+                        f"(no intermediate_size)")
+    est = estimate_training_memory(mc, cfg)
+    lines = ["config OK:", dump_config(cfg), format_estimate(est)]
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        verdict = "fits" if est["total"] <= 0.95 * free else "does NOT fit"
+        lines.append(f"{torch.cuda.get_device_name()}: {free / GIB:.1f} of {total / GIB:.1f} GiB free: {verdict}")
+    else:
+        lines.append("no CUDA GPU here; on an 8 GB card (about 7.6 GiB usable) this run "
+                     + ("fits" if est["total"] <= 7.6 * GIB else "does NOT fit"))
+    return "\n".join(lines)

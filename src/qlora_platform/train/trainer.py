@@ -1,0 +1,290 @@
+"""The QLoRA training loop: data in, checkpoints and a final adapter out.
+
+A plain loop rather than TRL's SFTTrainer, for three reasons measured or needed
+here: the loss is on assistant tokens located through the chat template itself
+(SFTTrainer's assistant-only loss needs templates with generation markers, which
+most models lack); checkpoints are atomic and resume at the exact step and data
+order; and bitsandbytes' CPU repacking trap is handled before the first forward.
+
+    trainer = Trainer(cfg, resume=False)
+    base = trainer.evaluate()        # safe before training (see models.loader)
+    summary = trainer.train()        # checkpoints, logs, final_adapter/
+
+Run it as `qlora train --config configs/smollm2-135m.yaml`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config, dump_config
+from ..data.formats import iter_jsonl, to_chat_record
+from ..data.tokenize import IGNORE, encode_records
+from ..errors import UserError
+from ..eval.perplexity import holdout_perplexity
+from ..models.loader import attach_lora, load_base_model, load_tokenizer, pick_device
+from .batching import collate, plan_epoch
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .model_card import write_model_card
+from .tracking import Tracker
+
+# Changing any of these between a checkpoint and --resume changes the data order or shapes.
+RESUME_KEYS = [("training", "batch_size"), ("training", "grad_accum"), ("training", "seed"),
+               ("data", "max_seq_len"), ("data", "packing"), ("data", "train_file"), ("lora", "r"),
+               ("lora", "target_modules"), ("model", "name")]
+
+
+def load_records(path: str | None, what: str) -> list[dict]:
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise UserError(f"{what} '{path}' does not exist; run 'qlora prepare' first or set data.{what}")
+    records = [to_chat_record(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+    if not records:
+        raise UserError(f"{what} '{path}' has no records")
+    return records
+
+
+def build_optimizer(params, cfg: Config, device: str):
+    name = cfg.training.optimizer
+    if name == "auto":
+        name = "paged_adamw_8bit" if device == "cuda" else "adamw"
+    lr, wd = cfg.training.learning_rate, cfg.training.weight_decay
+    if name in ("paged_adamw_8bit", "adamw_8bit"):
+        if device != "cuda":
+            raise UserError(f"training.optimizer '{name}' needs a GPU; use 'adamw' on the CPU")
+        import bitsandbytes as bnb
+        cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, log=print):
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.output.dir)
+        tc = cfg.training
+        self.device = pick_device(tc.device)
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        train_records = load_records(cfg.data.train_file, "train_file")
+        eval_records = load_records(cfg.data.eval_file, "eval_file") if cfg.data.eval_file else []
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train_examples, dropped = encode_records(self.tokenizer, train_records, cfg.data.max_seq_len)
+        self.eval_examples, eval_dropped = encode_records(self.tokenizer, eval_records, cfg.data.max_seq_len)
+        truncated = sum(ex["truncated"] for ex in self.train_examples)
+        self.data_stats = {"train_records": len(train_records), "train_examples": len(self.train_examples),
+                           "eval_examples": len(self.eval_examples), "truncated": truncated,
+                           "dropped_no_labels": dropped + eval_dropped}
+        log(f"data: {len(self.train_examples)} training examples ({truncated} truncated to "
+            f"{cfg.data.max_seq_len} tokens, {dropped} dropped with no answer token left), "
+            f"{len(self.eval_examples)} holdout examples")
+        if not self.train_examples:
+            raise UserError(f"no usable training example in '{cfg.data.train_file}' "
+                            f"(all answers were truncated away? raise data.max_seq_len)")
+        if self.device == "cuda":
+            self._preflight()
+
+        torch.manual_seed(tc.seed)
+        self.model = attach_lora(load_base_model(cfg, self.device, for_training=True), cfg)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.trainable, cfg, self.device)
+        self.lengths = [len(ex["input_ids"]) for ex in self.train_examples]
+        # Labelled tokens after the one-token shift; packing masks each example's first label too.
+        self.label_counts = [sum(lab != IGNORE for lab in ex["labels"][1:]) for ex in self.train_examples]
+        batches_per_epoch = len(self._plan(0))
+        self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * batches_per_epoch / tc.grad_accum))
+        from transformers import get_scheduler
+        self.scheduler = get_scheduler(tc.lr_scheduler if tc.lr_scheduler != "constant" else "constant_with_warmup",
+                                       self.optimizer, num_warmup_steps=int(tc.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.step, self.history = 0, []
+        self.train_seconds, self.train_tokens = 0.0, 0
+        if resume:
+            self._resume()
+
+    # -- set-up helpers ---------------------------------------------------------------
+    def _preflight(self):
+        from ..models.memory import check_fits, estimate_training_memory
+        from ..models.loader import resolve_model_source
+        from transformers import AutoConfig
+
+        mc = AutoConfig.from_pretrained(resolve_model_source(self.cfg.model.name),
+                                        trust_remote_code=self.cfg.model.trust_remote_code)
+        free, _ = torch.cuda.mem_get_info()
+        check_fits(estimate_training_memory(mc, self.cfg), free, torch.cuda.get_device_name(), self.cfg)
+
+    def _plan(self, epoch: int):
+        tc = self.cfg.training
+        return plan_epoch(self.lengths, epoch, tc.seed, tc.batch_size, self.cfg.data.max_seq_len,
+                          self.cfg.data.packing)
+
+    def _micro_batches(self, skip: int):
+        """Endless (epoch, batch rows) in the deterministic order, the first `skip` passed over."""
+        epoch, seen = 0, 0
+        while True:
+            plan = self._plan(epoch)
+            for rows in plan:
+                if seen >= skip:
+                    yield epoch, rows
+                seen += 1
+            epoch += 1
+
+    def _resume(self):
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            self.log(f"--resume: no complete checkpoint in {self.out}; starting from step 0")
+            return
+        saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config", {})
+        now = self.cfg.model_dump()
+        for section, key in RESUME_KEYS:
+            if saved.get(section, {}).get(key) != now[section][key]:
+                raise UserError(f"--resume: {section}.{key} was {saved.get(section, {}).get(key)!r} in "
+                                f"{ckpt} but is {now[section][key]!r} now; restore it or start a new "
+                                f"output.dir")
+        state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.step = state["global_step"]
+        self.history = state.get("history", [])
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.train_tokens = state.get("train_tokens", 0)
+        self.log(f"resumed from {ckpt} at step {self.step}/{self.total_steps}")
+
+    # -- evaluation -----------------------------------------------------------------
+    def evaluate(self) -> dict | None:
+        if not self.eval_examples:
+            return None
+        return holdout_perplexity(self.model, self.eval_examples, batch_size=self.cfg.training.batch_size,
+                                  pad_id=self.tokenizer.pad_token_id)
+
+    # -- training ---------------------------------------------------------------------
+    def _forward_loss(self, rows, n_label_window: int) -> tuple[torch.Tensor, int]:
+        examples = [[self.train_examples[i] for i in row] for row in rows]
+        batch = collate(examples, self.tokenizer.pad_token_id, self.cfg.data.packing)
+        dev = self.device
+        kwargs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
+        if self.cfg.data.packing:
+            kwargs["position_ids"] = batch["position_ids"].to(dev)
+        logits = self.model(**kwargs).logits
+        labels = batch["labels"].to(dev)[:, 1:]
+        logits = logits[:, :-1].float()
+        # Summed over the window's labelled tokens, then divided once: every token weighs
+        # the same however the tokens fall into micro-batches.
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum") / max(n_label_window, 1)
+        return loss, batch["num_tokens"]
+
+    def _state(self) -> dict:
+        return {"history": self.history, "config": self.cfg.model_dump(), "train_seconds": self.train_seconds,
+                "train_tokens": self.train_tokens, "total_steps": self.total_steps}
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler,
+                               self._state(), keep=self.cfg.training.save_total_limit)
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        tc = self.cfg.training
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        tracker = Tracker(self.out, tc.report_to, self.cfg)
+        self.model.train()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        batches = self._micro_batches(skip=self.step * tc.grad_accum)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        window_loss, window_tokens, window_start = 0.0, 0, time.time()
+        steps_in_window = 0
+        try:
+            while self.step < self.total_steps:
+                t0 = time.time()
+                micro = [next(batches) for _ in range(tc.grad_accum)]
+                n_label = sum(self.label_counts[i] for _, rows in micro for row in rows for i in row)
+                step_loss, step_tokens = 0.0, 0
+                for epoch, rows in micro:
+                    loss, ntok = self._forward_loss(rows, n_label)
+                    loss.backward()
+                    step_loss += loss.item()
+                    step_tokens += ntok
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm or float("inf"))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.train_seconds += time.time() - t0
+                self.train_tokens += step_tokens
+                window_loss += step_loss
+                window_tokens += step_tokens
+                steps_in_window += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.3f}")
+                if not math.isfinite(step_loss):
+                    raise UserError(f"the loss became {step_loss} at step {self.step}; lower "
+                                    f"training.learning_rate (now {tc.learning_rate}) and resume")
+                if self.step % tc.logging_steps == 0 or self.step == self.total_steps:
+                    elapsed = time.time() - window_start
+                    record = {"step": self.step, "epoch": round(epoch + 0.0, 3),
+                              "loss": window_loss / steps_in_window, "lr": self.scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                    self.history.append(record)
+                    tracker.log(record, self.step)
+                    window_loss, window_tokens, steps_in_window, window_start = 0.0, 0, 0, time.time()
+                if tc.eval_steps and self.step % tc.eval_steps == 0 and self.step < self.total_steps:
+                    self._log_eval(tracker)
+                if self.step % tc.save_steps == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            self.optimizer.zero_grad(set_to_none=True)
+            path = self.save_checkpoint()
+            tracker.close()
+            raise UserError(f"interrupted at step {self.step}/{self.total_steps}; saved {path}. "
+                            f"Continue with: qlora train --config {self.out / 'config.yaml'} --resume",
+                            exit_code=130) from None
+        bar.close()
+        final_eval = self._log_eval(tracker) if self.eval_examples else None
+        tracker.close()
+        return self._finish(final_eval)
+
+    def _log_eval(self, tracker) -> dict:
+        result = self.evaluate()
+        record = {"step": self.step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
+        self.history.append(record)
+        tracker.log(record, self.step)
+        return result
+
+    def _finish(self, final_eval: dict | None) -> dict:
+        final = self.out / "final_adapter"
+        self.model.save_pretrained(final, safe_serialization=True)
+        self.tokenizer.save_pretrained(final)
+        summary = {
+            "steps": self.step, "train_seconds": round(self.train_seconds, 1),
+            "tokens_per_s": round(self.train_tokens / max(self.train_seconds, 1e-9), 1),
+            "train_loss_first": next((h["loss"] for h in self.history if "loss" in h), None),
+            "train_loss_last": next((h["loss"] for h in reversed(self.history) if "loss" in h), None),
+            "eval_loss": final_eval["loss"] if final_eval else None,
+            "eval_perplexity": final_eval["perplexity"] if final_eval else None,
+            "peak_memory_gib": round(peak_memory_gib(self.device), 2), "device": self._device_name(),
+            **self.data_stats,
+        }
+        write_model_card(final, self.cfg, summary)
+        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        self.log(f"final adapter: {final}")
+        return summary
+
+    def _device_name(self) -> str:
+        if self.device == "cuda":
+            return torch.cuda.get_device_name()
+        return f"cpu ({torch.get_num_threads()} threads)"

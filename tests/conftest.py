@@ -1,0 +1,82 @@
+"""Shared fixtures: the bundled tokenizer, a tiny random Llama with it, and small data files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def bundled_dir() -> Path:
+    from qlora_platform.models.bundled import DEFAULT_MODEL, resolve_gguf
+    return resolve_gguf(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(request):
+    from transformers import AutoTokenizer
+
+    from qlora_platform.errors import UserError
+    try:
+        return AutoTokenizer.from_pretrained(request.getfixturevalue("bundled_dir"))
+    except UserError:
+        # The GPU machine lacks the bundled model's package: use the 32k benchmark tokenizer.
+        from benchmarks.random_checkpoint import MISTRAL_TEMPLATE
+        tok = AutoTokenizer.from_pretrained(Path(__file__).parents[1] / "benchmarks/assets/tok32k")
+        tok.chat_template = MISTRAL_TEMPLATE
+        return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer random-weight Llama with SmolLM2's tokenizer and chat template (seconds to train)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def chat(q: str, a: str, category: str = "") -> dict:
+    rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    if category:
+        rec["category"] = category
+    return rec
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def small_data(tmp_path) -> tuple[Path, Path]:
+    """A learnable toy task: each answer repeats a fixed pattern tied to its question."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    train = [chat(f"Spell the word {w} number {i}.", " ".join([w] * 12) + f" done {i}.")
+             for i in range(24) for w in words[i % 8: i % 8 + 1]]
+    held = [chat(f"Spell the word {w} please.", " ".join([w] * 12) + " done.") for w in words[:4]]
+    return write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "eval.jsonl", held)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir, small_data, tmp_path):
+    from qlora_platform.config import load_config
+
+    train, held = small_data
+    return load_config(None, {
+        "model.name": str(tiny_model_dir), "data.train_file": str(train), "data.eval_file": str(held),
+        "data.max_seq_len": 96, "training.batch_size": 4, "training.max_steps": 6,
+        "training.learning_rate": 5e-3, "training.warmup_ratio": 0.0, "training.logging_steps": 1,
+        "training.save_steps": 3, "training.device": "cpu", "training.gradient_checkpointing": False,
+        "training.report_to": "[]", "lora.r": 8, "lora.dropout": 0.0,
+        "quantization.compute_dtype": "float32", "output.dir": str(tmp_path / "run")})

@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from qlora_platform.errors import UserError
+from qlora_platform.models.loader import hub_error, resolve_model_source
+
+
+def test_bundled_conversion_is_a_loadable_folder_with_the_right_eos(bundled_dir, tokenizer):
+    config = json.loads((bundled_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (bundled_dir / "model.safetensors").is_file()
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == config["eos_token_id"]
+    assert tokenizer.chat_template
+
+
+@pytest.mark.parametrize("name,message", [
+    ("./no/such/model", "model path './no/such/model' does not exist"),
+    ("/tmp/definitely-missing.gguf", "GGUF file '/tmp/definitely-missing.gguf' does not exist"),
+    ("bundled:gpt-7", "unknown bundled model 'gpt-7'"),
+])
+def test_bad_model_names(name, message):
+    with pytest.raises(UserError, match=message):
+        resolve_model_source(name)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(UserError, match="has no config.json"):
+        resolve_model_source(str(tmp_path))
+
+
+def test_hub_ids_pass_through():
+    assert resolve_model_source("mistralai/Mistral-7B-Instruct-v0.3") == "mistralai/Mistral-7B-Instruct-v0.3"
+
+
+@pytest.mark.parametrize("err,message", [
+    (OSError("401 Client Error: Unauthorized ... gated repo"), "HF_TOKEN"),
+    (OSError("RepositoryNotFoundError: 404"), "was not found"),
+    (OSError("We couldn't connect to 'https://huggingface.co' ... offline mode"), "cannot reach the hub"),
+])
+def test_hub_errors_become_one_actionable_line(err, message):
+    assert message in str(hub_error("meta-llama/Meta-Llama-3-8B-Instruct", err))

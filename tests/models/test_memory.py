@@ -1,0 +1,40 @@
+import pytest
+from transformers import MistralConfig
+
+from qlora_platform.config import load_config
+from qlora_platform.errors import UserError
+from qlora_platform.models.memory import GIB, check_fits, estimate_training_memory
+
+MISTRAL = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8)
+
+
+def _cfg(**kw):
+    return load_config("configs/mistral-7b.yaml", kw)
+
+
+def test_estimate_matches_the_measured_7b_anchor():
+    # Measured on an H100 (shared/device anchors): 7.17 GiB at b2 x s1024, 8.09 GiB at b1 x s2048,
+    # 48.5 GiB at b4 x s4096.
+    est = estimate_training_memory(MISTRAL, _cfg())["total"] / GIB
+    assert 7.17 * 0.85 < est < 7.17 * 1.15, est
+    est = estimate_training_memory(MISTRAL, _cfg(batch_size=1, max_seq_len=2048))["total"] / GIB
+    assert 8.09 * 0.85 < est < 8.09 * 1.15, est
+    est = estimate_training_memory(MISTRAL, _cfg(batch_size=4, max_seq_len=4096))["total"] / GIB
+    assert 48.5 * 0.85 < est < 48.5 * 1.15, est
+
+
+def test_estimate_moves_the_right_way():
+    base = estimate_training_memory(MISTRAL, _cfg())["total"]
+    assert estimate_training_memory(MISTRAL, _cfg(gradient_checkpointing=False))["total"] > base
+    assert estimate_training_memory(MISTRAL, _cfg(batch_size=4))["total"] > base
+    assert estimate_training_memory(MISTRAL, _cfg(r=64))["total"] > base
+
+
+def test_check_fits_refuses_with_advice():
+    cfg = _cfg(batch_size=8, max_seq_len=4096, gradient_checkpointing=False)
+    est = estimate_training_memory(MISTRAL, cfg)
+    with pytest.raises(UserError, match=r"needs about .* GiB but RTX 4060 has 7.6 GiB free; try "
+                                        r"--gradient_checkpointing true or --batch_size 4"):
+        check_fits(est, int(7.6 * GIB), "RTX 4060", cfg)
+    check_fits(estimate_training_memory(MISTRAL, _cfg()), int(70 * GIB), "H100", _cfg())
