@@ -25,23 +25,33 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a malformed line stops with file:line."""
+def parse_jsonl_line(line: str, where: str) -> dict:
+    """One JSONL line as a dict, or a UserError that names `where` (file:line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: malformed JSON ({err.msg} at column {err.colno}); "
+                        f"each line must be one JSON object") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def iter_jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each non-blank line of an existing file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file '{path}' does not exist")
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); "
-                                f"each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+            if line.strip():
+                yield lineno, line
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a malformed line stops with file:line."""
+    for lineno, line in iter_jsonl_lines(path):
+        yield lineno, parse_jsonl_line(line, f"{path}:{lineno}")
 
 
 def write_jsonl(path: str | Path, records) -> int:

@@ -11,12 +11,11 @@ longer than max_seq_len (and how many would be truncated).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .formats import answer_of, normalise_key, prompt_of, to_chat_record
+from .formats import answer_of, iter_jsonl_lines, normalise_key, parse_jsonl_line, prompt_of, to_chat_record
 from .tokenize import IGNORE, encode_record
 
 MAX_LISTED = 20
@@ -47,23 +46,13 @@ class ValidationReport:
 
 
 def _read_lines(path: Path, report: ValidationReport) -> list[tuple[int, dict]]:
+    """Valid records with their line numbers; every bad line becomes an error in the report."""
     out = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                report.errors.append(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(obj, dict):
-                report.errors.append(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                continue
-            try:
-                out.append((lineno, to_chat_record(obj, f"{path}:{lineno}")))
-            except UserError as err:
-                report.errors.append(str(err))
+    for lineno, line in iter_jsonl_lines(path):
+        try:
+            out.append((lineno, to_chat_record(parse_jsonl_line(line, f"{path}:{lineno}"), f"{path}:{lineno}")))
+        except UserError as err:
+            report.errors.append(str(err))
     return out
 
 

@@ -166,7 +166,7 @@ class Trainer:
         if not self.eval_examples:
             return None
         return holdout_perplexity(self.model, self.eval_examples, batch_size=self.cfg.training.batch_size,
-                                  pad_id=self.tokenizer.pad_token_id)
+                                  pad_id=self.tokenizer.pad_token_id, progress=True)
 
     # -- training ---------------------------------------------------------------------
     def _forward_loss(self, rows, n_label_window: int) -> tuple[torch.Tensor, int]:
