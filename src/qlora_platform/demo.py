@@ -24,7 +24,8 @@ from .train.trainer import Trainer
 
 @torch.no_grad()
 def answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 96) -> str:
-    """A greedy answer (the full generation engine lives in infer/)."""
+    """A greedy answer with a mild repetition penalty (small models loop under pure greedy
+    decoding); base and tuned get the same settings."""
     was_training = model.training
     model.eval()
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -32,7 +33,7 @@ def answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 96) -> 
     device = next(model.parameters()).device
     out = model.generate(input_ids=prompt["input_ids"].to(device),
                          attention_mask=prompt["attention_mask"].to(device), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         do_sample=False, repetition_penalty=1.2, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     if was_training:
         model.train()
