@@ -49,8 +49,9 @@ def _read_lines(path: Path, report: ValidationReport) -> list[tuple[int, dict]]:
     """Valid records with their line numbers; every bad line becomes an error in the report."""
     out = []
     for lineno, line in iter_jsonl_lines(path):
+        where = f"{path}:{lineno}"
         try:
-            out.append((lineno, to_chat_record(parse_jsonl_line(line, f"{path}:{lineno}"), f"{path}:{lineno}")))
+            out.append((lineno, to_chat_record(parse_jsonl_line(line, where), where)))
         except UserError as err:
             report.errors.append(str(err))
     return out

@@ -19,6 +19,13 @@ from ..data.tokenize import IGNORE
 from ..train.batching import collate
 
 
+def summed_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood summed over labelled tokens (token t predicts t+1), in fp32."""
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
 @torch.no_grad()
 def holdout_perplexity(model, examples: list[dict], batch_size: int = 4, pad_id: int = 0,
                        progress: bool = False) -> dict:
@@ -35,12 +42,9 @@ def holdout_perplexity(model, examples: list[dict], batch_size: int = 4, pad_id:
         batch = collate([[examples[i]] for i in idx], pad_id, packing=False)
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
-        labels = batch["labels"].to(device)[:, 1:]
-        logits = logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                              ignore_index=IGNORE, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((labels != IGNORE).sum())
+        labels = batch["labels"].to(device)
+        total_nll += summed_answer_nll(logits, labels).item()
+        total_tokens += int((labels[:, 1:] != IGNORE).sum())
     if was_training:
         model.train()
     loss = total_nll / max(total_tokens, 1)

@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config, dump_config
 from ..data.formats import iter_jsonl, to_chat_record
 from ..data.tokenize import IGNORE, encode_records
 from ..errors import UserError
-from ..eval.perplexity import holdout_perplexity
+from ..eval.perplexity import holdout_perplexity, summed_answer_nll
 from ..models.loader import attach_lora, load_base_model, load_tokenizer, pick_device
 from .batching import collate, plan_epoch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -177,12 +176,9 @@ class Trainer:
         if self.cfg.data.packing:
             kwargs["position_ids"] = batch["position_ids"].to(dev)
         logits = self.model(**kwargs).logits
-        labels = batch["labels"].to(dev)[:, 1:]
-        logits = logits[:, :-1].float()
         # Summed over the window's labelled tokens, then divided once: every token weighs
         # the same however the tokens fall into micro-batches.
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum") / max(n_label_window, 1)
+        loss = summed_answer_nll(logits, batch["labels"].to(dev)) / max(n_label_window, 1)
         return loss, batch["num_tokens"]
 
     def _state(self) -> dict:
