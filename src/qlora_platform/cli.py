@@ -4,6 +4,11 @@
     qlora prepare --sample             raw data -> data/train.jsonl + data/eval.jsonl
     qlora validate data/train.jsonl    find problems before training
     qlora train --config FILE [--resume] [--dry-run] [--section.key VALUE ...]
+    qlora eval --adapter DIR           base vs tuned: perplexity, keyword benchmark, speed
+    qlora compare RUN_DIR...           one table across runs
+    qlora chat --adapter DIR           streaming multi-turn chat
+    qlora generate --adapter DIR --prompt TEXT
+    qlora serve --adapter DIR --port 8000 [--api-key KEY]   OpenAI-compatible API
     qlora demo                         the whole pipeline on the bundled model
 
 Every `UserError` becomes one `error: ...` line and a non-zero exit; Ctrl-C
@@ -93,6 +98,81 @@ def cmd_train(args, extra) -> int:
     return 0
 
 
+def cmd_eval(args, extra) -> int:
+    from .eval.run import run_eval
+
+    if extra:
+        raise UserError(f"unexpected argument(s) for eval: {' '.join(extra)}")
+    run_eval(args.adapter, prompts=args.prompts, out=args.out, eval_file=args.eval_file, device=args.device,
+             speed_runs=args.speed_runs, speed_tokens=args.speed_tokens, samples=args.samples,
+             batch_size=args.batch_size)
+    return 0
+
+
+def cmd_compare(args, extra) -> int:
+    from .eval.compare import compare_runs
+
+    if extra:
+        raise UserError(f"unexpected argument(s) for compare: {' '.join(extra)}")
+    markdown, _ = compare_runs(args.runs, args.out)
+    print(markdown)
+    if args.out:
+        print(f"written: {args.out}.md, {args.out}.json")
+    return 0
+
+
+def _sampling(args):
+    from .infer.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop or [],
+                          seed=args.seed).validate()
+
+
+def _engine(args):
+    from .infer.load import load_for_inference
+
+    return load_for_inference(adapter=args.adapter, model=args.model, device=args.device).engine
+
+
+def cmd_chat(args, extra) -> int:
+    from .infer.chat import chat_repl
+
+    if extra:
+        raise UserError(f"unexpected argument(s) for chat: {' '.join(extra)}")
+    params = _sampling(args)
+    return chat_repl(_engine(args), params, system=args.system)
+
+
+def cmd_generate(args, extra) -> int:
+    from .infer.chat import generate_once
+
+    if extra:
+        raise UserError(f"unexpected argument(s) for generate: {' '.join(extra)}")
+    params = _sampling(args)
+    return generate_once(_engine(args), args.prompt, params, system=args.system, raw=args.raw)
+
+
+def cmd_serve(args, extra) -> int:
+    from .infer.auth import ApiKeys
+    from .infer.chat import serve
+    from .infer.server import ServerSettings
+
+    if extra:
+        raise UserError(f"unexpected argument(s) for serve: {' '.join(extra)}")
+    if bool(args.adapter) == bool(args.model):
+        raise UserError("give either --adapter DIR or --model NAME")
+    for name in ("max_concurrent", "max_queue", "max_body_kb", "default_max_tokens"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    settings = ServerSettings(adapter=args.adapter, model=args.model, device=args.device, served_name=args.name,
+                              keys=ApiKeys.gather(args.api_key, args.api_key_file), cors_origins=args.cors_origin or [],
+                              max_active=args.max_concurrent, max_queue=args.max_queue,
+                              queue_timeout=args.queue_timeout, max_body_bytes=args.max_body_kb * 1024,
+                              default_max_tokens=args.default_max_tokens)
+    return serve(settings, args.host, args.port, args.drain_timeout, args.log_level)
+
+
 def cmd_doctor(args, extra) -> int:
     from .doctor import run_doctor
 
@@ -139,6 +219,67 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="validate and print the memory estimate only")
     s.add_argument("--help-config", action="store_true", help="list every config key with its default")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="base vs tuned: holdout perplexity, keyword benchmark, speed -> report")
+    s.add_argument("--adapter", required=True, help="<run>/final_adapter or <run>/checkpoint-N")
+    s.add_argument("--prompts", help="benchmark prompt file (default configs/benchmark_prompts.json)")
+    s.add_argument("--out", help="report folder (default <run>/eval)")
+    s.add_argument("--eval-file", help="holdout JSONL (default: the run's data.eval_file)")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--speed-runs", type=int, default=3, help="timed generations (median reported)")
+    s.add_argument("--speed-tokens", type=int, default=64, help="new tokens per timed generation")
+    s.add_argument("--samples", type=int, default=6, help="answers shown side by side in eval.md (at least 5)")
+    s.add_argument("--batch-size", type=int, default=8, help="benchmark prompts generated together")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compare", help="one table across run folders (markdown + JSON)")
+    s.add_argument("runs", nargs="+", help="run folders (output.dir of each training run)")
+    s.add_argument("--out", help="also write OUT.md and OUT.json")
+    s.set_defaults(func=cmd_compare)
+
+    def source_args(s):
+        s.add_argument("--adapter", help="<run>/final_adapter or <run>/checkpoint-N")
+        s.add_argument("--model", help="a model without adapter: hub id, folder, .gguf or bundled:NAME")
+        s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    def sampling_args(s, max_tokens=256):
+        s.add_argument("--max-tokens", type=int, default=max_tokens)
+        s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+        s.add_argument("--top-p", type=float, default=0.9)
+        s.add_argument("--top-k", type=int, default=0)
+        s.add_argument("--repetition-penalty", type=float, default=1.1)
+        s.add_argument("--stop", action="append", help="stop string (repeatable)")
+        s.add_argument("--seed", type=int)
+        s.add_argument("--system", help="system prompt")
+
+    s = sub.add_parser("chat", help="streaming multi-turn chat in the terminal")
+    source_args(s)
+    sampling_args(s)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("generate", help="answer one prompt, streamed, with tokens/s")
+    source_args(s)
+    sampling_args(s)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--raw", action="store_true", help="plain text continuation, no chat template")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, completions, /generate, metrics)")
+    source_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", help="model id clients use (default: the adapter or model path)")
+    s.add_argument("--api-key", action="append", help="accepted key (repeatable; also $QLORA_API_KEYS)")
+    s.add_argument("--api-key-file", help="file with one accepted key per line")
+    s.add_argument("--cors-origin", action="append", help="allowed browser origin (repeatable; default none)")
+    s.add_argument("--max-concurrent", type=int, default=1, help="generations running at once")
+    s.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond those; more get 429")
+    s.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait (then 503)")
+    s.add_argument("--max-body-kb", type=int, default=1024, help="largest request body")
+    s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", help="prepare -> train -> evaluate on the bundled SmolLM2, on the CPU")
     s.add_argument("--config", help="YAML config (default: configs/demo.yaml)")

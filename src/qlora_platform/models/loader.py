@@ -64,6 +64,15 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def device_label(device) -> str:
+    """'NVIDIA H100 80GB HBM3' or 'cpu (2 threads)': what reports print as the device."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def pick_compute_dtype(requested: str, device: str):
     import torch
 
@@ -84,10 +93,11 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def load_tokenizer(model_cfg: ModelConfig):
+def load_tokenizer(model_cfg: ModelConfig, source: str | None = None):
+    """The model's tokenizer; `source` overrides where it is read from (an adapter folder)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(model_cfg.name)
+    source = source or resolve_model_source(model_cfg.name)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
                                             trust_remote_code=model_cfg.trust_remote_code)

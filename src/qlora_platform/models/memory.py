@@ -108,3 +108,14 @@ def check_fits(est: dict[str, float], free_bytes: int, device_name: str, cfg: Co
     raise UserError(f"this run needs about {est['total'] / GIB:.1f} GiB but {device_name} has "
                     f"{free_bytes / GIB:.1f} GiB free; try {' or '.join(advice) or 'a smaller model'} "
                     f"(see 'qlora train --dry-run')")
+
+
+def peak_memory_gib(device: str) -> float:
+    """Measured peak: allocated CUDA memory on a GPU, the process's peak resident set on the CPU."""
+    import resource
+
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from ..data.formats import iter_jsonl, to_chat_record
 from ..data.tokenize import IGNORE, encode_records
 from ..errors import UserError
 from ..eval.perplexity import holdout_perplexity, summed_answer_nll
-from ..models.loader import attach_lora, load_base_model, load_tokenizer, pick_device
+from ..models.loader import attach_lora, device_label, load_base_model, load_tokenizer, pick_device
+from ..models.memory import peak_memory_gib
 from .batching import collate, plan_epoch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .model_card import write_model_card
@@ -62,12 +62,6 @@ def build_optimizer(params, cfg: Config, device: str):
         cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         return cls(params, lr=lr, weight_decay=wd)
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-
-
-def peak_memory_gib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
 
 
 class Trainer:
@@ -272,15 +266,10 @@ class Trainer:
             "train_loss_last": next((h["loss"] for h in reversed(self.history) if "loss" in h), None),
             "eval_loss": final_eval["loss"] if final_eval else None,
             "eval_perplexity": final_eval["perplexity"] if final_eval else None,
-            "peak_memory_gib": round(peak_memory_gib(self.device), 2), "device": self._device_name(),
+            "peak_memory_gib": round(peak_memory_gib(self.device), 2), "device": device_label(self.device),
             **self.data_stats,
         }
         write_model_card(final, self.cfg, summary)
         (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         self.log(f"final adapter: {final}")
         return summary
-
-    def _device_name(self) -> str:
-        if self.device == "cuda":
-            return torch.cuda.get_device_name()
-        return f"cpu ({torch.get_num_threads()} threads)"

@@ -1,0 +1,99 @@
+"""`qlora compare RUN_DIR...`: one table across training runs, in markdown and JSON.
+
+    qlora compare runs/mistral-r8 runs/mistral-r16 runs/phi3 [--out comparison]
+
+Each run folder holds what `qlora train` and `qlora eval` wrote: `config.yaml`,
+`train_summary.json` and `eval/eval.json` (or an `eval.json` in the folder given).
+Missing pieces show as "-" rather than failing, so a run that was trained but not
+yet evaluated still has its row; a folder with none of them is an error.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+
+COLUMNS = [("run", "run"), ("model", "model"), ("r", "lora_r"), ("alpha", "lora_alpha"), ("lr", "learning_rate"),
+           ("seq", "max_seq_len"), ("batch x accum", "batch"), ("steps", "steps"),
+           ("ppl base", "perplexity_base"), ("ppl tuned", "perplexity_tuned"),
+           ("pass base", "pass_rate_base"), ("pass tuned", "pass_rate_tuned"), ("decode tok/s", "tokens_per_s"),
+           ("train tok/s", "train_tokens_per_s"), ("train peak GiB", "train_peak_memory_gib"),
+           ("train time s", "train_seconds")]
+
+
+def _json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"'{path}' is not valid JSON ({err.msg}); re-run the step that wrote it") from None
+
+
+def _find_eval(run: Path) -> dict | None:
+    for candidate in (run / "eval" / "eval.json", run / "eval.json"):
+        found = _json(candidate)
+        if found is not None:
+            return found
+    return None
+
+
+def run_row(run: Path) -> dict:
+    if not run.is_dir():
+        raise UserError(f"run folder '{run}' does not exist")
+    cfg_path = run / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None
+    summary = _json(run / "train_summary.json")
+    ev = _find_eval(run)
+    if cfg is None and summary is None and ev is None:
+        raise UserError(f"'{run}' has no config.yaml, train_summary.json or eval/eval.json: "
+                        f"is it a 'qlora train' output folder?")
+    cfg, summary, ev = cfg or {}, summary or {}, ev or {}
+    lora, tc, data = cfg.get("lora", {}), cfg.get("training", {}), cfg.get("data", {})
+    ppl, rate = ev.get("perplexity", {}), ev.get("keyword_pass_rate", {})
+    batch = f"{tc['batch_size']} x {tc.get('grad_accum', 1)}" if "batch_size" in tc else None
+    return {"run": str(run), "model": cfg.get("model", {}).get("name") or ev.get("model"),
+            "lora_r": lora.get("r"), "lora_alpha": lora.get("alpha"), "learning_rate": tc.get("learning_rate"),
+            "max_seq_len": data.get("max_seq_len"), "batch": batch, "steps": summary.get("steps"),
+            "perplexity_base": ppl.get("base"), "perplexity_tuned": ppl.get("tuned"),
+            "pass_rate_base": rate.get("base"), "pass_rate_tuned": rate.get("tuned"),
+            "tokens_per_s": ev.get("tokens_per_s"), "train_tokens_per_s": summary.get("tokens_per_s"),
+            "train_peak_memory_gib": summary.get("peak_memory_gib"), "train_seconds": summary.get("train_seconds"),
+            "device": summary.get("device") or ev.get("device")}
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key.startswith("pass_rate"):
+        return f"{100 * value:.0f}%"
+    if key.startswith("perplexity"):
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value).replace("|", "\\|")
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = "| " + " | ".join(title for title, _ in COLUMNS) + " |"
+    rule = "|" + "---|" * len(COLUMNS)
+    body = ["| " + " | ".join(_fmt(key, row[key]) for _, key in COLUMNS) + " |" for row in rows]
+    devices = sorted({row["device"] for row in rows if row.get("device")})
+    note = f"\nDevices: {', '.join(devices)}. Compare speeds only between runs on the same device.\n" if devices else ""
+    return "\n".join([head, rule, *body]) + "\n" + note
+
+
+def compare_runs(runs: list[str], out: str | None = None) -> tuple[str, list[dict]]:
+    if not runs:
+        raise UserError("give one or more run folders: qlora compare runs/a runs/b")
+    rows = [run_row(Path(r)) for r in runs]
+    markdown = to_markdown(rows)
+    if out:
+        base = Path(out)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".md").write_text("# Run comparison\n\n" + markdown)
+        base.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    return markdown, rows

@@ -1,0 +1,69 @@
+"""PNG plots of an evaluation: the run's loss curves, perplexity and keyword pass rate, base vs tuned.
+
+    paths = write_plots(out_dir, history, report)   # ["loss.png", "perplexity.png", ...]
+
+Matplotlib with the Agg backend (files only, no display). `history` is the run's
+`train_log.jsonl` (after `--resume` a step may appear twice: the last record wins).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+BASE_COLOUR, TUNED_COLOUR = "#8a8a8a", "#1f77b4"
+
+
+def _last_per_step(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = {rec["step"]: rec[key] for rec in history if key in rec and "step" in rec}
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def _bars(path: Path, title: str, ylabel: str, base: float, tuned: float, fmt: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.6), dpi=110)
+    bars = ax.bar(["base", "tuned"], [base, tuned], color=[BASE_COLOUR, TUNED_COLOUR], width=0.55)
+    for bar, value in zip(bars, [base, tuned]):
+        ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=10)
+    ax.set_title(title, fontsize=11)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, max(base, tuned) * 1.18 or 1)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_plots(out: Path, history: list[dict], report: dict) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    steps, loss = _last_per_step(history, "loss")
+    eval_steps, eval_loss = _last_per_step(history, "eval_loss")
+    base_loss = report["perplexity"]["base_loss"]
+    if steps:
+        fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+        ax.plot(steps, loss, color=TUNED_COLOUR, label="training loss (answer tokens)")
+        ax.plot([0] + eval_steps, [base_loss] + eval_loss, "o--", color="#d62728",
+                label="holdout loss (step 0 = base model)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("mean cross-entropy (nats/token)")
+        ax.set_title("Training and holdout loss", fontsize=11)
+        ax.legend(frameon=False)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "loss.png")
+        plt.close(fig)
+        written.append("loss.png")
+    ppl = report["perplexity"]
+    _bars(out / "perplexity.png", f"Holdout perplexity ({ppl['tokens']} answer tokens, lower is better)",
+          "perplexity", ppl["base"], ppl["tuned"], "{:.2f}")
+    written.append("perplexity.png")
+    rate = report["keyword_pass_rate"]
+    _bars(out / "keywords.png", f"Keyword benchmark pass rate ({report['keyword_benchmark']['prompts']} prompts)",
+          "pass rate (%)", 100 * rate["base"], 100 * rate["tuned"], "{:.0f}%")
+    written.append("keywords.png")
+    return written

@@ -1,0 +1,145 @@
+"""`qlora eval`: base against tuned on perplexity, keyword benchmark and speed, as a report.
+
+    qlora eval --adapter runs/demo/final_adapter [--prompts FILE] [--out DIR] [--eval-file FILE]
+
+One 4-bit load serves both sides: the base model is the same weights with the
+LoRA adapter switched off, so the two differ only by what training changed. The
+prompt file is validated before any model is loaded. Writes `<out>/eval.json`,
+`eval.md` and PNG plots (default out: `<run>/eval`).
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..data.formats import iter_jsonl
+from ..data.tokenize import encode_records
+from ..errors import UserError
+from ..infer.load import load_for_inference
+from ..infer.sampling import SamplingParams
+from ..train.trainer import load_records
+from .keywords import DEFAULT_PROMPTS, label, load_prompt_file, score_answer
+from .perplexity import holdout_perplexity
+from .plots import write_plots
+from .report import SCHEMA_VERSION, write_report
+from .speed import measure_speed
+
+
+def _answers(loaded, bench, batch_size: int) -> list:
+    gen = bench.generation
+    params = SamplingParams(max_new_tokens=gen.max_new_tokens, repetition_penalty=gen.repetition_penalty,
+                            temperature=gen.temperature, seed=0)
+    prompts = []
+    for p in bench.prompts:
+        messages = ([{"role": "system", "content": bench.system}] if bench.system else []) + \
+                   [{"role": "user", "content": p.prompt}]
+        prompts.append(loaded.engine.encode_chat(messages))
+    results = []
+    for k in range(0, len(prompts), batch_size):
+        results += loaded.engine.generate(prompts[k:k + batch_size], params)
+    return results
+
+
+def _training_questions(path: str | None) -> set[str] | None:
+    if not path or not Path(path).is_file():
+        return None
+    questions = set()
+    for _, obj in iter_jsonl(path):
+        for message in obj.get("messages", []) if isinstance(obj, dict) else []:
+            if isinstance(message, dict) and message.get("role") == "user":
+                questions.add(" ".join(str(message.get("content", "")).split()).lower())
+    return questions
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "train_log.jsonl"
+    return [obj for _, obj in iter_jsonl(path)] if path.is_file() else []
+
+
+def run_eval(adapter: str, prompts: str | None = None, out: str | None = None, eval_file: str | None = None,
+             device: str = "auto", speed_runs: int = 3, speed_tokens: int = 64, samples: int = 6,
+             batch_size: int = 8, log=print) -> dict:
+    start = time.time()
+    bench_path = prompts or DEFAULT_PROMPTS
+    bench = load_prompt_file(bench_path)
+    loaded = load_for_inference(adapter=adapter, device=device)
+    cfg, tok = loaded.cfg, loaded.tokenizer
+    run_dir = Path(adapter).parent
+    out_dir = Path(out) if out else run_dir / "eval"
+    eval_file = eval_file or cfg.data.eval_file
+    if not eval_file or not Path(eval_file).is_file():
+        raise UserError(f"holdout file '{eval_file}' not found; pass --eval-file FILE (the eval.jsonl that "
+                        f"'qlora prepare' wrote)")
+    examples, _ = encode_records(tok, load_records(eval_file, "eval_file"), cfg.data.max_seq_len)
+    if not examples:
+        raise UserError(f"no holdout example of '{eval_file}' has an answer token within "
+                        f"{cfg.data.max_seq_len} tokens")
+    log(f"eval: {loaded.model_name} + {adapter} on {loaded.device}; {len(examples)} holdout examples, "
+        f"{len(bench.prompts)} benchmark prompts")
+
+    ppl_batch = max(1, cfg.training.batch_size)
+    with loaded.base_only():
+        base_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
+    tuned_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
+    log(f"holdout perplexity: base {base_ppl['perplexity']:.3f} -> tuned {tuned_ppl['perplexity']:.3f}")
+
+    with loaded.base_only():
+        base_answers = _answers(loaded, bench, batch_size)
+    tuned_answers = _answers(loaded, bench, batch_size)
+    rows = []
+    for p, b, t in zip(bench.prompts, base_answers, tuned_answers):
+        rows.append({"id": p.id, "prompt": p.prompt, "keywords": [label(k) for k in p.keywords],
+                     "needed": p.needed,
+                     "base": {"answer": b.text, "tokens": b.completion_tokens, **score_answer(b.text, p)},
+                     "tuned": {"answer": t.text, "tokens": t.completion_tokens, **score_answer(t.text, p)}})
+    n = len(rows)
+    base_passed = sum(r["base"]["passed"] for r in rows)
+    tuned_passed = sum(r["tuned"]["passed"] for r in rows)
+    log(f"keyword benchmark: base {base_passed}/{n} -> tuned {tuned_passed}/{n} passed")
+
+    first = bench.prompts[0]
+    speed_prompt = loaded.engine.encode_chat(
+        ([{"role": "system", "content": bench.system}] if bench.system else []) +
+        [{"role": "user", "content": first.prompt}])
+    speed = measure_speed(loaded.engine, speed_prompt, new_tokens=speed_tokens, runs=speed_runs)
+    log(f"speed: prefill {speed['prefill_tokens_per_s']} tokens/s, decode {speed['decode_tokens_per_s']} tokens/s")
+
+    train_questions = _training_questions(cfg.data.train_file)
+    in_train = None if train_questions is None else sum(
+        " ".join(p.prompt.split()).lower() in train_questions for p in bench.prompts)
+    summary_path = run_dir / "train_summary.json"
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "qlora eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"]
+        else f"qlora eval --adapter {adapter}",
+        "model": loaded.model_name, "adapter": str(adapter), "run_dir": str(run_dir),
+        "device": speed["device"],
+        "weights": "4-bit NF4" if cfg.quantization.load_in_4bit else "16-bit",
+        "perplexity": {"base": base_ppl["perplexity"], "tuned": tuned_ppl["perplexity"],
+                       "base_loss": base_ppl["loss"], "tuned_loss": tuned_ppl["loss"],
+                       "reduction_pct": 100 * (1 - tuned_ppl["perplexity"] / base_ppl["perplexity"]),
+                       "tokens": tuned_ppl["tokens"], "examples": len(examples), "eval_file": str(eval_file),
+                       "max_seq_len": cfg.data.max_seq_len,
+                       "method": "exp(mean NLL over assistant-answer tokens), token-weighted"},
+        "keyword_pass_rate": {"base": base_passed / n, "tuned": tuned_passed / n},
+        "keyword_benchmark": {"file": str(bench_path), "name": bench.name, "prompts": n,
+                              "base_passed": base_passed, "tuned_passed": tuned_passed,
+                              "in_training_data": in_train, "generation": bench.generation.model_dump()},
+        "tokens_per_s": speed["decode_tokens_per_s"],
+        "speed": speed,
+        "prompts": rows,
+        "samples_shown": max(5, min(samples, n)) if n >= 5 else n,
+        "train": json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+        "plots": [],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["plots"] = write_plots(out_dir, _read_history(run_dir), report)
+    report["eval_seconds"] = round(time.time() - start, 1)
+    write_report(out_dir, report)
+    log(f"report: {out_dir / 'eval.md'} (and eval.json, {', '.join(report['plots'])})")
+    return report

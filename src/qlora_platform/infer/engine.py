@@ -1,0 +1,216 @@
+"""The generation engine that `chat`, `generate`, `serve` and `eval` share.
+
+A decode loop of our own over a Hugging Face model (base, 4-bit or with a LoRA
+adapter) rather than `model.generate`, because every caller needs what
+`generate` does not give: prefill and decode timed apart, text streamed as it
+is produced, stop strings that are never half-emitted, a cancel hook for
+clients that go away, and batches of prompts of different lengths (left padding).
+
+    engine = Engine(model, tokenizer)
+    ids = engine.encode_chat([{"role": "user", "content": "Hi"}])
+    for piece in engine.stream(ids, SamplingParams(max_new_tokens=64)):
+        print(piece, end="")
+    result = engine.last                      # Generation: text, tokens, timings
+    results = engine.generate([ids_a, ids_b], SamplingParams())   # batched
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..errors import UserError
+from .sampling import SamplingParams, choose_next
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str          # "stop" (EOS or a stop string), "length", or "cancelled"
+    prefill_s: float            # prompt forward + first token: the time to first token
+    decode_s: float             # every later token
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (len(self.token_ids) - 1) / self.decode_s if self.decode_s > 0 and len(self.token_ids) > 1 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+class _Row:
+    """Detokenisation and stop-string state of one sequence."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text, self.emitted, self.finish = "", 0, None
+        self.hold = max((len(s) for s in stop), default=1) - 1
+
+    def push(self, token: int, eos_ids: set[int], ignore_eos: bool) -> None:
+        if token in eos_ids and not ignore_eos:
+            self.finish = "stop"
+            return
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            cut = self.text.find(s)
+            if cut >= 0:
+                self.text, self.finish = self.text[:cut], "stop"
+
+    def new_text(self) -> str:
+        """Text safe to show now: not a partial UTF-8 character, not a possible stop-string start."""
+        end = len(self.text)
+        if self.finish is None:
+            end -= self.hold
+            while end > self.emitted and self.text[end - 1] == "\ufffd":
+                end -= 1
+        piece = self.text[self.emitted:max(end, self.emitted)]
+        self.emitted += len(piece)
+        return piece
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_context: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        config = getattr(model, "config", None)
+        self.max_context = max_context or getattr(config, "max_position_embeddings", None) or 2048
+        eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        gen_cfg = getattr(model, "generation_config", None)
+        extra = getattr(gen_cfg, "eos_token_id", None)
+        self.eos_ids |= set(extra if isinstance(extra, list) else [extra]) - {None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.last: Generation | None = None
+
+    def warm_up(self) -> None:
+        """One short generation before serving concurrent callers: bitsandbytes repacks 4-bit CPU
+        weights on their first inference forward, in place, and two threads doing that at once
+        corrupt the layer's state."""
+        self.generate([self.encode_text("Hello")], SamplingParams(max_new_tokens=2, ignore_eos=True))
+
+    # -- prompts ------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Messages -> prompt ids through the tokenizer's own (sandboxed Jinja) chat template."""
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+        except Exception as err:  # noqa: BLE001 - template errors come as several types
+            raise UserError(f"the chat template cannot render these messages: {str(err).splitlines()[0]}") from None
+        return list(ids)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 cancelled: Callable[[], bool] | None = None) -> list[Generation]:
+        """Run prompts together to the end (greedy results equal one-at-a-time runs up to float noise)."""
+        results: list[Generation] = []
+        for _ in self._steps(prompts, params, cancelled, results):
+            pass
+        return results
+
+    def run(self, prompt: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> Generation:
+        """One prompt; `on_text(piece)` is called as text becomes final. Safe to call from several threads."""
+        results: list[Generation] = []
+        for piece in self._pieces(prompt, params, cancelled, results):
+            if on_text:
+                on_text(piece)
+        return results[0]
+
+    def stream(self, prompt: list[int], params: SamplingParams,
+               cancelled: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Text pieces of one prompt as they are decoded; `self.last` holds the full result after
+        (one caller at a time: concurrent callers use `run`)."""
+        results: list[Generation] = []
+        yield from self._pieces(prompt, params, cancelled, results)
+        self.last = results[0]
+
+    def _pieces(self, prompt, params, cancelled, results) -> Iterator[str]:
+        row = None
+        for rows in self._steps([prompt], params, cancelled, results):
+            row = rows[0]
+            piece = row.new_text()
+            if piece:
+                yield piece
+        piece = row.new_text() if row else ""
+        if piece:
+            yield piece
+
+    @torch.no_grad()
+    def _steps(self, prompts: list[list[int]], params: SamplingParams, cancelled,
+               results: list[Generation]) -> Iterator[list[_Row]]:
+        from transformers import DynamicCache
+
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("empty prompt: there is nothing to continue")
+        longest = max(len(p) for p in prompts)
+        params.validate(self.max_context, longest)
+        was_training = self.model.training
+        self.model.eval()
+        dev, batch = self.device, len(prompts)
+        # Left padding: every row's last prompt token sits in the last column.
+        ids = torch.full((batch, longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, longest), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):] = torch.tensor(p)
+            mask[i, longest - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        history = ids.clone()
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=dev).manual_seed(params.seed)
+        rows = [_Row(self.tokenizer, params.stop) for _ in prompts]
+        cache = DynamicCache()
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        step_input = ids
+        start = time.perf_counter()
+        first_token_at = None
+        try:
+            for step in range(params.max_new_tokens):
+                out = self.model(input_ids=step_input, attention_mask=mask, position_ids=position,
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                next_ids = choose_next(out.logits[:, -1], params, history, generator)
+                tokens = next_ids.tolist()  # also the device sync that makes the timings true
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                for row, tok in zip(rows, tokens):
+                    if row.finish is None:
+                        row.push(tok, self.eos_ids, params.ignore_eos)
+                yield rows
+                if all(r.finish for r in rows):
+                    break
+                if cancelled is not None and cancelled():
+                    for r in rows:
+                        r.finish = r.finish or "cancelled"
+                    break
+                # Finished rows keep stepping with a pad token (their output is ignored).
+                step_tokens = torch.tensor([t if r.finish is None else self.pad_id for r, t in zip(rows, tokens)],
+                                           device=dev).unsqueeze(1)
+                history = torch.cat([history, step_tokens], dim=1)
+                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=dev)], dim=1)
+                position = position[:, -1:] + 1
+                step_input = step_tokens
+        finally:
+            if was_training:
+                self.model.train()
+        end = time.perf_counter()
+        first_token_at = first_token_at or end
+        for r in rows:
+            r.finish = r.finish or "length"
+        results[:] = [Generation(text=r.text, token_ids=r.ids, prompt_tokens=len(p),
+                                    finish_reason=r.finish, prefill_s=first_token_at - start,
+                                    decode_s=end - first_token_at) for r, p in zip(rows, prompts)]

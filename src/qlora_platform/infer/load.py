@@ -1,0 +1,89 @@
+"""Loading a trained adapter (or a plain model) for inference, with the run's own settings.
+
+    loaded = load_for_inference(adapter="runs/demo/final_adapter")
+    loaded.engine.stream(...)                    # the tuned model
+    with loaded.base_only():                     # the same weights, adapter off
+        ...
+
+An adapter folder is `<run>/final_adapter` or `<run>/checkpoint-N`; the run's
+`config.yaml` next to it says which base model, quantization and sequence length
+were used, so evaluation and chat see the model exactly as it was trained.
+Without a run config the adapter's own `base_model_name_or_path` is used.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, load_config
+from ..errors import UserError
+from ..models.loader import load_adapter, load_base_model, load_tokenizer, pick_device
+from .engine import Engine
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    engine: Engine
+    cfg: Config
+    device: str
+    adapter: str | None
+    model_name: str
+
+    @contextlib.contextmanager
+    def base_only(self):
+        """The base model's behaviour: LoRA layers switched off (no second copy in memory)."""
+        if self.adapter is None:
+            yield
+            return
+        with self.model.disable_adapter():
+            yield
+
+
+def run_config_for(adapter_dir: Path) -> Path | None:
+    for candidate in (adapter_dir / "config.yaml", adapter_dir.parent / "config.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_for_inference(adapter: str | None = None, model: str | None = None, config: str | None = None,
+                       device: str = "auto", load_in_4bit: bool | None = None,
+                       overrides: dict | None = None) -> Loaded:
+    """Exactly one of `adapter` (a LoRA folder) or `model` (hub id, folder, .gguf, bundled:NAME)."""
+    if bool(adapter) == bool(model):
+        raise UserError("give either --adapter DIR (a trained LoRA adapter) or --model NAME, not both or neither")
+    adapter_dir = Path(adapter) if adapter else None
+    if adapter_dir is not None:
+        if not adapter_dir.is_dir():
+            raise UserError(f"adapter folder '{adapter_dir}' does not exist; it is <run>/final_adapter "
+                            f"(for the demo: runs/demo/final_adapter)")
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise UserError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json); "
+                            f"point at <run>/final_adapter or <run>/checkpoint-N")
+    run_cfg = config or (run_config_for(adapter_dir) if adapter_dir else None)
+    cfg = load_config(run_cfg, overrides or {})
+    if model:
+        cfg.model.name = model
+    elif run_cfg is None:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"cannot tell the base model of '{adapter_dir}': no run config.yaml next to it "
+                            f"and no base_model_name_or_path; pass --config of the training run")
+        cfg.model.name = base
+    if load_in_4bit is not None:
+        cfg.quantization.load_in_4bit = load_in_4bit
+    dev = pick_device(device if device != "auto" else cfg.training.device)
+    # The tokenizer saved with the adapter is the one training used (pad token included).
+    saved_tok = adapter_dir and (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(cfg.model, source=str(adapter_dir) if saved_tok else None)
+    base = load_base_model(cfg, dev, for_training=False)
+    net = load_adapter(base, adapter_dir) if adapter_dir else base
+    net.eval()
+    engine = Engine(net, tokenizer)
+    engine.warm_up()
+    return Loaded(model=net, tokenizer=tokenizer, engine=engine, cfg=cfg, device=dev,
+                  adapter=str(adapter_dir) if adapter_dir else None, model_name=cfg.model.name)

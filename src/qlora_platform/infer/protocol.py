@@ -1,0 +1,120 @@
+"""Request bodies of the HTTP API (OpenAI-compatible plus the plan's /generate), validated at the edge.
+
+    req = ChatRequest.model_validate(body)      # pydantic: types and ranges
+    params = req.sampling(default_max_tokens)   # -> SamplingParams
+
+Everything a client can get wrong is caught here or in `SamplingParams.validate`
+(which also checks prompt + max_tokens against the context) before the model
+sees the request. Unknown fields are accepted and ignored, as OpenAI's server
+does for fields it does not use, except the few whose silent ignoring would
+change results (n > 1, logprobs, tools), which are refused clearly.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .sampling import SamplingParams
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    logprobs: Optional[Union[bool, int]] = None
+    tools: Optional[list] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    @field_validator("logprobs", "tools")
+    @classmethod
+    def _unsupported(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        limit = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        return SamplingParams(max_new_tokens=limit, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                              stop=list(self.stop or []), seed=self.seed)
+
+    @property
+    def explicit_max_tokens(self) -> bool:
+        return bool(self.max_completion_tokens or self.max_tokens)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _some_text(cls, value):
+        if not any(m.text().strip() for m in value if m.role == "user"):
+            raise ValueError("needs at least one user message with text")
+        return value
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("give one prompt per request (a string or a list of one string)")
+            value = value[0]
+        if not value.strip():
+            raise ValueError("is empty")
+        return value
+
+
+class GenerateRequest(_Sampling):
+    """The plan's endpoint: a prompt in, text out; `chat` wraps the prompt in the chat template."""
+    prompt: str = Field(min_length=1)
+    system: Optional[str] = None
+    chat: bool = True
+    temperature: float = Field(0.7, ge=0, le=2)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value):
+        if not value.strip():
+            raise ValueError("is empty")
+        return value

@@ -1,0 +1,87 @@
+"""`qlora eval` and `qlora compare` end to end on a tiny trained adapter: report schema and files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qlora_platform.cli import main
+from qlora_platform.errors import UserError
+from qlora_platform.eval.compare import compare_runs
+from qlora_platform.eval.run import run_eval
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir, tokenizer):
+    """A tiny QLoRA run (6 steps) with its adapter, logs and summary."""
+    from qlora_platform.config import load_config
+    from qlora_platform.train.trainer import Trainer
+    from tests.conftest import chat, write_jsonl
+
+    root = tmp_path_factory.mktemp("evalrun")
+    words = ["alpha", "beta", "gamma", "delta"]
+    train = write_jsonl(root / "train.jsonl", [chat(f"Spell {w} {i}.", f"{w} {w} {w} done.")
+                                               for i in range(12) for w in words])
+    held = write_jsonl(root / "eval.jsonl", [chat(f"Spell {w}.", f"{w} {w} {w} done.") for w in words])
+    cfg = load_config(None, {
+        "model.name": str(tiny_model_dir), "data.train_file": str(train), "data.eval_file": str(held),
+        "data.max_seq_len": 64, "training.max_steps": 6, "training.learning_rate": 5e-3,
+        "training.logging_steps": 1, "training.save_steps": 100, "training.device": "cpu",
+        "training.gradient_checkpointing": False, "training.report_to": "[]", "lora.r": 8,
+        "quantization.compute_dtype": "float32", "output.dir": str(root / "run")})
+    Trainer(cfg, log=lambda *a: None).train()
+    prompts = root / "prompts.json"
+    prompts.write_text(json.dumps({"name": "spell", "system": "Spell.", "generation": {"max_new_tokens": 6},
+                                   "prompts": [{"id": f"p{i}", "prompt": f"Spell {w}.", "keywords": [w, "done"]}
+                                               for i, w in enumerate(words + ["alpha"])]}))
+    return root, prompts
+
+
+def test_eval_writes_the_report_with_its_schema(trained_run):
+    root, prompts = trained_run
+    report = run_eval(str(root / "run" / "final_adapter"), prompts=str(prompts), speed_runs=2, speed_tokens=4,
+                      batch_size=3, log=lambda *a: None)
+    out = root / "run" / "eval"
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["perplexity"]["base"] > 1 and saved["perplexity"]["tuned"] > 1
+    # Training on this toy task lowers the holdout perplexity a lot; base = adapter off.
+    assert saved["perplexity"]["tuned"] < saved["perplexity"]["base"]
+    assert 0 <= saved["keyword_pass_rate"]["base"] <= 1 and 0 <= saved["keyword_pass_rate"]["tuned"] <= 1
+    assert saved["tokens_per_s"] == saved["speed"]["decode_tokens_per_s"] > 0
+    assert saved["speed"]["prefill_tokens_per_s"] > 0 and saved["speed"]["ttft_ms"] > 0
+    assert len(saved["prompts"]) == 5 and saved["keyword_benchmark"]["in_training_data"] == 0
+    row = saved["prompts"][0]
+    assert set(row["tuned"]) >= {"answer", "hits", "missed", "passed", "tokens"}
+    assert saved["train"]["steps"] == 6
+    assert saved["plots"] == ["loss.png", "perplexity.png", "keywords.png"]
+    for name in saved["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC and (out / name).stat().st_size > 5000
+    md = (out / "eval.md").read_text()
+    assert "| holdout perplexity |" in md and "assistant-answer tokens only" in md
+    assert md.count("**base**") == 5 and "![loss.png](loss.png)" in md
+
+
+def test_compare_tabulates_runs_and_tolerates_missing_pieces(trained_run, tmp_path):
+    root, _ = trained_run
+    untrained = tmp_path / "half"
+    untrained.mkdir()
+    (untrained / "config.yaml").write_text((root / "run" / "config.yaml").read_text())
+    markdown, rows = compare_runs([str(root / "run"), str(untrained)], out=str(tmp_path / "cmp"))
+    assert rows[0]["lora_r"] == 8 and rows[0]["steps"] == 6 and rows[1]["steps"] is None
+    assert markdown.count("\n| ") == 2 and "| - |" in markdown
+    assert json.loads((tmp_path / "cmp.json").read_text())[0]["run"] == str(root / "run")
+    with pytest.raises(UserError, match="is it a 'qlora train' output folder"):
+        compare_runs([str(tmp_path)])
+
+
+def test_eval_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["eval", "--adapter", str(tmp_path / "missing")]) == 2
+    assert "adapter folder" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    # The prompt file is checked before any model is loaded.
+    assert main(["eval", "--adapter", str(tmp_path), "--prompts", str(bad)]) == 2
+    assert "at least 1 item" in capsys.readouterr().err
