@@ -1,11 +1,11 @@
 # make demo: install, then run the whole pipeline on the bundled SmolLM2 (CPU, ~15 min)
-# make test: install, then run the test suite (CPU)
+# make test: install, build the pinned llama.cpp once (cached outside the repo), then run the test suite (CPU)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install llama-cpp demo test test-gpu clean
 
 install: $(STAMP)
 
@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m qlora_platform.models.bundled
 	touch $(STAMP)
 
+# llama.cpp for GGUF export: ~5 minutes on 2 cores the first time, a no-op once cached.
+llama-cpp: install
+	$(VENV)/bin/qlora setup llama-cpp
+
 demo: install
 	$(VENV)/bin/qlora demo
 
-test: install
+test: install llama-cpp
 	$(PY) -m pytest -q -m "not gpu"
 
 test-gpu: install

@@ -1,4 +1,4 @@
-"""A short real QLoRA run on the bundled SmolLM2-135M-Instruct, through the CLI."""
+"""The pipeline through the CLI on the bundled SmolLM2-135M-Instruct: prepare, train, resume, export, generate."""
 import json
 
 import pytest
@@ -7,7 +7,7 @@ from qlora_platform.cli import main
 
 
 @pytest.mark.slow
-def test_prepare_train_resume_on_the_bundled_model(tmp_path, capsys):
+def test_prepare_train_resume_export_on_the_bundled_model(tmp_path, capsys):
     data = tmp_path / "data"
     assert main(["prepare", "--sample", "--out-dir", str(data)]) == 0
     # A small slice keeps the test in seconds: the first 24 training pairs, 8 holdout pairs.
@@ -27,3 +27,17 @@ def test_prepare_train_resume_on_the_bundled_model(tmp_path, capsys):
     assert main(args[:-6] + ["--max_steps", "4", "--save_steps", "2", "--output.dir", str(out), "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
+
+    # ... then export: merge, F16 GGUF, Q8_0, each run by llama.cpp, the report, and CPU generation from it.
+    gguf_dir = tmp_path / "gguf"
+    assert main(["export", "gguf", "--adapter", str(out / "final_adapter"), "--quant", "Q8_0", "--out", str(gguf_dir),
+                 "--ctx", "128"]) == 0
+    report = json.loads((gguf_dir / "export_report.json").read_text())
+    q8 = next(f for f in report["files"] if f["type"] == "Q8_0")
+    assert q8["sample"] and abs(q8["ppl_vs_hf_pct"]) < 2 and report["merge"]["max_logit_diff_fp32"] < 1e-2
+    assert (gguf_dir / "Modelfile").read_text().count("<|im_start|>") >= 3
+    capsys.readouterr()
+    assert main(["generate", "--gguf", str(gguf_dir / "model-Q8_0.gguf"), "--prompt", "What is a list?",
+                 "--max-tokens", "8", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "tokens/s" in captured.err

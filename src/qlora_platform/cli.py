@@ -9,6 +9,9 @@
     qlora chat --adapter DIR           streaming multi-turn chat
     qlora generate --adapter DIR --prompt TEXT
     qlora serve --adapter DIR --port 8000 [--api-key KEY]   OpenAI-compatible API
+    qlora setup llama-cpp              obtain and build the pinned llama.cpp once
+    qlora merge --adapter DIR --out DIR
+    qlora export gguf --adapter DIR --quant Q4_K_M [--quant Q8_0] --out DIR
     qlora demo                         the whole pipeline on the bundled model
 
 Every `UserError` becomes one `error: ...` line and a non-zero exit; Ctrl-C
@@ -130,6 +133,11 @@ def _sampling(args):
 
 
 def _engine(args):
+    if args.gguf:
+        if args.adapter or args.model:
+            raise UserError("--gguf runs a GGUF file on its own; leave out --adapter and --model")
+        from .infer.gguf_engine import GgufEngine
+        return GgufEngine(args.gguf)
     from .infer.load import load_for_inference
 
     return load_for_inference(adapter=args.adapter, model=args.model, device=args.device).engine
@@ -171,6 +179,35 @@ def cmd_serve(args, extra) -> int:
                               queue_timeout=args.queue_timeout, max_body_bytes=args.max_body_kb * 1024,
                               default_max_tokens=args.default_max_tokens)
     return serve(settings, args.host, args.port, args.drain_timeout, args.log_level)
+
+
+def cmd_setup(args, extra) -> int:
+    from .export.llama_cpp import ensure_llama_cpp
+
+    if extra or args.what != "llama-cpp":
+        raise UserError("usage: qlora setup llama-cpp [--force]")
+    tools = ensure_llama_cpp(force=args.force)
+    print(f"llama.cpp ready: source {tools.source}, tools in {tools.build / 'bin'}")
+    return 0
+
+
+def cmd_merge(args, extra) -> int:
+    from .export.merge import merge_adapter
+
+    if extra:
+        raise UserError(f"unexpected argument(s) for merge: {' '.join(extra)}")
+    merge_adapter(args.adapter, args.out, dtype=args.dtype)
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    from .export.run import export_gguf
+
+    if extra or args.format != "gguf":
+        raise UserError("usage: qlora export gguf (--adapter DIR | --model DIR) --quant Q4_K_M --out DIR")
+    export_gguf(adapter=args.adapter, model=args.model, quants=args.quant, out=args.out, lora_only=args.lora_only,
+                eval_file=args.eval_file, n_ctx=args.ctx, dtype=args.dtype, quality=not args.no_quality)
+    return 0
 
 
 def cmd_doctor(args, extra) -> int:
@@ -241,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--adapter", help="<run>/final_adapter or <run>/checkpoint-N")
         s.add_argument("--model", help="a model without adapter: hub id, folder, .gguf or bundled:NAME")
         s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        if s.prog.split()[-1] != "serve":
+            s.add_argument("--gguf", help="a .gguf file, run on the CPU by llama.cpp")
 
     def sampling_args(s, max_tokens=256):
         s.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -280,6 +319,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("setup", help="setup llama-cpp: obtain and build the pinned llama.cpp (cached)")
+    s.add_argument("what", help="llama-cpp")
+    s.add_argument("--force", action="store_true", help="rebuild even when a build is cached")
+    s.set_defaults(func=cmd_setup)
+
+    s = sub.add_parser("merge", help="merge a LoRA adapter into 16-bit base weights, with a logits check")
+    s.add_argument("--adapter", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("export", help="export gguf: merge, convert, quantize, check, report")
+    s.add_argument("format", help="gguf")
+    s.add_argument("--adapter", help="LoRA adapter (merged first)")
+    s.add_argument("--model", help="a Hugging Face model folder instead of an adapter")
+    s.add_argument("--quant", action="append", help="Q4_K_M, Q5_K_M, Q8_0, ... (repeatable; default Q4_K_M)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--lora-only", action="store_true", help="also convert the adapter alone (convert_lora_to_gguf)")
+    s.add_argument("--eval-file", help="holdout JSONL for the perplexity table (default: the run's)")
+    s.add_argument("--ctx", type=int, default=512, help="context of the perplexity chunks")
+    s.add_argument("--dtype", default="bf16", help="dtype of the merged model")
+    s.add_argument("--no-quality", action="store_true", help="skip the perplexity and speed table")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("demo", help="prepare -> train -> evaluate on the bundled SmolLM2, on the CPU")
     s.add_argument("--config", help="YAML config (default: configs/demo.yaml)")

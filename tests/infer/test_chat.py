@@ -108,3 +108,39 @@ def test_scheduler_bounds_running_and_waiting_jobs():
         assert s.active == 0 and s.waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_health_is_503_while_loading_and_after_a_failed_load():
+    from fastapi.testclient import TestClient
+
+    from qlora_platform.infer.server import ServerSettings, create_app
+
+    gate = threading.Event()
+
+    class FakeLoaded:
+        engine = None
+
+    def slow_loader(**kw):
+        gate.wait(10)
+        return FakeLoaded()
+
+    with TestClient(create_app(ServerSettings(model="m"), loader=slow_loader)) as client:
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["Retry-After"]
+        r = client.post("/generate", json={"prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and r.headers["Retry-After"]
+        gate.set()
+        for _ in range(100):
+            if client.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        assert client.get("/health").json()["status"] == "ok"
+
+    def broken_loader(**kw):
+        raise UserError("model 'm' was not found")
+
+    with TestClient(create_app(ServerSettings(model="m"), loader=broken_loader, load_in_background=False)) as client:
+        body = client.get("/health").json()
+        assert body["status"] == "error" and "not found" in body["error"]
+        err = client.post("/generate", json={"prompt": "hi"}).json()["error"]
+        assert err["code"] == "model_load_failed" and "not found" in err["message"]

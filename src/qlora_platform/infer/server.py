@@ -367,7 +367,7 @@ async def _cancel_on_disconnect(request: Request, job) -> None:
 
 
 class ChatRender:
-    prefix = "chatcmpl"
+    prefix, chunk_object, final_delta = "chatcmpl", "chat.completion.chunk", {}
 
     def __init__(self, model: str):
         self.model, self.created = model, int(time.time())
@@ -383,9 +383,9 @@ class ChatRender:
         return self._chunk(rid, {"content": text})
 
     def end(self, rid, result, req):
-        out = self._chunk(rid, {}, result.finish_reason)
+        out = self._chunk(rid, self.final_delta, result.finish_reason)
         if req.stream_options and req.stream_options.include_usage:
-            out += _sse({"id": rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            out += _sse({"id": rid, "object": self.chunk_object, "created": self.created, "model": self.model,
                          "choices": [], "usage": _usage(result)})
         return out
 
@@ -396,7 +396,7 @@ class ChatRender:
 
 
 class CompletionRender(ChatRender):
-    prefix = "cmpl"
+    prefix, chunk_object, final_delta = "cmpl", "text_completion", ""
 
     def _chunk(self, rid, text, finish=None) -> str:
         return _sse({"id": rid, "object": "text_completion", "created": self.created, "model": self.model,
@@ -407,13 +407,6 @@ class CompletionRender(ChatRender):
 
     def piece(self, rid, text):
         return self._chunk(rid, text)
-
-    def end(self, rid, result, req):
-        out = self._chunk(rid, "", result.finish_reason)
-        if req.stream_options and req.stream_options.include_usage:
-            out += _sse({"id": rid, "object": "text_completion", "created": self.created, "model": self.model,
-                         "choices": [], "usage": _usage(result)})
-        return out
 
     def full(self, rid, result):
         return {"id": rid, "object": "text_completion", "created": self.created, "model": self.model,

@@ -59,6 +59,29 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
 
 
+def fix_byte_level_tokenizer(folder: Path) -> bool:
+    """Make a GGUF-derived GPT-2-style tokenizer.json say what it is; True when it changed.
+
+    transformers' GGUF loader builds byte-level BPE tokenizers (SmolLM2's) with
+    `byte_fallback: true` and a SentencePiece-style decoder chain. Hugging Face
+    decodes the same text either way (every byte has a byte-level token), but
+    llama.cpp's converter takes `byte_fallback` as the mark of a SentencePiece
+    vocabulary and writes an SPM GGUF that mis-tokenizes text and crashes on a
+    newline. Plain byte-level BPE is what the original model ships.
+    """
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return False
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model, pre = data.get("model") or {}, data.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not model.get("byte_fallback"):
+        return False
+    model["byte_fallback"] = False
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return True
+
+
 def resolve_gguf(name_or_path: str) -> Path:
     """Return a cached HF folder for a `bundled:` name or a .gguf path, converting on first use."""
     if name_or_path.startswith(BUNDLED_PREFIX):
@@ -71,6 +94,7 @@ def resolve_gguf(name_or_path: str) -> Path:
             raise UserError(f"GGUF file '{gguf}' does not exist")
         target = cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (target / _COMPLETE).is_file():
+        fix_byte_level_tokenizer(target)  # caches converted before the fix
         return target
     convert_gguf_to_hf(gguf, target)
     return target
@@ -114,6 +138,7 @@ def convert_gguf_to_hf(gguf: Path, target: Path) -> Path:
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    fix_byte_level_tokenizer(tmp)
     config_path = tmp / "config.json"
     saved = json.loads(config_path.read_text())
     saved.pop("quantization_config", None)
