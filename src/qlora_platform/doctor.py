@@ -49,9 +49,10 @@ def _check_4bit_layer(device: str) -> str:
 
 
 def llama_cpp_location() -> Path | None:
-    for candidate in (os.environ.get("LLAMA_CPP_DIR"), cache_dir() / "llama.cpp"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
+    """The folder of built llama.cpp tools (`qlora setup llama-cpp` builds them), or None."""
+    built = sorted((cache_dir() / "llama.cpp").glob("build-*/bin/llama-quantize"))
+    if built:
+        return built[-1].parent
     found = shutil.which("llama-quantize")
     return Path(found).parent if found else None
 

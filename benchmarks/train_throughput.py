@@ -1,0 +1,153 @@
+"""QLoRA training throughput and peak memory, one variant per process, one JSON line out.
+
+    python benchmarks/train_throughput.py --shape mistral-7b --batch 2 --seq 1024 \
+        --variant qlora_platform|reference|unsloth [--run-id ID] [--commit SHA] [--steps 11]
+
+Builds (or reuses) a random-weight checkpoint of the shape in /tmp (throughput and
+memory do not depend on weight values), then times optimizer steps on random
+token ids: NF4 + double quant, bf16 compute, LoRA r=16 alpha=32 on
+q,k,v,o,gate,up,down, paged AdamW 8-bit, gradient checkpointing, model in train
+mode; the median step after 3 warm-up steps, `torch.cuda.max_memory_allocated`.
+
+- reference: transformers + PEFT + bitsandbytes, the model's own loss (the plan's stack).
+- qlora_platform: what `qlora train` runs on a GPU: `models.loader` + `attach_lora` from
+  the Mistral-7B preset, the trainer's optimizer and loss (summed answer-token NLL).
+- unsloth: Unsloth's FastLanguageModel with its gradient checkpointing.
+
+Each variant runs in its own process (so peaks do not mix); a GPU run calls this once
+per variant and shape with one shared --run-id and appends the lines to
+benchmarks/results/train_throughput.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def checkpoint(shape: str) -> Path:
+    path = Path(f"/tmp/{shape}-random")
+    if not (path / "config.json").is_file():
+        sys.path.insert(0, str(ROOT))
+        from benchmarks.random_checkpoint import make
+        make(shape, path, ROOT / "benchmarks/assets/tok32k")
+    return path
+
+
+def build_reference(path: Path):
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+    def step(x):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def build_qlora_platform(path: Path, seq: int, batch: int):
+    sys.path.insert(0, str(ROOT / "src"))
+    from qlora_platform.config import load_config
+    from qlora_platform.eval.perplexity import summed_answer_nll
+    from qlora_platform.models.loader import attach_lora, load_base_model
+    from qlora_platform.train.trainer import build_optimizer
+
+    cfg = load_config(ROOT / "configs/mistral-7b.yaml", {
+        "model.name": str(path), "lora.dropout": 0.0, "lora.target_modules": json.dumps(TARGETS),
+        "data.max_seq_len": seq, "training.batch_size": batch, "training.gradient_checkpointing": True})
+    model = attach_lora(load_base_model(cfg, "cuda", for_training=True), cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, cfg, "cuda")
+
+    def step(x):
+        loss = summed_answer_nll(model(input_ids=x).logits, x) / (x.numel() - x.size(0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def build_unsloth(path: Path, seq: int):
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import unsloth  # noqa: F401  (must come before transformers)
+    import bitsandbytes as bnb
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=seq, load_in_4bit=True,
+                                                 dtype=torch.bfloat16)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+                                             target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                             random_state=0)
+    model.train()
+    opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+    def step(x):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="mistral-7b")
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--variant", choices=["qlora_platform", "reference", "unsloth"], required=True)
+    p.add_argument("--steps", type=int, default=11)
+    p.add_argument("--run-id", default=time.strftime("%Y%m%d-%H%M%S"))
+    p.add_argument("--commit", default=os.environ.get("QLORA_COMMIT", "unknown"))
+    args = p.parse_args()
+    path = checkpoint(args.shape)
+    if args.variant == "unsloth":
+        step = build_unsloth(path, args.seq)  # imports unsloth before torch's first use
+    import torch
+    if args.variant == "reference":
+        step = build_reference(path)
+    elif args.variant == "qlora_platform":
+        step = build_qlora_platform(path, args.seq, args.batch)
+    torch.cuda.reset_peak_memory_stats()
+    x = torch.randint(0, 32000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).cuda()
+    times, loss = [], None
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = step(x)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    timed = sorted(times[3:])
+    median = timed[len(timed) // 2]
+    print(json.dumps({"variant": args.variant, "shape": args.shape, "batch": args.batch, "seq": args.seq,
+                      "tokens_per_s": round(args.batch * args.seq / median), "median_step_s": round(median, 3),
+                      "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+                      "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(),
+                      "commit": args.commit, "run_id": args.run_id}))
+
+
+if __name__ == "__main__":
+    main()
