@@ -40,6 +40,17 @@ def checkpoint(shape: str) -> Path:
     return path
 
 
+def optimizer_step(loss_fn, opt):
+    """One training step on token ids x: loss, backward, optimizer step; returns the loss."""
+    def step(x):
+        loss = loss_fn(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
 def build_reference(path: Path):
     import bitsandbytes as bnb
     import torch
@@ -56,14 +67,7 @@ def build_reference(path: Path):
                                              task_type="CAUSAL_LM"))
     model.train()
     opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-
-    def step(x):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    return step
+    return optimizer_step(lambda x: model(input_ids=x, labels=x).loss, opt)
 
 
 def build_qlora_platform(path: Path, seq: int, batch: int):
@@ -79,14 +83,7 @@ def build_qlora_platform(path: Path, seq: int, batch: int):
     model = attach_lora(load_base_model(cfg, "cuda", for_training=True), cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg, "cuda")
-
-    def step(x):
-        loss = summed_answer_nll(model(input_ids=x).logits, x) / (x.numel() - x.size(0))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    return step
+    return optimizer_step(lambda x: summed_answer_nll(model(input_ids=x).logits, x) / (x.numel() - x.size(0)), opt)
 
 
 def build_unsloth(path: Path, seq: int):
@@ -103,14 +100,7 @@ def build_unsloth(path: Path, seq: int):
                                              random_state=0)
     model.train()
     opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-
-    def step(x):
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-    return step
+    return optimizer_step(lambda x: model(input_ids=x, labels=x).loss, opt)
 
 
 def main() -> None:
