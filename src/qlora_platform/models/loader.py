@@ -164,7 +164,10 @@ def attach_lora(model, cfg: Config):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     gc = cfg.training.gradient_checkpointing
-    if cfg.quantization.load_in_4bit:
+    fp32_norms = cfg.quantization.fp32_norms
+    if fp32_norms is None:
+        fp32_norms = next(model.parameters()).device.type != "cuda"
+    if cfg.quantization.load_in_4bit and fp32_norms:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gc:

@@ -56,26 +56,34 @@ def estimate_training_memory(mc, cfg: Config) -> dict[str, float]:
     opt_bytes = 2 if optimizer in ("paged_adamw_8bit", "adamw_8bit") or (
         optimizer == "auto" and cfg.training.device != "cpu") else 8
     tokens = b * s
+    fp32_norms = cfg.quantization.fp32_norms
+    if fp32_norms is None:
+        fp32_norms = cfg.training.device == "cpu"
+    heads = mc.num_attention_heads
+    if fp32_norms:
+        # fp32 norms make the activations fp32, and SDPA then materialises attention scores:
+        # about 14 bytes a score for the layer in flight (fitted to the fp32-norm H100 anchors,
+        # 7.17 GiB at b2 x s1024, 8.09 at b1 x s2048).
+        attention, block_h, logit_bytes = b * heads * s * s * 14, 10, act_bytes + 8
+    else:
+        # 16-bit activations: SDPA's fused kernels keep no score matrix (fitted to the 16-bit
+        # H100 runs: 5.39 GiB at b2 x s1024, 5.40 at b1 x s2048, 14.47 at b4 x s4096).
+        attention, block_h, logit_bytes = 0, 8, 8
     if cfg.training.gradient_checkpointing:
         # Each block's input is kept; one block's internals are rebuilt at a time.
         kept = layers * tokens * d["h"] * act_bytes
-        block = tokens * (10 * d["h"] + 4 * d["i"]) * act_bytes
+        block = tokens * (block_h * d["h"] + 4 * d["i"]) * act_bytes
     else:
         kept = layers * tokens * (12 * d["h"] + 4 * d["i"]) * act_bytes
         block = 0
-    # SDPA falls back to materialising attention scores (GQA, masks): about 14 bytes a score
-    # for the layer in flight, fitted to the H100 anchors (7.17 GiB at b2 x s1024, 8.09 at b1 x s2048).
-    heads = mc.num_attention_heads
-    attention = b * heads * s * s * 14
-    if not cfg.training.gradient_checkpointing:
+    if not cfg.training.gradient_checkpointing and attention:
         kept += layers * b * heads * s * s * act_bytes
-    # Logits in 16-bit, their fp32 upcast for the loss and its gradient.
-    logits = tokens * d["vocab"] * (act_bytes + 4 + 4)
+    # Logits (16-bit, or already fp32), their fp32 upcast for the loss and its gradient.
+    logits = tokens * d["vocab"] * logit_bytes
     dequant = 3 * max(a * o for a, o in linears.values()) * act_bytes if cfg.quantization.load_in_4bit else 0
     est = {
         "weights_4bit" if cfg.quantization.load_in_4bit else "weights": linear_params * per_param,
-        # prepare_model_for_kbit_training keeps embeddings/norms in fp32 for stability.
-        "embeddings_and_head": embed * 4,
+        "embeddings_and_head": embed * (4 if fp32_norms else 2),
         "lora_weights_grads": lora_params * 8,
         "optimizer_state": lora_params * opt_bytes,
         "activations_kept": kept,
