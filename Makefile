@@ -1,4 +1,4 @@
-# make demo: install, then run the whole pipeline on the bundled SmolLM2 (CPU, ~15 min)
+# make demo: install, then prepare -> train -> evaluate on the bundled SmolLM2 (CPU, ~12 min)
 # make test: install, build the pinned llama.cpp once (cached outside the repo), then run the test suite (CPU)
 PYTHON ?= python3
 VENV := .venv
