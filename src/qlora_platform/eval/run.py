@@ -19,6 +19,7 @@ from pathlib import Path
 from ..data.formats import iter_jsonl
 from ..data.tokenize import encode_records
 from ..errors import UserError
+from ..infer.engine import single_turn
 from ..infer.load import load_for_inference
 from ..infer.sampling import SamplingParams
 from ..train.trainer import load_records
@@ -29,15 +30,10 @@ from .report import SCHEMA_VERSION, write_report
 from .speed import measure_speed
 
 
-def _answers(loaded, bench, batch_size: int) -> list:
+def _answers(loaded, bench, prompts: list[list[int]], batch_size: int) -> list:
     gen = bench.generation
     params = SamplingParams(max_new_tokens=gen.max_new_tokens, repetition_penalty=gen.repetition_penalty,
                             temperature=gen.temperature, seed=0)
-    prompts = []
-    for p in bench.prompts:
-        messages = ([{"role": "system", "content": bench.system}] if bench.system else []) + \
-                   [{"role": "user", "content": p.prompt}]
-        prompts.append(loaded.engine.encode_chat(messages))
     results = []
     for k in range(0, len(prompts), batch_size):
         results += loaded.engine.generate(prompts[k:k + batch_size], params)
@@ -87,9 +83,10 @@ def run_eval(adapter: str, prompts: str | None = None, out: str | None = None, e
     tuned_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
     log(f"holdout perplexity: base {base_ppl['perplexity']:.3f} -> tuned {tuned_ppl['perplexity']:.3f}")
 
+    prompt_ids = [loaded.engine.encode_chat(single_turn(p.prompt, bench.system)) for p in bench.prompts]
     with loaded.base_only():
-        base_answers = _answers(loaded, bench, batch_size)
-    tuned_answers = _answers(loaded, bench, batch_size)
+        base_answers = _answers(loaded, bench, prompt_ids, batch_size)
+    tuned_answers = _answers(loaded, bench, prompt_ids, batch_size)
     rows = []
     for p, b, t in zip(bench.prompts, base_answers, tuned_answers):
         rows.append({"id": p.id, "prompt": p.prompt, "keywords": [label(k) for k in p.keywords],
@@ -101,11 +98,7 @@ def run_eval(adapter: str, prompts: str | None = None, out: str | None = None, e
     tuned_passed = sum(r["tuned"]["passed"] for r in rows)
     log(f"keyword benchmark: base {base_passed}/{n} -> tuned {tuned_passed}/{n} passed")
 
-    first = bench.prompts[0]
-    speed_prompt = loaded.engine.encode_chat(
-        ([{"role": "system", "content": bench.system}] if bench.system else []) +
-        [{"role": "user", "content": first.prompt}])
-    speed = measure_speed(loaded.engine, speed_prompt, new_tokens=speed_tokens, runs=speed_runs)
+    speed = measure_speed(loaded.engine, prompt_ids[0], new_tokens=speed_tokens, runs=speed_runs)
     log(f"speed: prefill {speed['prefill_tokens_per_s']} tokens/s, decode {speed['decode_tokens_per_s']} tokens/s")
 
     train_questions = _training_questions(cfg.data.train_file)

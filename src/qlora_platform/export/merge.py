@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..infer.load import run_config_for
-from ..config import load_config
+from ..infer.load import adapter_run_config, adapter_tokenizer, check_adapter_dir
 from ..models.bundled import fix_byte_level_tokenizer
 
 PARITY_PROMPTS = ["What does `json.dumps` do in Python?", "Explain list comprehensions.", "Hello!"]
@@ -36,24 +35,18 @@ def _logits(model, batches) -> list[torch.Tensor]:
 
 
 def merge_adapter(adapter: str, out: str, dtype: str = "bf16", tolerance: float = 1e-3, log=print) -> dict:
-    from ..models.loader import load_adapter, load_base_model, load_tokenizer
+    from ..models.loader import load_adapter, load_base_model
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
     adapter_dir = Path(adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json); point at "
-                        f"<run>/final_adapter")
+    check_adapter_dir(adapter_dir)
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "merge_report.json").is_file():
         raise UserError(f"'{out_dir}' exists and is not an earlier merge; choose an empty --out folder")
     start = time.time()
-    run_cfg = run_config_for(adapter_dir)
-    cfg = load_config(run_cfg)
-    if run_cfg is None:
-        cfg.model.name = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    tokenizer = load_tokenizer(cfg.model, source=str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file()
-                               else None)
+    cfg = adapter_run_config(adapter_dir)
+    tokenizer = adapter_tokenizer(cfg, adapter_dir)
     base = load_base_model(cfg, "cpu", for_training=False, quantize=False)
     model = load_adapter(base, adapter_dir).eval()
     batches = [torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,

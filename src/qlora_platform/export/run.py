@@ -8,14 +8,14 @@ Writes into `out`: `merged/` (when given an adapter), `model-F16.gguf`,
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 from ..config import load_config
 from ..errors import UserError
-from ..infer.load import run_config_for
+from ..infer.engine import single_turn
+from ..infer.load import adapter_run_config, run_config_for
 from .gguf import (QUANT_TYPES, check_architecture, convert_lora, convert_to_f16, llama_bench, llama_perplexity,
                    quantize, run_completion, size_mib, timed)
 from .llama_cpp import ensure_llama_cpp
@@ -92,9 +92,7 @@ def export_gguf(adapter: str | None = None, model: str | None = None, quants: li
         from ..export.merge import merge_adapter
         source = out_dir / "merged"
         if lora_only:
-            base_name = cfg.model.name if cfg else json.loads(
-                (Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
-            source = _source_dir(base_name)
+            source = _source_dir(adapter_run_config(Path(adapter)).model.name)
         else:
             if source.exists():
                 shutil.rmtree(source)
@@ -117,8 +115,7 @@ def export_gguf(adapter: str | None = None, model: str | None = None, quants: li
 
     tok = AutoTokenizer.from_pretrained(source if not lora_only else adapter)
     system = next((m["content"] for r in records[:1] for m in r.get("messages", []) if m["role"] == "system"), None)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": SMOKE_PROMPT}]
-    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(single_turn(SMOKE_PROMPT, system), tokenize=False, add_generation_prompt=True)
     for entry in files:
         path = out_dir / entry["name"]
         if entry["type"] == "LoRA F16":

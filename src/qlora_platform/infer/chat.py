@@ -15,6 +15,7 @@ import ipaddress
 import sys
 
 from ..errors import UserError
+from .engine import single_turn
 from .sampling import SamplingParams
 
 HELP = "commands: /reset  /system TEXT  /exit"
@@ -102,8 +103,7 @@ def generate_once(engine, prompt: str, params: SamplingParams, system: str | Non
     if raw:
         ids = engine.encode_text(prompt)
     else:
-        ids = engine.encode_chat(([{"role": "system", "content": system}] if system else []) +
-                                 [{"role": "user", "content": prompt}])
+        ids = engine.encode_chat(single_turn(prompt, system))
     for piece in engine.stream(ids, params):
         write(piece)
     write("\n")

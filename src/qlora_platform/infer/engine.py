@@ -25,6 +25,11 @@ from ..errors import UserError
 from .sampling import SamplingParams, choose_next
 
 
+def single_turn(prompt: str, system: str | None = None) -> list[dict]:
+    """Chat messages for one question, with an optional system prompt first."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
 @dataclass
 class Generation:
     text: str

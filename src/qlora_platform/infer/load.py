@@ -50,6 +50,34 @@ def run_config_for(adapter_dir: Path) -> Path | None:
     return None
 
 
+def check_adapter_dir(adapter_dir: Path) -> None:
+    if not adapter_dir.is_dir():
+        raise UserError(f"adapter folder '{adapter_dir}' does not exist; it is <run>/final_adapter "
+                        f"(for the demo: runs/demo/final_adapter)")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json); "
+                        f"point at <run>/final_adapter or <run>/checkpoint-N")
+
+
+def adapter_run_config(adapter_dir: Path, config: str | None = None, overrides: dict | None = None) -> Config:
+    """The training run's config of an adapter; without one, defaults with the adapter's own base model."""
+    run_cfg = config or run_config_for(adapter_dir)
+    cfg = load_config(run_cfg, overrides or {})
+    if run_cfg is None:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"cannot tell the base model of '{adapter_dir}': no run config.yaml next to it "
+                            f"and no base_model_name_or_path; pass --config of the training run")
+        cfg.model.name = base
+    return cfg
+
+
+def adapter_tokenizer(cfg: Config, adapter_dir: Path | None):
+    """The tokenizer saved with the adapter (the one training used, pad token included), else the model's."""
+    saved = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
+    return load_tokenizer(cfg.model, source=str(adapter_dir) if saved else None)
+
+
 def load_for_inference(adapter: str | None = None, model: str | None = None, config: str | None = None,
                        device: str = "auto", load_in_4bit: bool | None = None,
                        overrides: dict | None = None) -> Loaded:
@@ -58,28 +86,15 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, con
         raise UserError("give either --adapter DIR (a trained LoRA adapter) or --model NAME, not both or neither")
     adapter_dir = Path(adapter) if adapter else None
     if adapter_dir is not None:
-        if not adapter_dir.is_dir():
-            raise UserError(f"adapter folder '{adapter_dir}' does not exist; it is <run>/final_adapter "
-                            f"(for the demo: runs/demo/final_adapter)")
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise UserError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json); "
-                            f"point at <run>/final_adapter or <run>/checkpoint-N")
-    run_cfg = config or (run_config_for(adapter_dir) if adapter_dir else None)
-    cfg = load_config(run_cfg, overrides or {})
-    if model:
+        check_adapter_dir(adapter_dir)
+        cfg = adapter_run_config(adapter_dir, config, overrides)
+    else:
+        cfg = load_config(config, overrides or {})
         cfg.model.name = model
-    elif run_cfg is None:
-        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"cannot tell the base model of '{adapter_dir}': no run config.yaml next to it "
-                            f"and no base_model_name_or_path; pass --config of the training run")
-        cfg.model.name = base
     if load_in_4bit is not None:
         cfg.quantization.load_in_4bit = load_in_4bit
     dev = pick_device(device if device != "auto" else cfg.training.device)
-    # The tokenizer saved with the adapter is the one training used (pad token included).
-    saved_tok = adapter_dir and (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(cfg.model, source=str(adapter_dir) if saved_tok else None)
+    tokenizer = adapter_tokenizer(cfg, adapter_dir)
     base = load_base_model(cfg, dev, for_training=False)
     net = load_adapter(base, adapter_dir) if adapter_dir else base
     net.eval()

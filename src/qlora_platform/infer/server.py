@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from .auth import ApiKeys
+from .engine import single_turn
 from .metrics import ServerMetrics
 from .protocol import ChatRequest, CompletionRequest, GenerateRequest
 from .scheduler import QueueTimeout, Scheduler
@@ -348,9 +349,7 @@ def create_app(settings: ServerSettings, loader=None, load_in_background: bool =
     async def generate(req: GenerateRequest, request: Request):
         engine = state.engine()
         if req.chat:
-            messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
-                       [{"role": "user", "content": req.prompt}]
-            prompt_ids = engine.encode_chat(messages)
+            prompt_ids = engine.encode_chat(single_turn(req.prompt, req.system))
         else:
             prompt_ids = engine.encode_text(req.prompt)
         return await generation(request, "/generate", prompt_ids, req, GenerateRender())

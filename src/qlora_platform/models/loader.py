@@ -159,15 +159,20 @@ def load_base_model(cfg: Config, device: str, for_training: bool, quantize: bool
     return model
 
 
+def keeps_fp32_norms(cfg: Config, device: str) -> bool:
+    """Whether 4-bit training keeps norms, embeddings and head in fp32 (peft's way): the config's
+    choice, by default on the CPU only (see QuantizationConfig.fp32_norms)."""
+    if cfg.quantization.fp32_norms is not None:
+        return cfg.quantization.fp32_norms
+    return device != "cuda"
+
+
 def attach_lora(model, cfg: Config):
     """Wrap a (quantized) base model with trainable LoRA adapters; base weights stay frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     gc = cfg.training.gradient_checkpointing
-    fp32_norms = cfg.quantization.fp32_norms
-    if fp32_norms is None:
-        fp32_norms = next(model.parameters()).device.type != "cuda"
-    if cfg.quantization.load_in_4bit and fp32_norms:
+    if cfg.quantization.load_in_4bit and keeps_fp32_norms(cfg, next(model.parameters()).device.type):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gc:

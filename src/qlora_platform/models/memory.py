@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ..config import Config
 from ..errors import UserError
+from .loader import keeps_fp32_norms
 
 GIB = 2 ** 30
 
@@ -56,9 +57,7 @@ def estimate_training_memory(mc, cfg: Config) -> dict[str, float]:
     opt_bytes = 2 if optimizer in ("paged_adamw_8bit", "adamw_8bit") or (
         optimizer == "auto" and cfg.training.device != "cpu") else 8
     tokens = b * s
-    fp32_norms = cfg.quantization.fp32_norms
-    if fp32_norms is None:
-        fp32_norms = cfg.training.device == "cpu"
+    fp32_norms = keeps_fp32_norms(cfg, "cpu" if cfg.training.device == "cpu" else "cuda")
     heads = mc.num_attention_heads
     if fp32_norms:
         # fp32 norms make the activations fp32, and SDPA then materialises attention scores:
