@@ -18,6 +18,10 @@ SHAPES = {
     "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                        rope_theta=1e6, sliding_window=None, tie_word_embeddings=False),
+    # Mistral's layout at 1/4 the width and 4 layers: GPU tests in seconds (the loss-parity test).
+    "mistral-mini": dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=4,
+                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
+                         rope_theta=1e6, sliding_window=None, tie_word_embeddings=False),
 }
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"

@@ -10,8 +10,9 @@ q,k,v,o,gate,up,down, paged AdamW 8-bit, gradient checkpointing, model in train
 mode; the median step after 3 warm-up steps, `torch.cuda.max_memory_allocated`.
 
 - reference: transformers + PEFT + bitsandbytes, the model's own loss (the plan's stack).
-- qlora_platform: what `qlora train` runs on a GPU: `models.loader` + `attach_lora` from
-  the Mistral-7B preset, the trainer's optimizer and loss (summed answer-token NLL).
+- qlora_platform: what `qlora train` runs on a GPU: `train.model.build_training_model` from
+  the Mistral-7B preset (fast kernels, offloaded checkpoints), the trainer's optimizer and
+  loss (`summed_nll`, the summed answer-token NLL without logits).
 - unsloth: Unsloth's FastLanguageModel with its gradient checkpointing.
 
 Each variant runs in its own process (so peaks do not mix); a GPU run calls this once
@@ -40,7 +41,7 @@ def checkpoint(shape: str) -> Path:
     return path
 
 
-def optimizer_step(loss_fn, opt):
+def optimizer_step(loss_fn, opt, model=None):
     """One training step on token ids x: loss, backward, optimizer step; returns the loss."""
     def step(x):
         loss = loss_fn(x)
@@ -49,10 +50,11 @@ def optimizer_step(loss_fn, opt):
         opt.zero_grad(set_to_none=True)
         return loss
     step.loss_fn = loss_fn  # for benchmarks/probe_train_memory.py
+    step.model = model      # for the loss-parity test (same LoRA start for both variants)
     return step
 
 
-def build_reference(path: Path):
+def build_reference(path: Path, lr: float = 2e-4):
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -67,24 +69,26 @@ def build_reference(path: Path):
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
     model.train()
-    opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    return optimizer_step(lambda x: model(input_ids=x, labels=x).loss, opt)
+    opt = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    return optimizer_step(lambda x: model(input_ids=x, labels=x).loss, opt, model)
 
 
-def build_qlora_platform(path: Path, seq: int, batch: int):
+def build_qlora_platform(path: Path, seq: int, batch: int, lr: float = 2e-4):
     sys.path.insert(0, str(ROOT / "src"))
     from qlora_platform.config import load_config
-    from qlora_platform.eval.perplexity import summed_answer_nll
-    from qlora_platform.models.loader import attach_lora, load_base_model
+    from qlora_platform.train.model import build_training_model, summed_nll
     from qlora_platform.train.trainer import build_optimizer
 
     cfg = load_config(ROOT / "configs/mistral-7b.yaml", {
-        "model.name": str(path), "lora.dropout": 0.0, "lora.target_modules": json.dumps(TARGETS),
-        "data.max_seq_len": seq, "training.batch_size": batch, "training.gradient_checkpointing": True})
-    model = attach_lora(load_base_model(cfg, "cuda", for_training=True), cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, cfg, "cuda")
-    return optimizer_step(lambda x: summed_answer_nll(model(input_ids=x).logits, x) / (x.numel() - x.size(0)), opt)
+        "model.name": str(path), "lora.target_modules": json.dumps(TARGETS),
+        "data.max_seq_len": seq, "training.batch_size": batch, "training.gradient_checkpointing": True,
+        "training.learning_rate": lr, "training.weight_decay": 0.0})
+    model, fused = build_training_model(cfg, "cuda", log=lambda msg: print(msg, file=sys.stderr))
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, "cuda")
+    step = optimizer_step(lambda x: summed_nll(model, fused, x, input_ids=x) / (x.numel() - x.size(0)), opt, model)
+    from qlora_platform.models.memory import GIB, estimate_training_memory
+    step.preflight_gib = estimate_training_memory(model.config, cfg)["total"] / GIB  # to check against
+    return step
 
 
 def build_unsloth(path: Path, seq: int):
@@ -104,6 +108,14 @@ def build_unsloth(path: Path, seq: int):
     return optimizer_step(lambda x: model(input_ids=x, labels=x).loss, opt)
 
 
+def build_step(variant: str, path: Path, batch: int, seq: int):
+    if variant == "unsloth":
+        return build_unsloth(path, seq)  # imports unsloth before torch's first use
+    if variant == "reference":
+        return build_reference(path)
+    return build_qlora_platform(path, seq, batch)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="mistral-7b")
@@ -114,14 +126,8 @@ def main() -> None:
     p.add_argument("--run-id", default=time.strftime("%Y%m%d-%H%M%S"))
     p.add_argument("--commit", default=os.environ.get("QLORA_COMMIT", "unknown"))
     args = p.parse_args()
-    path = checkpoint(args.shape)
-    if args.variant == "unsloth":
-        step = build_unsloth(path, args.seq)  # imports unsloth before torch's first use
+    step = build_step(args.variant, checkpoint(args.shape), args.batch, args.seq)
     import torch
-    if args.variant == "reference":
-        step = build_reference(path)
-    elif args.variant == "qlora_platform":
-        step = build_qlora_platform(path, args.seq, args.batch)
     torch.cuda.reset_peak_memory_stats()
     x = torch.randint(0, 32000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).cuda()
     times, loss = [], None
@@ -137,7 +143,8 @@ def main() -> None:
                       "tokens_per_s": round(args.batch * args.seq / median), "median_step_s": round(median, 3),
                       "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
                       "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(),
-                      "commit": args.commit, "run_id": args.run_id}))
+                      "commit": args.commit, "run_id": args.run_id}
+                     | ({"preflight_gib": round(step.preflight_gib, 2)} if hasattr(step, "preflight_gib") else {})))
 
 
 if __name__ == "__main__":

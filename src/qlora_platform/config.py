@@ -70,6 +70,12 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0)
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = "auto"
     gradient_checkpointing: bool = True
+    # The fused LoRA / SwiGLU / RMSNorm kernels and the logits-free loss (qlora_platform.kernels).
+    # None: on for CUDA, off on the CPU (where PEFT's own path is what the demo measured).
+    fast_kernels: Optional[bool] = None
+    # Checkpointed layer inputs parked in pinned CPU memory during forward. None: on for CUDA
+    # whenever gradient_checkpointing is; no effect on the CPU.
+    offload_checkpoints: Optional[bool] = None
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     logging_steps: int = Field(10, ge=1)
@@ -98,6 +104,9 @@ class Config(_Section):
         if self.training.optimizer in ("paged_adamw_8bit", "adamw_8bit") and self.training.device == "cpu":
             raise ValueError("training.optimizer: 8-bit optimizers need a GPU; use 'adamw' or 'auto' "
                              "with training.device cpu")
+        if self.training.offload_checkpoints and not self.training.gradient_checkpointing:
+            raise ValueError("training.offload_checkpoints: offloading moves the checkpoints of gradient "
+                             "checkpointing; set training.gradient_checkpointing true or drop it")
         return self
 
 

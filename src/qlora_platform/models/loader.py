@@ -167,6 +167,20 @@ def keeps_fp32_norms(cfg: Config, device: str) -> bool:
     return device != "cuda"
 
 
+def fast_kernels_on(cfg: Config, device: str) -> bool:
+    """Whether training runs on qlora_platform.kernels: the config's choice, by default on CUDA."""
+    fast = cfg.training.fast_kernels
+    return device == "cuda" if fast is None else fast
+
+
+def offload_on(cfg: Config, device: str) -> bool:
+    """Whether checkpointed layer inputs wait in pinned CPU memory: by default whenever a CUDA
+    run checkpoints; never on the CPU (there is nowhere cheaper to put them)."""
+    if not cfg.training.gradient_checkpointing or device != "cuda":
+        return False
+    return cfg.training.offload_checkpoints is not False
+
+
 def attach_lora(model, cfg: Config):
     """Wrap a (quantized) base model with trainable LoRA adapters; base weights stay frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from ..config import Config
 from ..errors import UserError
-from .loader import keeps_fp32_norms
+from .loader import fast_kernels_on, keeps_fp32_norms, offload_on
 
 GIB = 2 ** 30
+FAST_BLOCK_I = 3   # (tokens x intermediate) tensors alive in the fused MLP's backward
 
 
 def _dims(mc) -> dict:
@@ -57,7 +58,9 @@ def estimate_training_memory(mc, cfg: Config) -> dict[str, float]:
     opt_bytes = 2 if optimizer in ("paged_adamw_8bit", "adamw_8bit") or (
         optimizer == "auto" and cfg.training.device != "cpu") else 8
     tokens = b * s
-    fp32_norms = keeps_fp32_norms(cfg, "cpu" if cfg.training.device == "cpu" else "cuda")
+    device = "cpu" if cfg.training.device == "cpu" else "cuda"
+    fp32_norms = keeps_fp32_norms(cfg, device)
+    fast = fast_kernels_on(cfg, device) and not fp32_norms
     heads = mc.num_attention_heads
     if fp32_norms:
         # fp32 norms make the activations fp32, and SDPA then materialises attention scores:
@@ -68,18 +71,27 @@ def estimate_training_memory(mc, cfg: Config) -> dict[str, float]:
         # 16-bit activations: SDPA's fused kernels keep no score matrix (fitted to the 16-bit
         # H100 runs: 5.39 GiB at b2 x s1024, 5.40 at b1 x s2048, 14.47 at b4 x s4096).
         attention, block_h, logit_bytes = 0, 8, 8
+    # The fused MLP keeps gate and up outputs only and reuses them for its gradients.
+    block_i = FAST_BLOCK_I if fast else 4
     if cfg.training.gradient_checkpointing:
-        # Each block's input is kept; one block's internals are rebuilt at a time.
-        kept = layers * tokens * d["h"] * act_bytes
-        block = tokens * (block_h * d["h"] + 4 * d["i"]) * act_bytes
+        # Each block's input is kept (offloaded: only the one or two being copied back); one
+        # block's internals are rebuilt at a time.
+        kept = (2 if offload_on(cfg, device) else layers) * tokens * d["h"] * act_bytes
+        block = tokens * (block_h * d["h"] + block_i * d["i"]) * act_bytes
     else:
         kept = layers * tokens * (12 * d["h"] + 4 * d["i"]) * act_bytes
         block = 0
     if not cfg.training.gradient_checkpointing and attention:
         kept += layers * b * heads * s * s * act_bytes
-    # Logits (16-bit, or already fp32), their fp32 upcast for the loss and its gradient.
-    logits = tokens * d["vocab"] * logit_bytes
-    dequant = 3 * max(a * o for a, o in linears.values()) * act_bytes if cfg.quantization.load_in_4bit else 0
+    if fast:
+        # The logits-free loss: one chunk of 16-bit and fp32 logits, and the hidden-state gradient.
+        from ..kernels.cross_entropy import chunk_rows
+        logits = min(tokens, chunk_rows(d["vocab"])) * d["vocab"] * 6 + tokens * d["h"] * act_bytes
+    else:
+        # Logits (16-bit, or already fp32), their fp32 upcast for the loss and its gradient.
+        logits = tokens * d["vocab"] * logit_bytes
+    dequant = (2 if fast else 3) * max(a * o for a, o in linears.values()) * act_bytes \
+        if cfg.quantization.load_in_4bit else 0
     est = {
         "weights_4bit" if cfg.quantization.load_in_4bit else "weights": linear_params * per_param,
         "embeddings_and_head": embed * (4 if fp32_norms else 2),

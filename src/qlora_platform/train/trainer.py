@@ -25,11 +25,12 @@ from ..config import Config, dump_config
 from ..data.formats import iter_jsonl, to_chat_record
 from ..data.tokenize import IGNORE, encode_records
 from ..errors import UserError
-from ..eval.perplexity import holdout_perplexity, summed_answer_nll
-from ..models.loader import attach_lora, device_label, load_base_model, load_tokenizer, pick_device
+from ..eval.perplexity import holdout_perplexity
+from ..models.loader import device_label, load_tokenizer, pick_device
 from ..models.memory import peak_memory_gib
 from .batching import collate, plan_epoch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .model import build_training_model, summed_nll
 from .model_card import write_model_card
 from .tracking import Tracker
 
@@ -91,7 +92,7 @@ class Trainer:
             self._preflight()
 
         torch.manual_seed(tc.seed)
-        self.model = attach_lora(load_base_model(cfg, self.device, for_training=True), cfg)
+        self.model, self.fused_loss = build_training_model(cfg, self.device, log)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.trainable, cfg, self.device)
         self.lengths = [len(ex["input_ids"]) for ex in self.train_examples]
@@ -169,10 +170,9 @@ class Trainer:
         kwargs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
         if self.cfg.data.packing:
             kwargs["position_ids"] = batch["position_ids"].to(dev)
-        logits = self.model(**kwargs).logits
         # Summed over the window's labelled tokens, then divided once: every token weighs
         # the same however the tokens fall into micro-batches.
-        loss = summed_answer_nll(logits, batch["labels"].to(dev)) / max(n_label_window, 1)
+        loss = summed_nll(self.model, self.fused_loss, batch["labels"].to(dev), **kwargs) / max(n_label_window, 1)
         return loss, batch["num_tokens"]
 
     def _state(self) -> dict:

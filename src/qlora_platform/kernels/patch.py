@@ -1,0 +1,155 @@
+"""The one place where the platform swaps its fast kernels into a Hugging Face model.
+
+    report = apply_fast_kernels(peft_model)       # after models.loader.attach_lora
+    parts = fused_loss_parts(peft_model)          # (decoder, head) for linear_cross_entropy, or None
+
+Monkeypatching lives here and nowhere else. It replaces the `forward` of single
+module instances (never of classes, so other models in the process are untouched):
+- PEFT LoRA layers on 4-bit or 16-bit linears -> `lora.lora_linear`;
+- SwiGLU MLPs (gate/up/down all LoRA layers, SiLU) -> `lora.lora_swiglu_mlp`;
+- Llama-form RMSNorms with a frozen 16-bit weight -> `rmsnorm.rms_norm`.
+Every patched forward checks at call time that the fast path still applies
+(adapter enabled, not merged, the same single adapter, no extra arguments) and
+otherwise runs the module's own forward, so `disable_adapter()`, merging and
+PEFT's other features keep working. A layer the kernels cannot express exactly
+(LoRA dropout, DoRA, several adapters, 8-bit base) stays on PEFT, and the report
+says why.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .lora import LoRAProj, lora_linear, lora_swiglu_mlp
+from .rmsnorm import rms_norm
+
+# RMSNorms computing weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) (Gemma's 1 + weight is not this).
+RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+SILU_CLASSES = {"SiLU", "SiLUActivation"}
+
+
+@dataclass
+class FastKernelReport:
+    lora_linear: int = 0
+    swiglu_mlp: int = 0
+    rms_norm: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def summary(self) -> str:
+        text = (f"fast kernels: {self.lora_linear} LoRA linears, {self.swiglu_mlp} SwiGLU MLPs, "
+                f"{self.rms_norm} RMSNorms")
+        if self.skipped:
+            text += "; left on PEFT/stock: " + ", ".join(f"{n} ({why})" for why, n in self.skipped.items())
+        return text
+
+
+def _is_lora_layer(module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, LoraLayer)
+
+
+def _unsupported(layer) -> str | None:
+    """Why this PEFT LoRA layer cannot take the fused path (None when it can)."""
+    adapters = list(layer.lora_A.keys())
+    if len(adapters) != 1:
+        return "not exactly one LoRA adapter"
+    name = adapters[0]
+    base = layer.get_base_layer()
+    quantized = getattr(base.weight, "quant_state", None) is not None or type(base).__name__ == "Linear4bit"
+    if not quantized and type(base) is not nn.Linear:
+        return f"base layer {type(base).__name__}"
+    if not isinstance(layer.lora_dropout[name], nn.Identity):
+        return "lora.dropout > 0 (set it to 0 for the fused path)"
+    if layer.use_dora.get(name, False):
+        return "DoRA"
+    if getattr(layer, "fan_in_fan_out", False) or layer.lora_B[name].bias is not None:
+        return "fan_in_fan_out or LoRA bias"
+    return None
+
+
+def _still_fast(layer) -> bool:
+    """The call-time check: the adapter the layer was patched for is the one active."""
+    return (not layer.disable_adapters and not layer.merged
+            and list(layer.active_adapters) == list(layer.lora_A.keys()))
+
+
+def _proj(layer) -> LoRAProj:
+    # Built per call: the adapter tensors may be replaced (resume, load_adapter) after patching.
+    return LoRAProj.of(layer, list(layer.lora_A.keys())[0])
+
+
+def _fast_lora_forward(layer, x, *args, **kwargs):
+    if args or kwargs or not _still_fast(layer):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    y = lora_linear(x, _proj(layer))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _fast_mlp_forward(mlp, x):
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if not all(_still_fast(layer) for layer in layers):
+        return type(mlp).forward(mlp, x)
+    y = lora_swiglu_mlp(x, *(_proj(layer) for layer in layers))
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _fast_rms_forward(norm, x):
+    return rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+def _swiglu_mlp(module) -> bool:
+    parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    act = getattr(module, "act_fn", None)
+    return (all(p is not None and _is_lora_layer(p) and _unsupported(p) is None for p in parts)
+            and type(act).__name__ in SILU_CLASSES)
+
+
+def apply_fast_kernels(model) -> FastKernelReport:
+    """Patch every module of `model` the kernels support; returns what was done and skipped."""
+    report = FastKernelReport()
+    in_mlp: set[int] = set()
+    for module in model.modules():
+        if _swiglu_mlp(module):
+            module.forward = functools.partial(_fast_mlp_forward, module)
+            in_mlp.update(id(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+            report.swiglu_mlp += 1
+    for module in model.modules():
+        if _is_lora_layer(module) and id(module) not in in_mlp and hasattr(module, "get_base_layer"):
+            reason = _unsupported(module)
+            if reason:
+                report.skip(reason)
+                continue
+            module.forward = functools.partial(_fast_lora_forward, module)
+            report.lora_linear += 1
+        elif type(module).__name__ in RMSNORM_CLASSES:
+            weight = getattr(module, "weight", None)
+            if weight is None or not hasattr(module, "variance_epsilon"):
+                report.skip(f"{type(module).__name__} without weight/eps")
+            elif weight.requires_grad or weight.dtype == torch.float32:
+                report.skip("trainable or fp32 norm")
+            else:
+                module.forward = functools.partial(_fast_rms_forward, module)
+                report.rms_norm += 1
+    return report
+
+
+def fused_loss_parts(model):
+    """(decoder, head) when the loss can skip the logits (plain frozen linear head, no logit
+    softcapping or scaling); None otherwise. `model` is the PEFT-wrapped causal LM."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    config = lm.config
+    if (type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad
+            or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
+            or getattr(config, "logits_scaling", None)):
+        return None
+    return lm.get_decoder(), head

@@ -1,0 +1,46 @@
+"""What `qlora train` trains and how it scores a batch: one builder and one loss for the
+trainer and the GPU benchmarks alike (benchmarks/train_throughput.py measures this code).
+
+    model, fused = build_training_model(cfg, "cuda", log=print)
+    nll_sum = summed_nll(model, fused, labels, input_ids=ids, attention_mask=mask)
+
+On CUDA (by default, see TrainingConfig.fast_kernels / offload_checkpoints) the LoRA
+layers, SwiGLU MLPs and RMSNorms run on qlora_platform.kernels, checkpointed layer inputs
+wait in pinned CPU memory, and the loss goes through the output head in chunks so the
+logits never exist in full. On the CPU the model is PEFT's own, as the demo measured.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+from ..eval.perplexity import summed_answer_nll
+from ..models.loader import attach_lora, fast_kernels_on, load_base_model, offload_on
+
+
+def build_training_model(cfg: Config, device: str, log=print):
+    """The base model with trainable LoRA adapters, sped up as configured; returns
+    (model, fused) where fused is (decoder, head) for the logits-free loss, or None."""
+    model = attach_lora(load_base_model(cfg, device, for_training=True), cfg)
+    fused = None
+    if fast_kernels_on(cfg, device):
+        from ..kernels import apply_fast_kernels, fused_loss_parts
+        log(apply_fast_kernels(model).summary())
+        fused = fused_loss_parts(model)
+        if fused is None:
+            log("fast kernels: this model's output head needs full logits; the loss materialises them")
+    if offload_on(cfg, device):
+        from ..kernels import enable_offloaded_checkpointing
+        enable_offloaded_checkpointing(model)
+        log("gradient checkpointing: layer inputs offloaded to pinned CPU memory")
+    return model, fused
+
+
+def summed_nll(model, fused, labels: torch.Tensor, **inputs) -> torch.Tensor:
+    """Negative log-likelihood summed over labelled tokens (token t predicts t+1), fp32."""
+    if fused is None:
+        return summed_answer_nll(model(**inputs).logits, labels)
+    from ..kernels import linear_cross_entropy, shift_labels
+    decoder, head = fused
+    hidden = decoder(**inputs).last_hidden_state
+    return linear_cross_entropy(hidden, head.weight, shift_labels(labels))

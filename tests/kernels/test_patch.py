@@ -1,0 +1,99 @@
+"""The patched model (fused LoRA / SwiGLU / RMSNorm, logits-free loss) against PEFT's own
+on a tiny 4-bit Llama on the CPU: same loss, same LoRA gradients, base weights frozen, and
+PEFT's features (disabling the adapter, merging) still honoured."""
+import pytest
+import torch
+
+from qlora_platform.kernels import apply_fast_kernels, fused_loss_parts
+from qlora_platform.models.loader import attach_lora, load_base_model
+from qlora_platform.train.model import summed_nll
+
+
+def _model(cfg, fast: bool):
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(cfg, "cpu", for_training=True), cfg)
+    g = torch.Generator().manual_seed(1)
+    for name, p in sorted(model.named_parameters()):
+        if "lora_B" in name:       # PEFT starts B at zero; make the adapter do something
+            p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
+    report = apply_fast_kernels(model) if fast else None
+    return model, report
+
+
+def _loss_and_grads(model, fused, ids, labels):
+    loss = summed_nll(model, fused, labels, input_ids=ids) / labels.numel()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_fast_path_matches_peft_loss_and_lora_gradients(tiny_cfg, dtype, tol):
+    tiny_cfg.quantization.compute_dtype = dtype
+    tiny_cfg.quantization.fp32_norms = False
+    ref, _ = _model(tiny_cfg, fast=False)
+    fast, report = _model(tiny_cfg, fast=True)
+    # 2 layers: q, k, v, o each on the LoRA linear path; MLPs fused; 2 x 2 + final norms.
+    assert (report.lora_linear, report.swiglu_mlp) == (8, 2), report.summary()
+    assert report.rms_norm == (5 if dtype == "bfloat16" else 0), report.summary()
+    layer = fast.get_base_model().model.layers[0]
+    x = torch.randn(1, 3, 64, dtype=getattr(torch, dtype), requires_grad=True)
+    assert type(layer.mlp(x).grad_fn).__name__ == "_LoRASwiGLUBackward"
+    assert type(layer.self_attn.q_proj(x).grad_fn).__name__ == "_LoRAProjectionsBackward"
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    base_before = {n: p.detach().clone() for n, p in fast.named_parameters() if not p.requires_grad}
+
+    loss_ref, grads_ref = _loss_and_grads(ref, None, ids, labels)
+    loss_fast, grads_fast = _loss_and_grads(fast, fused_loss_parts(fast), ids, labels)
+    torch.testing.assert_close(loss_fast, loss_ref, atol=tol, rtol=tol)
+    assert grads_fast.keys() == grads_ref.keys() and len(grads_ref) == 2 * 7 * 2
+    for name, g in grads_ref.items():
+        assert grads_fast[name].dtype == g.dtype == torch.float32
+        scale = g.abs().max().item() + 1e-6
+        assert (grads_fast[name] - g).abs().max().item() <= tol * scale * 5, name
+    for n, p in fast.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), base_before[n]), n
+
+
+def test_disabled_adapter_and_merge_fall_back_to_peft(tiny_cfg):
+    fast, _ = _model(tiny_cfg, fast=True)
+    ref, _ = _model(tiny_cfg, fast=False)
+    ids = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+        with fast.disable_adapter(), ref.disable_adapter():
+            base_fast, base_ref = fast(input_ids=ids).logits, ref(input_ids=ids).logits
+        torch.testing.assert_close(base_fast, base_ref, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(base_fast, fast(input_ids=ids).logits, atol=1e-3)
+
+
+def test_dropout_and_fp32_layers_are_reported_not_patched(tiny_cfg):
+    tiny_cfg.lora.dropout = 0.1
+    _, report = _model(tiny_cfg, fast=True)
+    assert report.lora_linear == 0 and report.swiglu_mlp == 0
+    assert "lora.dropout > 0" in report.summary() and "left on PEFT" in report.summary()
+
+
+def test_trainer_with_fast_kernels_on_the_cpu_learns(tiny_cfg):
+    from qlora_platform.train.trainer import Trainer
+
+    tiny_cfg.training.fast_kernels = True
+    logs = []
+    trainer = Trainer(tiny_cfg, log=logs.append)
+    assert trainer.fused_loss is not None
+    assert any("fast kernels: 8 LoRA linears, 2 SwiGLU MLPs" in str(m) for m in logs)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.history if "loss" in h]
+    assert losses[-1] < losses[0]
+
+
+def test_offloading_needs_checkpointing():
+    from qlora_platform.config import load_config
+    from qlora_platform.errors import UserError
+
+    with pytest.raises(UserError, match="offload_checkpoints"):
+        load_config(None, {"training.offload_checkpoints": "true", "training.gradient_checkpointing": "false"})

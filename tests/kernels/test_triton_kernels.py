@@ -1,0 +1,62 @@
+"""The Triton kernels against their plain-PyTorch references (interpreted on the CPU in CI)."""
+import pytest
+import torch
+
+from qlora_platform.kernels import _triton
+from qlora_platform.kernels.rmsnorm import rms_norm, rms_norm_reference
+from qlora_platform.kernels.swiglu import (swiglu_backward, swiglu_backward_reference, swiglu_forward,
+                                           swiglu_forward_reference)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not _triton.use_triton(torch.empty(0, device=DEVICE)),
+                                reason="needs triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_forward_matches_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    e, u = (torch.randn(3, 37, 200, generator=g).to(DEVICE, dtype) * 3 for _ in range(2))
+    torch.testing.assert_close(swiglu_forward(e, u), swiglu_forward_reference(e, u), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_backward_matches_autograd_and_works_in_place(dtype):
+    g = torch.Generator().manual_seed(1)
+    e, u, dh = (torch.randn(5, 333, generator=g).to(DEVICE, dtype) * 2 for _ in range(3))
+    e_ref, u_ref = e.float().requires_grad_(), u.float().requires_grad_()
+    h_ref = torch.nn.functional.silu(e_ref) * u_ref
+    h_ref.backward(dh.float())
+    bufs = (dh.clone(), e.clone(), u.clone())
+    h, de, du = swiglu_backward(*bufs)
+    assert h.data_ptr() == bufs[0].data_ptr() and de.data_ptr() == bufs[1].data_ptr()  # no new buffers
+    torch.testing.assert_close(h.float(), h_ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(de.float(), e_ref.grad, **TOL[dtype])
+    torch.testing.assert_close(du.float(), u_ref.grad, **TOL[dtype])
+    ref = swiglu_backward_reference(dh.clone(), e.clone(), u.clone())
+    for got, want in zip((h, de, du), ref):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 100])
+def test_rms_norm_forward_and_input_grad_match_reference(dtype, hidden):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(2, 9, hidden, generator=g) * 4).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(DEVICE, dtype)
+    dy = torch.randn(2, 9, hidden, generator=g).to(DEVICE, dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = rms_norm(x1, w, 1e-5)
+    y_ref = rms_norm_reference(x2, w, 1e-5)
+    assert y.grad_fn is not None and "RMSNorm" in type(y.grad_fn).__name__  # the kernel ran
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x1.grad, x2.grad, **TOL[dtype])
+
+
+def test_rms_norm_with_a_trainable_weight_uses_the_reference():
+    x = torch.randn(4, 16, device=DEVICE)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    rms_norm(x, w, 1e-6).sum().backward()
+    assert w.grad is not None
