@@ -41,14 +41,16 @@ def checkpoint(shape: str) -> Path:
     return path
 
 
-def optimizer_step(loss_fn, opt, model=None):
+def optimizer_step(loss_fn, opt, model=None, zero_grad=None):
     """One training step on token ids x: loss, backward, optimizer step; returns the loss."""
+    zero_grad = zero_grad or (lambda: opt.zero_grad(set_to_none=True))
+
     def step(x):
         loss = loss_fn(x)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        zero_grad()
+        return loss.detach()
     step.loss_fn = loss_fn  # for benchmarks/probe_train_memory.py
     step.model = model      # for the loss-parity test (same LoRA start for both variants)
     return step
@@ -73,19 +75,22 @@ def build_reference(path: Path, lr: float = 2e-4):
     return optimizer_step(lambda x: model(input_ids=x, labels=x).loss, opt, model)
 
 
-def build_qlora_platform(path: Path, seq: int, batch: int, lr: float = 2e-4):
+def build_qlora_platform(path: Path, seq: int, batch: int, lr: float = 2e-4, overrides: dict | None = None):
     sys.path.insert(0, str(ROOT / "src"))
     from qlora_platform.config import load_config
+    from qlora_platform.train.flat_params import FlatParams
     from qlora_platform.train.model import build_training_model, summed_nll
     from qlora_platform.train.trainer import build_optimizer
 
     cfg = load_config(ROOT / "configs/mistral-7b.yaml", {
         "model.name": str(path), "lora.target_modules": json.dumps(TARGETS),
         "data.max_seq_len": seq, "training.batch_size": batch, "training.gradient_checkpointing": True,
-        "training.learning_rate": lr, "training.weight_decay": 0.0})
+        "training.learning_rate": lr, "training.weight_decay": 0.0, **(overrides or {})})
     model, fused = build_training_model(cfg, "cuda", log=lambda msg: print(msg, file=sys.stderr))
-    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, "cuda")
-    step = optimizer_step(lambda x: summed_nll(model, fused, x, input_ids=x) / (x.numel() - x.size(0)), opt, model)
+    flat = FlatParams([p for p in model.parameters() if p.requires_grad])   # as the trainer does on CUDA
+    opt = build_optimizer([flat.param], cfg, "cuda")
+    step = optimizer_step(lambda x: summed_nll(model, fused, x, input_ids=x) / (x.numel() - x.size(0)), opt,
+                          model, flat.zero_grad)
     from qlora_platform.models.memory import GIB, estimate_training_memory
     step.preflight_gib = estimate_training_memory(model.config, cfg)["total"] / GIB  # to check against
     return step
@@ -108,12 +113,12 @@ def build_unsloth(path: Path, seq: int):
     return optimizer_step(lambda x: model(input_ids=x, labels=x).loss, opt)
 
 
-def build_step(variant: str, path: Path, batch: int, seq: int):
+def build_step(variant: str, path: Path, batch: int, seq: int, overrides: dict | None = None):
     if variant == "unsloth":
         return build_unsloth(path, seq)  # imports unsloth before torch's first use
     if variant == "reference":
         return build_reference(path)
-    return build_qlora_platform(path, seq, batch)
+    return build_qlora_platform(path, seq, batch, overrides=overrides)
 
 
 def main() -> None:
@@ -125,8 +130,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=11)
     p.add_argument("--run-id", default=time.strftime("%Y%m%d-%H%M%S"))
     p.add_argument("--commit", default=os.environ.get("QLORA_COMMIT", "unknown"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for qlora_platform, e.g. training.fp8=false (recorded in the line)")
     args = p.parse_args()
-    step = build_step(args.variant, checkpoint(args.shape), args.batch, args.seq)
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    step = build_step(args.variant, checkpoint(args.shape), args.batch, args.seq, overrides)
     import torch
     torch.cuda.reset_peak_memory_stats()
     x = torch.randint(0, 32000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).cuda()
@@ -144,7 +152,8 @@ def main() -> None:
                       "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
                       "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(),
                       "commit": args.commit, "run_id": args.run_id}
-                     | ({"preflight_gib": round(step.preflight_gib, 2)} if hasattr(step, "preflight_gib") else {})))
+                     | ({"preflight_gib": round(step.preflight_gib, 2)} if hasattr(step, "preflight_gib") else {})
+                     | ({"overrides": overrides} if overrides else {})))
 
 
 if __name__ == "__main__":

@@ -73,6 +73,11 @@ class TrainingConfig(_Section):
     # The fused LoRA / SwiGLU / RMSNorm kernels and the logits-free loss (qlora_platform.kernels).
     # None: on for CUDA, off on the CPU (where PEFT's own path is what the demo measured).
     fast_kernels: Optional[bool] = None
+    # With fast_kernels: the frozen base weights' products in fp8 (e4m3, per-row scales) on GPUs
+    # with fp8 tensor cores (RTX 40, H100), for batches of at least fp8_min_tokens tokens (below
+    # that the quantization passes cost more than they save). None: on with fast_kernels on CUDA.
+    fp8: Optional[bool] = None
+    fp8_min_tokens: int = Field(8192, ge=16)
     # Checkpointed layer inputs parked in pinned CPU memory during forward. None: on for CUDA
     # whenever gradient_checkpointing is; no effect on the CPU.
     offload_checkpoints: Optional[bool] = None

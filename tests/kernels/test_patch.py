@@ -9,14 +9,14 @@ from qlora_platform.models.loader import attach_lora, load_base_model
 from qlora_platform.train.model import summed_nll
 
 
-def _model(cfg, fast: bool):
+def _model(cfg, fast: bool, fp8_min_tokens=None):
     torch.manual_seed(0)
     model = attach_lora(load_base_model(cfg, "cpu", for_training=True), cfg)
     g = torch.Generator().manual_seed(1)
     for name, p in sorted(model.named_parameters()):
         if "lora_B" in name:       # PEFT starts B at zero; make the adapter do something
             p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
-    report = apply_fast_kernels(model) if fast else None
+    report = apply_fast_kernels(model, fp8_min_tokens) if fast else None
     return model, report
 
 
@@ -57,6 +57,23 @@ def test_fast_path_matches_peft_loss_and_lora_gradients(tiny_cfg, dtype, tol):
     for n, p in fast.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p.detach(), base_before[n]), n
+
+
+def test_fp8_base_products_stay_close_to_peft(tiny_cfg):
+    tiny_cfg.quantization.compute_dtype = "bfloat16"
+    tiny_cfg.quantization.fp32_norms = False
+    ref, _ = _model(tiny_cfg, fast=False)
+    fast, report = _model(tiny_cfg, fast=True, fp8_min_tokens=16)
+    assert "fp8 from 16 tokens" in report.summary()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    loss_ref, grads_ref = _loss_and_grads(ref, None, ids, ids)
+    loss_fast, grads_fast = _loss_and_grads(fast, fused_loss_parts(fast), ids, ids)
+    # This tiny random model (init range 0.2) is chaotic: bf16 alone moves its LoRA gradients
+    # 4-11%, fp8 20-40%. Layer-level accuracy is pinned in test_fp8.py; here: wired through.
+    assert abs(loss_fast - loss_ref) / loss_ref < 0.015
+    for name, g in grads_ref.items():
+        cos = torch.nn.functional.cosine_similarity(grads_fast[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.85, (name, cos)
 
 
 def test_disabled_adapter_and_merge_fall_back_to_peft(tiny_cfg):

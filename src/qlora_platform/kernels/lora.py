@@ -13,7 +13,9 @@ Mistral-7B shape (benchmarks/profile_train_step.py):
 - the dequantized weight is never kept: dequantized again in backward (cheap next
   to the matmul), so memory holds only the 4-bit copy;
 - projections that share an input accumulate their input gradient into one buffer;
-- the MLP keeps gate and up outputs only and rebuilds silu(g) * u in backward.
+- the MLP keeps gate and up outputs only and rebuilds silu(g) * u in backward;
+- with `fp8_min_tokens` set, the base weight's products run on fp8 tensor cores
+  (fp8.py) once a batch has that many tokens; LoRA products stay 16-bit.
 
 Gradients for A and B come out in the compute dtype; autograd casts them to the
 fp32 master weights. Works on any device bitsandbytes runs on (CPU included).
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fp8 import fp8_fits, fp8_matmul, quantize_rows
 from .swiglu import swiglu_backward, swiglu_forward
 
 
@@ -34,12 +37,13 @@ class LoRAProj:
     B: torch.Tensor                # (out, r) fp32 master
     scaling: float
     bias: torch.Tensor | None
+    fp8_min_tokens: int | None = None   # base products in fp8 from this many tokens on
 
     @classmethod
-    def of(cls, layer, adapter: str = "default") -> "LoRAProj":
+    def of(cls, layer, adapter: str = "default", fp8_min_tokens: int | None = None) -> "LoRAProj":
         base = layer.get_base_layer()
         return cls(base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                   float(layer.scaling[adapter]), base.bias)
+                   float(layer.scaling[adapter]), base.bias, fp8_min_tokens)
 
 
 def base_weight(base: torch.nn.Module) -> torch.Tensor:
@@ -52,32 +56,51 @@ def base_weight(base: torch.nn.Module) -> torch.Tensor:
     return bnbf.dequantize_4bit(weight.data, state)
 
 
-def _forward(x2: torch.Tensor, p: LoRAProj) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x W^T + s (x A^T) B^T (+ bias), and x A^T kept for backward."""
+def _use_fp8(x2: torch.Tensor, w: torch.Tensor, p: LoRAProj) -> bool:
+    return p.fp8_min_tokens is not None and fp8_fits(x2, w, p.fp8_min_tokens)
+
+
+def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8=None):
+    """y = x W^T + s (x A^T) B^T (+ bias); returns y, x A^T and the 16-bit A, B for backward.
+    `x_fp8` is x already quantized (projections sharing an input quantize it once)."""
     w = base_weight(p.base)
-    y = x2 @ w.t()
+    if _use_fp8(x2, w, p):
+        y = fp8_matmul(x2, w, x_fp8)
+    else:
+        y = x2 @ w.t()
     del w
-    xa = x2 @ p.A.to(x2.dtype).t()
-    y.addmm_(xa, p.B.to(x2.dtype).t(), alpha=p.scaling)
+    a, b = p.A.to(x2.dtype), p.B.to(x2.dtype)
+    xa = x2 @ a.t()
+    y.addmm_(xa, b.t(), alpha=p.scaling)
     if p.bias is not None:
         y += p.bias.to(y.dtype)
-    return y, xa
+    return y, xa, a, b
 
 
-def _backward(g2: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, p: LoRAProj,
-              dx: torch.Tensor | None, need_dx: bool):
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * m1 @ m2 in one GEMM (beta=0 ignores the uninitialised input)."""
+    out = torch.empty(m1.shape[0], m2.shape[1], dtype=m1.dtype, device=m1.device)
+    return torch.addmm(out, m1, m2, beta=0, alpha=alpha)
+
+
+def _input_grad(g2: torch.Tensor, p: LoRAProj, dx: torch.Tensor | None) -> torch.Tensor:
+    """dx (+)= g W, through fp8 when the forward used it."""
+    w = base_weight(p.base)
+    if _use_fp8(g2, w.t(), p):
+        part = fp8_matmul(g2, w.t().contiguous())   # rows of W^T: one scale per input channel
+        return part if dx is None else dx.add_(part)
+    if dx is None:
+        return g2 @ w
+    return dx.addmm_(g2, w)
+
+
+def _backward(g2, x2, xa, a, b, p: LoRAProj, dx, need_dx: bool):
     """LoRA grads (dA, dB) and the input grad added into dx (allocated when None)."""
-    a, b = p.A.to(g2.dtype), p.B.to(g2.dtype)
     gb = g2 @ b                                   # (T, r)
-    da = (gb.t() @ x2).mul_(p.scaling) if p.A.requires_grad else None
-    db = (g2.t() @ xa).mul_(p.scaling) if p.B.requires_grad else None
+    da = _scaled_mm(gb.t(), x2, p.scaling) if p.A.requires_grad else None
+    db = _scaled_mm(g2.t(), xa, p.scaling) if p.B.requires_grad else None
     if need_dx:
-        w = base_weight(p.base)
-        if dx is None:
-            dx = g2 @ w
-        else:
-            dx.addmm_(g2, w)
-        del w
+        dx = _input_grad(g2, p, dx)
         dx.addmm_(gb, a, alpha=p.scaling)
     return dx, da, db
 
@@ -93,30 +116,40 @@ def _as_compute(x2: torch.Tensor, p: LoRAProj) -> torch.Tensor:
     return x2 if x2.dtype == dtype else x2.to(dtype)
 
 
+def _shared_fp8_input(x2: torch.Tensor, projs) -> tuple | None:
+    """x quantized once for all projections that will take the fp8 path."""
+    p = projs[0]
+    if p.fp8_min_tokens is None or len(projs) < 2 or x2.shape[0] < p.fp8_min_tokens:
+        return None
+    return quantize_rows(x2) if fp8_fits(x2, x2[:16], p.fp8_min_tokens) else None
+
+
 class _LoRAProjections(torch.autograd.Function):
     """n projections of one input; args: x, then (A, B) of each so autograd tracks them."""
 
     @staticmethod
     def forward(ctx, x, projs, *weights):
         x2 = _as_compute(_flat(x), projs[0])
-        outs, xas = [], []
+        x_fp8 = _shared_fp8_input(x2, projs)
+        outs, saved = [], []
         for p in projs:
-            y, xa = _forward(x2, p)
+            y, xa, a, b = _forward(x2, p, x_fp8)
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-            xas.append(xa)
+            saved += [xa, a, b]
         ctx.projs, ctx.x_shape = projs, x.shape
-        ctx.save_for_backward(x2, *xas)
+        ctx.save_for_backward(x2, *saved)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x2, *xas = ctx.saved_tensors
+        x2, *saved = ctx.saved_tensors
         dx, dweights = None, []
-        for p, xa, g in zip(ctx.projs, xas, grads):
+        for i, (p, g) in enumerate(zip(ctx.projs, grads)):
             if g is None:
                 dweights += [None, None]
                 continue
-            dx, da, db = _backward(_flat(g), x2, xa, p, dx, ctx.needs_input_grad[0])
+            xa, a, b = saved[3 * i:3 * i + 3]
+            dx, da, db = _backward(_flat(g), x2, xa, a, b, p, dx, ctx.needs_input_grad[0])
             dweights += [da, db]
         dx = dx.view(ctx.x_shape) if dx is not None else None
         return (dx, None, *dweights)
@@ -138,35 +171,33 @@ class _LoRASwiGLU(torch.autograd.Function):
     def forward(ctx, x, projs, *weights):
         gate, up, down = projs
         x2 = _as_compute(_flat(x), gate)
-        e, xa_gate = _forward(x2, gate)
-        u, xa_up = _forward(x2, up)
+        x_fp8 = _shared_fp8_input(x2, projs)
+        e, xa_gate, a_gate, b_gate = _forward(x2, gate, x_fp8)
+        u, xa_up, a_up, b_up = _forward(x2, up, x_fp8)
         h = swiglu_forward(e, u)
-        y, ha_down = _forward(h, down)
+        y, ha_down, a_down, b_down = _forward(h, down)
         del h
         ctx.projs, ctx.x_shape = projs, x.shape
-        ctx.save_for_backward(x2, e, u, xa_gate, xa_up, ha_down)
+        ctx.save_for_backward(x2, e, u, xa_gate, xa_up, ha_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, e, u, xa_gate, xa_up, ha_down = ctx.saved_tensors
+        x2, e, u, xa_gate, xa_up, ha_down, a_gate, b_gate, a_up, b_up, a_down, b_down = ctx.saved_tensors
         gate, up, down = ctx.projs
         g2 = _flat(grad)
         # Down projection first: dh = g W_down + s (g B) A; dA needs h, rebuilt below.
-        a, b = down.A.to(g2.dtype), down.B.to(g2.dtype)
-        gb = g2 @ b
-        w = base_weight(down.base)
-        dh = g2 @ w
-        del w
-        dh.addmm_(gb, a, alpha=down.scaling)
+        gb = g2 @ b_down
+        dh = _input_grad(g2, down, None)
+        dh.addmm_(gb, a_down, alpha=down.scaling)
         # In place: dh -> h, e -> d(gate out), u -> d(up out): no new (T, I) buffers.
         h, de, du = swiglu_backward(dh, e, u)
-        da_down = (gb.t() @ h).mul_(down.scaling) if down.A.requires_grad else None
-        db_down = (g2.t() @ ha_down).mul_(down.scaling) if down.B.requires_grad else None
+        da_down = _scaled_mm(gb.t(), h, down.scaling) if down.A.requires_grad else None
+        db_down = _scaled_mm(g2.t(), ha_down, down.scaling) if down.B.requires_grad else None
         del h
         need_dx = ctx.needs_input_grad[0]
-        dx, da_gate, db_gate = _backward(de, x2, xa_gate, gate, None, need_dx)
-        dx, da_up, db_up = _backward(du, x2, xa_up, up, dx, need_dx)
+        dx, da_gate, db_gate = _backward(de, x2, xa_gate, a_gate, b_gate, gate, None, need_dx)
+        dx, da_up, db_up = _backward(du, x2, xa_up, a_up, b_up, up, dx, need_dx)
         dx = dx.view(ctx.x_shape) if dx is not None else None
         return (dx, None, da_gate, db_gate, da_up, db_up, da_down, db_down)
 

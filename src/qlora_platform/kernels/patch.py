@@ -36,6 +36,7 @@ class FastKernelReport:
     lora_linear: int = 0
     swiglu_mlp: int = 0
     rms_norm: int = 0
+    fp8_min_tokens: int | None = None
     skipped: dict[str, int] = field(default_factory=dict)
 
     def skip(self, reason: str) -> None:
@@ -44,6 +45,8 @@ class FastKernelReport:
     def summary(self) -> str:
         text = (f"fast kernels: {self.lora_linear} LoRA linears, {self.swiglu_mlp} SwiGLU MLPs, "
                 f"{self.rms_norm} RMSNorms")
+        if self.fp8_min_tokens is not None:
+            text += f"; base products in fp8 from {self.fp8_min_tokens} tokens a batch"
         if self.skipped:
             text += "; left on PEFT/stock: " + ", ".join(f"{n} ({why})" for why, n in self.skipped.items())
         return text
@@ -82,23 +85,23 @@ def _still_fast(layer) -> bool:
             and list(layer.active_adapters) == list(layer.lora_A.keys()))
 
 
-def _proj(layer) -> LoRAProj:
+def _proj(layer, fp8_min_tokens) -> LoRAProj:
     # Built per call: the adapter tensors may be replaced (resume, load_adapter) after patching.
-    return LoRAProj.of(layer, list(layer.lora_A.keys())[0])
+    return LoRAProj.of(layer, list(layer.lora_A.keys())[0], fp8_min_tokens)
 
 
-def _fast_lora_forward(layer, x, *args, **kwargs):
+def _fast_lora_forward(layer, fp8_min_tokens, x, *args, **kwargs):
     if args or kwargs or not _still_fast(layer):
         return type(layer).forward(layer, x, *args, **kwargs)
-    y = lora_linear(x, _proj(layer))
+    y = lora_linear(x, _proj(layer, fp8_min_tokens))
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _fast_mlp_forward(mlp, x):
+def _fast_mlp_forward(mlp, fp8_min_tokens, x):
     layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if not all(_still_fast(layer) for layer in layers):
         return type(mlp).forward(mlp, x)
-    y = lora_swiglu_mlp(x, *(_proj(layer) for layer in layers))
+    y = lora_swiglu_mlp(x, *(_proj(layer, fp8_min_tokens) for layer in layers))
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -113,13 +116,15 @@ def _swiglu_mlp(module) -> bool:
             and type(act).__name__ in SILU_CLASSES)
 
 
-def apply_fast_kernels(model) -> FastKernelReport:
-    """Patch every module of `model` the kernels support; returns what was done and skipped."""
-    report = FastKernelReport()
+def apply_fast_kernels(model, fp8_min_tokens: int | None = None) -> FastKernelReport:
+    """Patch every module of `model` the kernels support; returns what was done and skipped.
+    With `fp8_min_tokens`, base-weight products of batches with at least that many tokens
+    run in fp8 (kernels/fp8.py) on GPUs that have it."""
+    report = FastKernelReport(fp8_min_tokens=fp8_min_tokens)
     in_mlp: set[int] = set()
     for module in model.modules():
         if _swiglu_mlp(module):
-            module.forward = functools.partial(_fast_mlp_forward, module)
+            module.forward = functools.partial(_fast_mlp_forward, module, fp8_min_tokens)
             in_mlp.update(id(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj"))
             report.swiglu_mlp += 1
     for module in model.modules():
@@ -128,7 +133,7 @@ def apply_fast_kernels(model) -> FastKernelReport:
             if reason:
                 report.skip(reason)
                 continue
-            module.forward = functools.partial(_fast_lora_forward, module)
+            module.forward = functools.partial(_fast_lora_forward, module, fp8_min_tokens)
             report.lora_linear += 1
         elif type(module).__name__ in RMSNORM_CLASSES:
             weight = getattr(module, "weight", None)

@@ -173,6 +173,14 @@ def fast_kernels_on(cfg: Config, device: str) -> bool:
     return device == "cuda" if fast is None else fast
 
 
+def fp8_min_tokens(cfg: Config, device: str) -> int | None:
+    """From how many tokens a batch the fast kernels take fp8 base products; None: never."""
+    if not fast_kernels_on(cfg, device):
+        return None
+    fp8 = cfg.training.fp8
+    return cfg.training.fp8_min_tokens if (device == "cuda" if fp8 is None else fp8) else None
+
+
 def offload_on(cfg: Config, device: str) -> bool:
     """Whether checkpointed layer inputs wait in pinned CPU memory: by default whenever a CUDA
     run checkpoints; never on the CPU (there is nowhere cheaper to put them)."""

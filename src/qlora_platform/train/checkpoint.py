@@ -86,7 +86,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         raise UserError(f"checkpoint '{path}' does not match this model/LoRA config "
                         f"(unexpected keys such as {result.unexpected_keys[0]})")
     device = next(p.device for p in model.parameters() if p.requires_grad)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    except ValueError as err:   # e.g. saved per tensor, resumed with one flat buffer (fast kernels)
+        raise UserError(f"checkpoint '{path}': the optimizer state does not fit this run's parameters "
+                        f"({err}); resume with the settings it was saved with, or start a new "
+                        f"output.dir") from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng_state.pt", weights_only=False)  # python RNG state is a tuple
     random.setstate(rng["python"])

@@ -26,10 +26,11 @@ from ..data.formats import iter_jsonl, to_chat_record
 from ..data.tokenize import IGNORE, encode_records
 from ..errors import UserError
 from ..eval.perplexity import holdout_perplexity
-from ..models.loader import device_label, load_tokenizer, pick_device
+from ..models.loader import device_label, fast_kernels_on, load_tokenizer, pick_device
 from ..models.memory import peak_memory_gib
 from .batching import collate, plan_epoch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .flat_params import FlatParams
 from .model import build_training_model, summed_nll
 from .model_card import write_model_card
 from .tracking import Tracker
@@ -37,7 +38,7 @@ from .tracking import Tracker
 # Changing any of these between a checkpoint and --resume changes the data order or shapes.
 RESUME_KEYS = [("training", "batch_size"), ("training", "grad_accum"), ("training", "seed"),
                ("data", "max_seq_len"), ("data", "packing"), ("data", "train_file"), ("lora", "r"),
-               ("lora", "target_modules"), ("model", "name")]
+               ("lora", "target_modules"), ("model", "name"), ("training", "fast_kernels")]
 
 
 def load_records(path: str | None, what: str) -> list[dict]:
@@ -94,7 +95,10 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model, self.fused_loss = build_training_model(cfg, self.device, log)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.trainable, cfg, self.device)
+        # With the fast kernels the adapter lives in one flat buffer: one optimizer launch a step.
+        self.flat = FlatParams(self.trainable) if fast_kernels_on(cfg, self.device) else None
+        self.optimized = [self.flat.param] if self.flat else self.trainable
+        self.optimizer = build_optimizer(self.optimized, cfg, self.device)
         self.lengths = [len(ex["input_ids"]) for ex in self.train_examples]
         # Labelled tokens after the one-token shift; packing masks each example's first label too.
         self.label_counts = [sum(lab != IGNORE for lab in ex["labels"][1:]) for ex in self.train_examples]
@@ -175,6 +179,12 @@ class Trainer:
         loss = summed_nll(self.model, self.fused_loss, batch["labels"].to(dev), **kwargs) / max(n_label_window, 1)
         return loss, batch["num_tokens"]
 
+    def _zero_grad(self) -> None:
+        if self.flat:
+            self.flat.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
     def _state(self) -> dict:
         return {"history": self.history, "config": self.cfg.model_dump(), "train_seconds": self.train_seconds,
                 "train_tokens": self.train_tokens, "total_steps": self.total_steps}
@@ -208,10 +218,12 @@ class Trainer:
                     loss.backward()
                     step_loss += loss.item()
                     step_tokens += ntok
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm or float("inf"))
+                if self.flat:
+                    self.flat.check()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized, tc.max_grad_norm or float("inf"))
                 self.optimizer.step()
                 self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 self.step += 1
                 self.train_seconds += time.time() - t0
                 self.train_tokens += step_tokens
@@ -237,7 +249,7 @@ class Trainer:
                     self.save_checkpoint()
         except KeyboardInterrupt:
             bar.close()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             path = self.save_checkpoint()
             tracker.close()
             raise UserError(f"interrupted at step {self.step}/{self.total_steps}; saved {path}. "
