@@ -5,6 +5,8 @@ import torch
 
 from qlora_platform.kernels.fp8 import E4M3, fp8_matmul, quantize_rows, quantize_rows_reference
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_quantize_rows_scales_each_row_to_the_e4m3_range():
     t = torch.randn(6, 80) * torch.logspace(-3, 3, 6)[:, None]     # rows six decades apart
@@ -17,7 +19,7 @@ def test_quantize_rows_scales_each_row_to_the_e4m3_range():
 
 def test_fp8_matmul_is_close_to_the_bf16_product():
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(64, 256, generator=g).bfloat16(), torch.randn(96, 256, generator=g).bfloat16()
+    a, b = (torch.randn(n, 256, generator=g).bfloat16().to(DEVICE) for n in (64, 96))
     want = (a.float() @ b.float().t())
     got = fp8_matmul(a, b)
     assert got.dtype == torch.bfloat16
@@ -36,15 +38,15 @@ def test_triton_quantizer_matches_reference_on_gpu():
 def _proj(out_f, in_f, fp8, seed):
     from qlora_platform.kernels.lora import LoRAProj
     g = torch.Generator().manual_seed(seed)
-    base = torch.nn.Linear(in_f, out_f, bias=False).bfloat16().requires_grad_(False)
-    base.weight.data = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).bfloat16()
-    a = torch.nn.Parameter(torch.randn(8, in_f, generator=g) / in_f ** 0.5)
-    b = torch.nn.Parameter(torch.randn(out_f, 8, generator=g) * 0.1)
+    base = torch.nn.Linear(in_f, out_f, bias=False).bfloat16().requires_grad_(False).to(DEVICE)
+    base.weight.data = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).bfloat16().to(DEVICE)
+    a = torch.nn.Parameter((torch.randn(8, in_f, generator=g) / in_f ** 0.5).to(DEVICE))
+    b = torch.nn.Parameter((torch.randn(out_f, 8, generator=g) * 0.1).to(DEVICE))
     return LoRAProj(base, a, b, 2.0, None, 16 if fp8 else None)
 
 
 def _run(fn, fp8):
-    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(9)).bfloat16().requires_grad_()
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(9)).bfloat16().to(DEVICE).requires_grad_()
     projs = fn(fp8)
     y = projs[0](x)
     y.float().pow(2).sum().backward()
