@@ -1,6 +1,6 @@
 """Where one QLoRA training step spends its GPU time: a torch.profiler table per variant.
 
-    python benchmarks/profile_train_step.py --variant qlora_platform --batch 4 --seq 4096 [--rows 40]
+    python benchmarks/profile_train_step.py --variant qlora_platform --batch 4 --seq 4096 [--rows 40] [--sort self_cpu_time_total]
 
 Builds the variant exactly as benchmarks/train_throughput.py does, runs 3 warm-up
 steps, profiles the 4th and prints the kernels (CUDA time, calls) sorted by total
@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--seq", type=int, required=True)
     p.add_argument("--rows", type=int, default=40)
+    p.add_argument("--sort", default="cuda_time_total", help="table order, e.g. self_cpu_time_total")
     args = p.parse_args()
     step = build_step(args.variant, checkpoint(args.shape), args.batch, args.seq)
     import torch
@@ -41,7 +42,7 @@ def main() -> None:
         step(x)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     gpu_total = sum(e.self_device_time_total for e in events) / 1e6
     print(f"# {args.variant} b{args.batch} x s{args.seq}: step {wall:.3f} s (profiled), "
