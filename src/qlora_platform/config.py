@@ -75,8 +75,9 @@ class TrainingConfig(_Section):
     fast_kernels: Optional[bool] = None
     # With fast_kernels: the frozen base weights' products in fp8 (e4m3, per-row scales) on GPUs
     # with fp8 tensor cores (RTX 40, H100), for batches of at least fp8_min_tokens tokens (below
-    # that the quantization passes cost more than they save). None: on with fast_kernels on CUDA.
-    fp8: Optional[bool] = None
+    # that the quantization passes cost more than they save). Off by default: faster, but it
+    # learns more slowly (benchmarks/README.md).
+    fp8: bool = False
     fp8_min_tokens: int = Field(8192, ge=16)
     # Checkpointed layer inputs parked in pinned CPU memory during forward. None: on for CUDA
     # whenever gradient_checkpointing is; no effect on the CPU.
