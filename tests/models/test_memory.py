@@ -32,6 +32,16 @@ def test_estimate_matches_the_16bit_peft_path_within_10_percent(batch, seq, meas
     assert measured <= est < measured * 1.10, est
 
 
+@pytest.mark.parametrize("batch, seq, measured, overrides", [
+    (2, 1024, 4.69, {}), (1, 2048, 4.69, {}), (4, 4096, 7.10, {}),
+    (4, 4096, 7.60, {"fp8": True})])
+def test_estimate_matches_the_fast_gpu_path_within_10_percent(batch, seq, measured, overrides):
+    # benchmarks/results/train_throughput.jsonl: run h100-20261125-e (the GPU default: fast kernels,
+    # offloaded checkpoints, flat adapter) and probe-d for fp8.
+    est = estimate_training_memory(MISTRAL, _cfg(batch_size=batch, max_seq_len=seq, **overrides))["total"] / GIB
+    assert measured * 0.98 <= est < measured * 1.10, est
+
+
 def test_estimate_moves_the_right_way():
     base = estimate_training_memory(MISTRAL, _cfg())["total"]
     assert estimate_training_memory(MISTRAL, _cfg(gradient_checkpointing=False))["total"] > base
