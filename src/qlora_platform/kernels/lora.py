@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .fp8 import fp8_fits, fp8_matmul, quantize_rows
+from .nf4 import dequantize_nf4
 from .swiglu import swiglu_backward, swiglu_forward
 
 
@@ -52,8 +53,7 @@ def base_weight(base: torch.nn.Module) -> torch.Tensor:
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight
-    import bitsandbytes.functional as bnbf
-    return bnbf.dequantize_4bit(weight.data, state)
+    return dequantize_nf4(weight.data, state)
 
 
 def _use_fp8(x2: torch.Tensor, w: torch.Tensor, p: LoRAProj) -> bool:
