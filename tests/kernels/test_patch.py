@@ -126,3 +126,12 @@ def test_offloading_needs_checkpointing():
 
     with pytest.raises(UserError, match="offload_checkpoints"):
         load_config(None, {"training.offload_checkpoints": "true", "training.gradient_checkpointing": "false"})
+
+
+def test_fp8_is_opt_in_and_only_with_the_fast_kernels():
+    from qlora_platform.config import load_config
+    from qlora_platform.models.loader import fp8_min_tokens
+
+    assert fp8_min_tokens(load_config(None, {}), "cuda") is None
+    assert fp8_min_tokens(load_config(None, {"training.fp8": "true"}), "cuda") == 8192
+    assert fp8_min_tokens(load_config(None, {"training.fp8": "true", "training.fast_kernels": "false"}), "cuda") is None
