@@ -3,7 +3,7 @@ _scaled_mm; on a GPU the Triton quantizer is checked against the reference too).
 import pytest
 import torch
 
-from qlora_platform.kernels.fp8 import E4M3, fp8_matmul, quantize_rows, quantize_rows_reference
+from qlora_platform.kernels.fp8 import E4M3, Fp8Plan, fp8_matmul, quantize_rows, quantize_rows_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -42,7 +42,7 @@ def _proj(out_f, in_f, fp8, seed):
     base.weight.data = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).bfloat16().to(DEVICE)
     a = torch.nn.Parameter((torch.randn(8, in_f, generator=g) / in_f ** 0.5).to(DEVICE))
     b = torch.nn.Parameter((torch.randn(out_f, 8, generator=g) * 0.1).to(DEVICE))
-    return LoRAProj(base, a, b, 2.0, None, 16 if fp8 else None)
+    return LoRAProj(base, a, b, 2.0, None, Fp8Plan(16, input_grad=True) if fp8 else None)
 
 
 def _run(fn, fp8):

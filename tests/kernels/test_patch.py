@@ -5,18 +5,19 @@ import pytest
 import torch
 
 from qlora_platform.kernels import apply_fast_kernels, fused_loss_parts
+from qlora_platform.kernels.fp8 import Fp8Plan
 from qlora_platform.models.loader import attach_lora, load_base_model
 from qlora_platform.train.model import summed_nll
 
 
-def _model(cfg, fast: bool, fp8_min_tokens=None):
+def _model(cfg, fast: bool, fp8=None):
     torch.manual_seed(0)
     model = attach_lora(load_base_model(cfg, "cpu", for_training=True), cfg)
     g = torch.Generator().manual_seed(1)
     for name, p in sorted(model.named_parameters()):
         if "lora_B" in name:       # PEFT starts B at zero; make the adapter do something
             p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
-    report = apply_fast_kernels(model, fp8_min_tokens) if fast else None
+    report = apply_fast_kernels(model, fp8) if fast else None
     return model, report
 
 
@@ -34,8 +35,8 @@ def test_fast_path_matches_peft_loss_and_lora_gradients(tiny_cfg, dtype, tol):
     tiny_cfg.quantization.fp32_norms = False
     ref, _ = _model(tiny_cfg, fast=False)
     fast, report = _model(tiny_cfg, fast=True)
-    # 2 layers: q, k, v, o each on the LoRA linear path; MLPs fused; 2 x 2 + final norms.
-    assert (report.lora_linear, report.swiglu_mlp) == (8, 2), report.summary()
+    # 2 layers: q, k, v fused, o on its own, MLPs fused; 2 x 2 + final norms.
+    assert (report.lora_linear, report.fused_qkv, report.swiglu_mlp) == (2, 2, 2), report.summary()
     assert report.rms_norm == (5 if dtype == "bfloat16" else 0), report.summary()
     layer = fast.get_base_model().model.layers[0]
     x = torch.randn(1, 3, 64, dtype=getattr(torch, dtype), requires_grad=True)
@@ -73,8 +74,8 @@ def test_fp8_base_products_stay_close_to_peft(tiny_cfg):
     tiny_cfg.quantization.compute_dtype = "bfloat16"
     tiny_cfg.quantization.fp32_norms = False
     ref, _ = _model(tiny_cfg, fast=False)
-    fast, report = _model(tiny_cfg, fast=True, fp8_min_tokens=16)
-    assert "fp8 from 16 tokens" in report.summary()
+    fast, report = _model(tiny_cfg, fast=True, fp8=Fp8Plan(16, input_grad=True))
+    assert "forward and input-gradient base products in fp8 from 16 tokens" in report.summary()
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
     loss_ref, grads_ref = _loss_and_grads(ref, None, ids, ids)
     loss_fast, grads_fast = _loss_and_grads(fast, fused_loss_parts(fast), ids, ids)
@@ -86,6 +87,19 @@ def test_fp8_base_products_stay_close_to_peft(tiny_cfg):
     flat_ref = torch.cat([g.flatten() for g in grads_ref.values()])
     cos = torch.nn.functional.cosine_similarity(flat_fast, flat_ref, dim=0)
     assert cos > 0.9
+
+
+def test_fused_qkv_hands_out_k_and_v_once_and_copes_with_any_call_order(tiny_cfg):
+    fast, _ = _model(tiny_cfg, fast=True)
+    ref, _ = _model(tiny_cfg, fast=False)
+    attn_f, attn_r = fast.get_base_model().model.layers[0].self_attn, ref.get_base_model().model.layers[0].self_attn
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        for name in ("v_proj", "k_proj", "q_proj", "k_proj", "v_proj", "k_proj"):   # out of order, repeated
+            torch.testing.assert_close(getattr(attn_f, name)(x), getattr(attn_r, name)(x), atol=1e-5, rtol=1e-5)
+        attn_f.q_proj(x)
+        y = torch.randn(1, 5, 64)          # a different tensor: k is computed for it, not handed out
+        torch.testing.assert_close(attn_f.k_proj(y), attn_r.k_proj(y), atol=1e-5, rtol=1e-5)
 
 
 def test_disabled_adapter_and_merge_fall_back_to_peft(tiny_cfg):
@@ -103,7 +117,7 @@ def test_disabled_adapter_and_merge_fall_back_to_peft(tiny_cfg):
 def test_dropout_and_fp32_layers_are_reported_not_patched(tiny_cfg):
     tiny_cfg.lora.dropout = 0.1
     _, report = _model(tiny_cfg, fast=True)
-    assert report.lora_linear == 0 and report.swiglu_mlp == 0
+    assert report.lora_linear == report.fused_qkv == report.swiglu_mlp == 0
     assert "lora.dropout > 0" in report.summary() and "left on PEFT" in report.summary()
 
 
@@ -114,7 +128,7 @@ def test_trainer_with_fast_kernels_on_the_cpu_learns(tiny_cfg):
     logs = []
     trainer = Trainer(tiny_cfg, log=logs.append)
     assert trainer.fused_loss is not None
-    assert any("fast kernels: 8 LoRA linears, 2 SwiGLU MLPs" in str(m) for m in logs)
+    assert any("fast kernels: 2 LoRA linears, 2 fused QKV, 2 SwiGLU MLPs" in str(m) for m in logs)
     trainer.train()
     losses = [h["loss"] for h in trainer.history if "loss" in h]
     assert losses[-1] < losses[0]
@@ -130,8 +144,10 @@ def test_offloading_needs_checkpointing():
 
 def test_fp8_is_opt_in_and_only_with_the_fast_kernels():
     from qlora_platform.config import load_config
-    from qlora_platform.models.loader import fp8_min_tokens
+    from qlora_platform.models.loader import fp8_plan
 
-    assert fp8_min_tokens(load_config(None, {}), "cuda") is None
-    assert fp8_min_tokens(load_config(None, {"training.fp8": "true"}), "cuda") == 8192
-    assert fp8_min_tokens(load_config(None, {"training.fp8": "true", "training.fast_kernels": "false"}), "cuda") is None
+    assert fp8_plan(load_config(None, {}), "cuda") is None
+    assert fp8_plan(load_config(None, {"training.fp8": "true"}), "cuda") == Fp8Plan(8192, input_grad=False)
+    assert fp8_plan(load_config(None, {"training.fp8": "true", "training.fp8_input_grad": "true"}),
+                    "cuda") == Fp8Plan(8192, input_grad=True)
+    assert fp8_plan(load_config(None, {"training.fp8": "true", "training.fast_kernels": "false"}), "cuda") is None

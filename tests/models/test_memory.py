@@ -34,7 +34,7 @@ def test_estimate_matches_the_16bit_peft_path_within_10_percent(batch, seq, meas
 
 @pytest.mark.parametrize("batch, seq, measured, overrides", [
     (2, 1024, 4.69, {}), (1, 2048, 4.69, {}), (4, 4096, 7.10, {}),
-    (4, 4096, 7.60, {"fp8": True})])
+    (4, 4096, 7.60, {"fp8": True, "fp8_input_grad": True})])
 def test_estimate_matches_the_fast_gpu_path_within_10_percent(batch, seq, measured, overrides):
     # benchmarks/results/train_throughput.jsonl: run h100-20261125-e (the GPU default: fast kernels,
     # offloaded checkpoints, flat adapter) and probe-d for fp8.

@@ -18,10 +18,17 @@ channel from flattening the others. `quantize_rows` is one Triton kernel per ten
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from ._triton import tl, triton, use_triton
+
+@dataclass(frozen=True)
+class Fp8Plan:
+    min_tokens: int            # batches with fewer tokens stay 16-bit
+    input_grad: bool = False   # also the input gradient's product (g W), not only the forward ones
+
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0

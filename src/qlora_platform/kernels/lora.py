@@ -14,8 +14,9 @@ Mistral-7B shape (benchmarks/profile_train_step.py):
   to the matmul), so memory holds only the 4-bit copy;
 - projections that share an input accumulate their input gradient into one buffer;
 - the MLP keeps gate and up outputs only and rebuilds silu(g) * u in backward;
-- with `fp8_min_tokens` set, the base weight's products run on fp8 tensor cores
-  (fp8.py) once a batch has that many tokens; LoRA products stay 16-bit.
+- with an `Fp8Plan`, the base weight's forward products (and, if the plan says so, its
+  input-gradient product) run on fp8 tensor cores (fp8.py) once a batch has enough
+  tokens; LoRA products stay 16-bit.
 
 Gradients for A and B come out in the compute dtype; autograd casts them to the
 fp32 master weights. Works on any device bitsandbytes runs on (CPU included).
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp8 import fp8_fits, fp8_matmul, quantize_rows
+from .fp8 import Fp8Plan, fp8_fits, fp8_matmul, quantize_rows
 from .nf4 import dequantize_nf4
 from .swiglu import swiglu_backward, swiglu_forward
 
@@ -38,13 +39,13 @@ class LoRAProj:
     B: torch.Tensor                # (out, r) fp32 master
     scaling: float
     bias: torch.Tensor | None
-    fp8_min_tokens: int | None = None   # base products in fp8 from this many tokens on
+    fp8: Fp8Plan | None = None     # base products in fp8 (None: 16-bit)
 
     @classmethod
-    def of(cls, layer, adapter: str = "default", fp8_min_tokens: int | None = None) -> "LoRAProj":
+    def of(cls, layer, adapter: str = "default", fp8: Fp8Plan | None = None) -> "LoRAProj":
         base = layer.get_base_layer()
         return cls(base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                   float(layer.scaling[adapter]), base.bias, fp8_min_tokens)
+                   float(layer.scaling[adapter]), base.bias, fp8)
 
 
 def base_weight(base: torch.nn.Module) -> torch.Tensor:
@@ -56,8 +57,9 @@ def base_weight(base: torch.nn.Module) -> torch.Tensor:
     return dequantize_nf4(weight.data, state)
 
 
-def _use_fp8(x2: torch.Tensor, w: torch.Tensor, p: LoRAProj) -> bool:
-    return p.fp8_min_tokens is not None and fp8_fits(x2, w, p.fp8_min_tokens)
+def _use_fp8(x2: torch.Tensor, w: torch.Tensor, p: LoRAProj, backward: bool = False) -> bool:
+    plan = p.fp8
+    return plan is not None and (plan.input_grad or not backward) and fp8_fits(x2, w, plan.min_tokens)
 
 
 def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8=None):
@@ -86,7 +88,7 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> torch.Tensor
 def _input_grad(g2: torch.Tensor, p: LoRAProj, dx: torch.Tensor | None) -> torch.Tensor:
     """dx (+)= g W, through fp8 when the forward used it."""
     w = base_weight(p.base)
-    if _use_fp8(g2, w.t(), p):
+    if _use_fp8(g2, w.t(), p, backward=True):
         part = fp8_matmul(g2, w.t().contiguous())   # rows of W^T: one scale per input channel
         return part if dx is None else dx.add_(part)
     if dx is None:
@@ -118,10 +120,10 @@ def _as_compute(x2: torch.Tensor, p: LoRAProj) -> torch.Tensor:
 
 def _shared_fp8_input(x2: torch.Tensor, projs) -> tuple | None:
     """x quantized once for all projections that will take the fp8 path."""
-    p = projs[0]
-    if p.fp8_min_tokens is None or len(projs) < 2 or x2.shape[0] < p.fp8_min_tokens:
+    plan = projs[0].fp8
+    if plan is None or len(projs) < 2 or x2.shape[0] < plan.min_tokens:
         return None
-    return quantize_rows(x2) if fp8_fits(x2, x2[:16], p.fp8_min_tokens) else None
+    return quantize_rows(x2) if fp8_fits(x2, x2[:16], plan.min_tokens) else None
 
 
 class _LoRAProjections(torch.autograd.Function):

@@ -6,6 +6,10 @@
 Monkeypatching lives here and nowhere else. It replaces the `forward` of single
 module instances (never of classes, so other models in the process are untouched):
 - PEFT LoRA layers on 4-bit or 16-bit linears -> `lora.lora_linear`;
+- q, k and v of one attention block -> one `lora.lora_projections` call, made when q_proj
+  runs (the model's attention code calls q_proj, k_proj, v_proj on the same tensor, in
+  that order; k_proj and v_proj then hand out their share), so the input gradient of the
+  three accumulates in one buffer and the attention code itself stays the model's own;
 - SwiGLU MLPs (gate/up/down all LoRA layers, SiLU) -> `lora.lora_swiglu_mlp`;
 - Llama-form RMSNorms with a frozen 16-bit weight -> `rmsnorm.rms_norm`.
 Every patched forward checks at call time that the fast path still applies
@@ -23,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .lora import LoRAProj, lora_linear, lora_swiglu_mlp
+from .fp8 import Fp8Plan
+from .lora import LoRAProj, lora_linear, lora_projections, lora_swiglu_mlp
 from .rmsnorm import rms_norm
 
 # RMSNorms computing weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) (Gemma's 1 + weight is not this).
@@ -34,19 +39,21 @@ SILU_CLASSES = {"SiLU", "SiLUActivation"}
 @dataclass
 class FastKernelReport:
     lora_linear: int = 0
+    fused_qkv: int = 0
     swiglu_mlp: int = 0
     rms_norm: int = 0
-    fp8_min_tokens: int | None = None
+    fp8: Fp8Plan | None = None
     skipped: dict[str, int] = field(default_factory=dict)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def summary(self) -> str:
-        text = (f"fast kernels: {self.lora_linear} LoRA linears, {self.swiglu_mlp} SwiGLU MLPs, "
-                f"{self.rms_norm} RMSNorms")
-        if self.fp8_min_tokens is not None:
-            text += f"; base products in fp8 from {self.fp8_min_tokens} tokens a batch"
+        text = (f"fast kernels: {self.lora_linear} LoRA linears, {self.fused_qkv} fused QKV, "
+                f"{self.swiglu_mlp} SwiGLU MLPs, {self.rms_norm} RMSNorms")
+        if self.fp8 is not None:
+            which = "forward and input-gradient" if self.fp8.input_grad else "forward"
+            text += f"; {which} base products in fp8 from {self.fp8.min_tokens} tokens a batch"
         if self.skipped:
             text += "; left on PEFT/stock: " + ", ".join(f"{n} ({why})" for why, n in self.skipped.items())
         return text
@@ -85,28 +92,60 @@ def _still_fast(layer) -> bool:
             and list(layer.active_adapters) == list(layer.lora_A.keys()))
 
 
-def _proj(layer, fp8_min_tokens) -> LoRAProj:
+def _proj(layer, fp8) -> LoRAProj:
     # Built per call: the adapter tensors may be replaced (resume, load_adapter) after patching.
-    return LoRAProj.of(layer, list(layer.lora_A.keys())[0], fp8_min_tokens)
+    return LoRAProj.of(layer, list(layer.lora_A.keys())[0], fp8)
 
 
-def _fast_lora_forward(layer, fp8_min_tokens, x, *args, **kwargs):
+def _fast_lora_forward(layer, fp8, x, *args, **kwargs):
     if args or kwargs or not _still_fast(layer):
         return type(layer).forward(layer, x, *args, **kwargs)
-    y = lora_linear(x, _proj(layer, fp8_min_tokens))
+    y = lora_linear(x, _proj(layer, fp8))
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _fast_mlp_forward(mlp, fp8_min_tokens, x):
+class _SharedQKV:
+    """The three LoRA layers of one attention block and the outputs k_proj and v_proj are owed."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.x, self.owed = None, [None, None, None]
+
+
+def _fast_qkv_forward(shared: _SharedQKV, index: int, fp8, x, *args, **kwargs):
+    layer = shared.layers[index]
+    if args or kwargs or not all(_still_fast(one) for one in shared.layers):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    if index == 0:
+        outs = list(lora_projections(x, [_proj(one, fp8) for one in shared.layers]))
+        if x.dtype != outs[0].dtype:
+            outs = [o.to(x.dtype) for o in outs]
+        shared.x, shared.owed = x, [None, outs[1], outs[2]]
+        return outs[0]
+    if shared.x is x and shared.owed[index] is not None:
+        out, shared.owed[index] = shared.owed[index], None
+        if shared.owed == [None, None, None]:
+            shared.x = None
+        return out
+    y = lora_linear(x, _proj(layer, fp8))     # called on its own
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _fast_mlp_forward(mlp, fp8, x):
     layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if not all(_still_fast(layer) for layer in layers):
         return type(mlp).forward(mlp, x)
-    y = lora_swiglu_mlp(x, *(_proj(layer, fp8_min_tokens) for layer in layers))
+    y = lora_swiglu_mlp(x, *(_proj(layer, fp8) for layer in layers))
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _fast_rms_forward(norm, x):
     return rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+def _qkv_block(module) -> bool:
+    parts = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    return all(p is not None and _is_lora_layer(p) and _unsupported(p) is None for p in parts)
 
 
 def _swiglu_mlp(module) -> bool:
@@ -116,24 +155,30 @@ def _swiglu_mlp(module) -> bool:
             and type(act).__name__ in SILU_CLASSES)
 
 
-def apply_fast_kernels(model, fp8_min_tokens: int | None = None) -> FastKernelReport:
+def apply_fast_kernels(model, fp8: Fp8Plan | None = None) -> FastKernelReport:
     """Patch every module of `model` the kernels support; returns what was done and skipped.
-    With `fp8_min_tokens`, base-weight products of batches with at least that many tokens
-    run in fp8 (kernels/fp8.py) on GPUs that have it."""
-    report = FastKernelReport(fp8_min_tokens=fp8_min_tokens)
-    in_mlp: set[int] = set()
+    With an `Fp8Plan`, base-weight products of large enough batches run in fp8
+    (kernels/fp8.py) on GPUs that have it."""
+    report = FastKernelReport(fp8=fp8)
+    fused: set[int] = set()   # layers already taken by a fused MLP or QKV
     for module in model.modules():
         if _swiglu_mlp(module):
-            module.forward = functools.partial(_fast_mlp_forward, module, fp8_min_tokens)
-            in_mlp.update(id(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+            module.forward = functools.partial(_fast_mlp_forward, module, fp8)
+            fused.update(id(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj"))
             report.swiglu_mlp += 1
+        elif _qkv_block(module):
+            shared = _SharedQKV([module.q_proj, module.k_proj, module.v_proj])
+            for index, layer in enumerate(shared.layers):
+                layer.forward = functools.partial(_fast_qkv_forward, shared, index, fp8)
+                fused.add(id(layer))
+            report.fused_qkv += 1
     for module in model.modules():
-        if _is_lora_layer(module) and id(module) not in in_mlp and hasattr(module, "get_base_layer"):
+        if _is_lora_layer(module) and id(module) not in fused and hasattr(module, "get_base_layer"):
             reason = _unsupported(module)
             if reason:
                 report.skip(reason)
                 continue
-            module.forward = functools.partial(_fast_lora_forward, module, fp8_min_tokens)
+            module.forward = functools.partial(_fast_lora_forward, module, fp8)
             report.lora_linear += 1
         elif type(module).__name__ in RMSNORM_CLASSES:
             weight = getattr(module, "weight", None)

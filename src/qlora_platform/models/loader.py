@@ -173,13 +173,14 @@ def fast_kernels_on(cfg: Config, device: str) -> bool:
     return device == "cuda" if fast is None else fast
 
 
-def fp8_min_tokens(cfg: Config, device: str) -> int | None:
-    """From how many tokens a batch the fast kernels take fp8 base products; None: never."""
-    if not fast_kernels_on(cfg, device):
+def fp8_plan(cfg: Config, device: str):
+    """Which base products the fast kernels run in fp8 (a kernels.fp8.Fp8Plan), or None."""
+    if not fast_kernels_on(cfg, device) or not cfg.training.fp8:
         return None
-    # Off unless asked: on an H100 it made b4 x s4096 1.18x faster, but the 7B model then
-    # learned a repeated batch visibly slower (benchmarks/README.md, run probe-d).
-    return cfg.training.fp8_min_tokens if cfg.training.fp8 else None
+    # Off unless asked: on an H100, fp8 in forward and input gradient made b4 x s4096 1.18x
+    # faster, but the 7B model then learned a repeated batch visibly slower (benchmarks/README.md).
+    from ..kernels.fp8 import Fp8Plan
+    return Fp8Plan(cfg.training.fp8_min_tokens, cfg.training.fp8_input_grad)
 
 
 def offload_on(cfg: Config, device: str) -> bool:

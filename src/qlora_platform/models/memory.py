@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..config import Config
 from ..errors import UserError
-from .loader import fast_kernels_on, fp8_min_tokens, keeps_fp32_norms, offload_on
+from .loader import fast_kernels_on, fp8_plan, keeps_fp32_norms, offload_on
 
 GIB = 2 ** 30
 FAST_BLOCK_I = 3   # (tokens x intermediate) tensors alive in the fused MLP's backward
@@ -92,10 +92,10 @@ def estimate_training_memory(mc, cfg: Config) -> dict[str, float]:
         logits = tokens * d["vocab"] * logit_bytes
     dequant = (2 if fast else 3) * max(a * o for a, o in linears.values()) * act_bytes \
         if cfg.quantization.load_in_4bit else 0
-    fp8_from = fp8_min_tokens(cfg, device) if fast else None
+    plan = fp8_plan(cfg, device) if fast else None
     # fp8 base products: the quantized input of the widest projection and one quantized weight.
     fp8 = tokens * d["i"] + max(a * o for a, o in linears.values()) \
-        if fp8_from is not None and tokens >= fp8_from else 0
+        if plan is not None and tokens >= plan.min_tokens else 0
     est = {
         "weights_4bit" if cfg.quantization.load_in_4bit else "weights": linear_params * per_param,
         "embeddings_and_head": embed * (4 if fp32_norms else 2),

@@ -15,7 +15,7 @@ import torch
 
 from ..config import Config
 from ..eval.perplexity import summed_answer_nll
-from ..models.loader import attach_lora, fast_kernels_on, fp8_min_tokens, load_base_model, offload_on
+from ..models.loader import attach_lora, fast_kernels_on, fp8_plan, load_base_model, offload_on
 
 
 def build_training_model(cfg: Config, device: str, log=print):
@@ -25,7 +25,7 @@ def build_training_model(cfg: Config, device: str, log=print):
     fused = None
     if fast_kernels_on(cfg, device):
         from ..kernels import apply_fast_kernels, fused_loss_parts
-        log(apply_fast_kernels(model, fp8_min_tokens(cfg, device)).summary())
+        log(apply_fast_kernels(model, fp8_plan(cfg, device)).summary())
         fused = fused_loss_parts(model)
         if fused is None:
             log("fast kernels: this model's output head needs full logits; the loss materialises them")
