@@ -15,6 +15,7 @@ clients that go away, and batches of prompts of different lengths (left padding)
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -85,9 +86,22 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_context: int | None = None):
+    def __init__(self, model, tokenizer, max_context: int | None = None, static_cache: bool | None = None,
+                 cuda_graphs: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
+        # On CUDA: a preallocated KV cache and the decode step replayed as a CUDA graph
+        # (static_decode.py). The CPU keeps the dynamic cache (no replay to gain, and a static
+        # cache would attend over its whole length every step).
+        on_gpu = self.device.type == "cuda"
+        self.static_cache = on_gpu if static_cache is None else static_cache
+        self.cuda_graphs = on_gpu if cuda_graphs is None else cuda_graphs
+        self._decoders: dict[tuple, object] = {}
+        self._decoder_lock = threading.Lock()
+        self._busy: set[tuple] = set()
+        self.static_fallback_reason: str | None = None
+        self._lora_layer = next((m for m in model.modules() if hasattr(m, "disable_adapters")
+                                 and hasattr(m, "merged")), None)
         config = getattr(model, "config", None)
         self.max_context = max_context or getattr(config, "max_position_embeddings", None) or 2048
         eos = tokenizer.eos_token_id
@@ -154,6 +168,52 @@ class Engine:
         if piece:
             yield piece
 
+    # -- decoding -------------------------------------------------------------------------
+    def _adapter_state(self) -> tuple | None:
+        layer = self._lora_layer
+        if layer is None:
+            return None
+        return (bool(layer.disable_adapters), bool(layer.merged), tuple(layer.active_adapters))
+
+    def _claim_static_decoder(self, batch: int, needed: int):
+        """The StaticDecoder for this batch, length and adapter state, or None (dynamic cache)
+        when static decoding is off or another generation is using it. Lengths round up to 256
+        so one captured graph serves many requests; two decoders are kept at most."""
+        if not self.static_cache:
+            return None
+        from .static_decode import StaticDecoder
+
+        max_len = min(-(-needed // 256) * 256, max(self.max_context, needed))
+        key = (batch, max_len, self._adapter_state())
+        with self._decoder_lock:
+            if key in self._busy:
+                return None
+            decoder = self._decoders.pop(key, None)
+            if decoder is None and len(self._decoders) >= 2:
+                self._decoders.pop(next(iter(self._decoders)))
+            self._busy.add(key)
+        if decoder is None:
+            try:
+                decoder = StaticDecoder(self.model, batch, max_len, self.cuda_graphs)
+            except Exception as err:  # noqa: BLE001 - a model without static-cache support
+                self._static_failed(key, err)
+                return None
+        decoder.key = key
+        return decoder
+
+    def _static_failed(self, key: tuple, err: Exception) -> None:
+        """This model cannot decode on a static cache: the dynamic cache from now on, and why."""
+        self.static_cache = False
+        self.static_fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        with self._decoder_lock:
+            self._busy.discard(key)
+            self._decoders.clear()
+
+    def _release(self, decoder) -> None:
+        with self._decoder_lock:
+            self._busy.discard(decoder.key)
+            self._decoders[decoder.key] = decoder
+
     @torch.no_grad()
     def _steps(self, prompts: list[list[int]], params: SamplingParams, cancelled,
                results: list[Generation]) -> Iterator[list[_Row]]:
@@ -183,12 +243,23 @@ class Engine:
         step_input = ids
         start = time.perf_counter()
         first_token_at = None
+        decoder = self._claim_static_decoder(batch, longest + params.max_new_tokens)
         try:
             for step in range(params.max_new_tokens):
-                out = self.model(input_ids=step_input, attention_mask=mask, position_ids=position,
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
-                next_ids = choose_next(out.logits[:, -1], params, history, generator)
+                if decoder is not None and step == 0:
+                    try:
+                        logits = decoder.prefill(ids, mask)
+                    except Exception as err:  # noqa: BLE001 - nothing emitted yet: go dynamic
+                        self._static_failed(decoder.key, err)
+                        decoder = None
+                if decoder is not None:
+                    if step > 0:
+                        logits = decoder.step(step_input)
+                else:
+                    out = self.model(input_ids=step_input, attention_mask=mask, position_ids=position,
+                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache, logits = out.past_key_values, out.logits[:, -1]
+                next_ids = choose_next(logits, params, history, generator)
                 tokens = next_ids.tolist()  # also the device sync that makes the timings true
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
@@ -210,6 +281,8 @@ class Engine:
                 position = position[:, -1:] + 1
                 step_input = step_tokens
         finally:
+            if decoder is not None:
+                self._release(decoder)
             if was_training:
                 self.model.train()
         end = time.perf_counter()

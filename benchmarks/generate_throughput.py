@@ -1,0 +1,112 @@
+"""Generation speed on a GPU, one variant per process, one JSON line out.
+
+    python benchmarks/generate_throughput.py --shape mistral-7b --weights bf16|nf4 --batch 1 \
+        --variant qlora_platform|reference|unsloth [--new-tokens 128] [--run-id ID] [--commit SHA]
+
+Random weights in the shape's real layout (`train_throughput.checkpoint`, built once in
+/tmp), a 32-token random prompt per row, greedy decoding of --new-tokens tokens (EOS
+ignored). `tokens_per_s` counts decoded tokens after the first, over all rows, per
+second of decoding; `ttft_ms` is the prompt's forward plus the first token.
+
+- reference: transformers `generate` (dynamic cache), bitsandbytes NF4 or bf16 weights;
+- qlora_platform: `infer.engine.Engine` as `qlora chat/serve/eval` run it on a GPU (static KV
+  cache, CUDA-graph decode step); also runs the reference's greedy decode on the same weights
+  and reports `tokens_match_reference` (the generation issue's equality condition);
+- unsloth: `FastLanguageModel.for_inference` + `generate`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+from benchmarks.train_throughput import checkpoint  # noqa: E402
+
+
+def load(variant: str, path: Path, weights: str):
+    if variant == "unsloth":
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+        import unsloth  # noqa: F401  (before transformers)
+        import torch
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(str(path), load_in_4bit=weights == "nf4", dtype=torch.bfloat16)
+        FastLanguageModel.for_inference(model)
+        return model
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.bfloat16, "device_map": {"": 0}}
+    if weights == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def hf_generate(model, prompt, new_tokens: int):
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return out[:, prompt.shape[1]:].tolist(), time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="mistral-7b")
+    p.add_argument("--weights", choices=["bf16", "nf4"], required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--variant", choices=["qlora_platform", "reference", "unsloth"], required=True)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--run-id", default=time.strftime("%Y%m%d-%H%M%S"))
+    p.add_argument("--commit", default=os.environ.get("QLORA_COMMIT", "unknown"))
+    args = p.parse_args()
+    model = load(args.variant, checkpoint(args.shape), args.weights)
+    import torch
+
+    prompt = torch.randint(5, 32000, (args.batch, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    line = {"variant": args.variant, "shape": args.shape, "weights": args.weights, "batch": args.batch,
+            "new_tokens": args.new_tokens}
+    if args.variant == "qlora_platform":
+        from qlora_platform.infer.engine import Engine
+        from qlora_platform.infer.sampling import SamplingParams
+
+        from transformers import AutoTokenizer
+        engine = Engine(model, AutoTokenizer.from_pretrained(checkpoint(args.shape)))
+        params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+        rows = [r.tolist() for r in prompt]
+        engine.generate(rows, params)                     # warm-up: captures the decode graph
+        torch.cuda.reset_peak_memory_stats()
+        results = engine.generate(rows, params)
+        decode_s = max(r.decode_s for r in results)
+        line |= {"tokens_per_s": round(args.batch * (args.new_tokens - 1) / decode_s, 1),
+                 "ttft_ms": round(1000 * max(r.prefill_s for r in results), 1),
+                 "cuda_graphs": bool(engine._decoders) and all(d.graph is not None for d in engine._decoders.values()),
+                 "static_fallback": engine.static_fallback_reason}
+        want, _ = hf_generate(model, prompt, args.new_tokens)
+        line["tokens_match_reference"] = [r.token_ids for r in results] == want
+    else:
+        hf_generate(model, prompt, 8)                     # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        _, first = hf_generate(model, prompt, 1)
+        _, total = hf_generate(model, prompt, args.new_tokens)
+        line |= {"tokens_per_s": round(args.batch * (args.new_tokens - 1) / (total - first), 1),
+                 "ttft_ms": round(1000 * first, 1)}
+    line |= {"peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+             "device": torch.cuda.get_device_name(), "commit": args.commit, "run_id": args.run_id}
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
