@@ -102,3 +102,23 @@ def test_cuda_graph_replay_gives_the_eager_tokens(tiny_model_dir, tokenizer):
             [w.token_ids for w in eager.generate(batch, PARAMS)]
     decoder = next(iter(graphs._decoders.values()))
     assert decoder.graph is not None, decoder.fallback_reason
+
+
+def test_repeating_a_step_rewrites_the_same_cache_column(engines):
+    # What graph warm-up and the replay checks do on the GPU: the same step run twice must not
+    # shift later keys (transformers' StaticLayer would, counting every forward).
+    from qlora_platform.infer.static_decode import StaticDecoder
+
+    static, dynamic = engines
+    ids = static.encode_text("A list is")
+    decoder = StaticDecoder(static.model, 1, 256, graphs=False)
+    logits = decoder.prefill(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    tokens = []
+    for _ in range(8):
+        token = logits.argmax(-1)
+        tokens.append(int(token))
+        logits = decoder.step(token)
+        again = decoder._forward(decoder.token, decoder.position, decoder.cache_position)
+        torch.testing.assert_close(again, logits)
+    want = dynamic.generate([ids], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+    assert tokens == want

@@ -22,22 +22,54 @@ differ from eager steps.
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import StaticLayer
+
+
+class PositionedLayer(StaticLayer):
+    """A static cache layer that writes where the decoder says (`position`, one tensor shared by
+    all layers) instead of after its own running count: transformers' StaticLayer counts every
+    forward, so warm-up or check steps of the same token would shift all later keys."""
+
+    def __init__(self, max_cache_len: int, position: torch.Tensor):
+        super().__init__(max_cache_len)
+        self.position = position
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        columns = self.position + torch.arange(key_states.shape[-2], device=self.device)
+        self.keys.index_copy_(2, columns, key_states)
+        self.values.index_copy_(2, columns, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.position if self.is_initialized else 0
+
+
+def positioned_cache(model, max_len: int, position: torch.Tensor):
+    """A StaticCache for `model` whose layers write at `position`; ValueError for models whose
+    cache is not plain full attention (sliding windows, linear attention)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    if not all(type(layer) is StaticLayer for layer in cache.layers):
+        raise ValueError("this model's cache has sliding or non-attention layers")
+    cache.layers = [PositionedLayer(max_len, position) for _ in cache.layers]
+    return cache
 
 
 class StaticDecoder:
     def __init__(self, model, batch: int, max_len: int, graphs: bool):
-        from transformers import StaticCache
-
         self.model, self.batch, self.max_len = model, batch, max_len
         self.device = next(model.parameters()).device
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.cache = positioned_cache(model, max_len, self.cache_position)
         self.graphs = graphs and self.device.type == "cuda"
         self.graph = None
         self.fallback_reason: str | None = None
         # The step's inputs and output live at fixed addresses (a graph replays on them).
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self.cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.mask = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.logits = None
         self.length = 0
@@ -54,11 +86,11 @@ class StaticDecoder:
         length = ids.shape[1]
         if length >= self.max_len:
             raise ValueError(f"prompt of {length} tokens does not fit a cache of {self.max_len}")
-        self.cache.reset()
-        self.mask.zero_()
+        self.mask.zero_()       # earlier requests' keys stay in the cache, masked out
         self.mask[:, :length] = mask
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         self.position.copy_(position[:, -1:])
+        self.cache_position.zero_()
         self.length = length
         return self._forward(ids, position, torch.arange(length, device=self.device))
 
