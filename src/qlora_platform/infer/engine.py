@@ -53,7 +53,7 @@ class Generation:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
-class _Row:
+class TextRow:
     """Detokenisation and stop-string state of one sequence."""
 
     def __init__(self, tokenizer, stop: list[str]):
@@ -100,6 +100,7 @@ class Engine:
         self._decoder_lock = threading.Lock()
         self._busy: set[tuple] = set()
         self.static_fallback_reason: str | None = None
+        self.batcher = None
         self._lora_layer = next((m for m in model.modules() if hasattr(m, "disable_adapters")
                                  and hasattr(m, "merged")), None)
         config = getattr(model, "config", None)
@@ -140,9 +141,18 @@ class Engine:
             pass
         return results
 
+    def enable_batching(self, slots: int, max_len: int | None = None) -> None:
+        """Concurrent `run` calls share decode steps from now on (batcher.py); the server turns
+        this on for GPUs. Requests longer than max_len still run on their own."""
+        from .batcher import Batcher
+        self.batcher = Batcher(self, slots, max_len or min(self.max_context, 4096))
+
     def run(self, prompt: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None,
             cancelled: Callable[[], bool] | None = None) -> Generation:
         """One prompt; `on_text(piece)` is called as text becomes final. Safe to call from several threads."""
+        if self.batcher is not None and prompt and self.batcher.fits(prompt, params):
+            params.validate(self.max_context, len(prompt))
+            return self.batcher.run(prompt, params, on_text, cancelled)
         results: list[Generation] = []
         for piece in self._pieces(prompt, params, cancelled, results):
             if on_text:
@@ -216,7 +226,7 @@ class Engine:
 
     @torch.no_grad()
     def _steps(self, prompts: list[list[int]], params: SamplingParams, cancelled,
-               results: list[Generation]) -> Iterator[list[_Row]]:
+               results: list[Generation]) -> Iterator[list[TextRow]]:
         from transformers import DynamicCache
 
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -237,7 +247,7 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(params.seed)
-        rows = [_Row(self.tokenizer, params.stop) for _ in prompts]
+        rows = [TextRow(self.tokenizer, params.stop) for _ in prompts]
         cache = DynamicCache()
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         step_input = ids

@@ -129,6 +129,9 @@ class ServerState:
         try:
             self.loaded = self.loader(adapter=self.settings.adapter, model=self.settings.model,
                                       device=self.settings.device)
+            if self.loaded.device == "cuda" and self.settings.max_active > 1:
+                # Concurrent requests share each decode step (continuous batching).
+                self.loaded.engine.enable_batching(self.settings.max_active)
             log.info("model ready: %s", self.name)
         except UserError as err:
             self.load_error = str(err)
