@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -92,13 +93,33 @@ def cmd_train(args, extra) -> int:
         from .train.dry_run import dry_run
         print(dry_run(cfg))
         return 0
+    if args.num_processes < 1:
+        raise UserError("--num-processes must be at least 1")
+    if args.write_accelerate_config:
+        from .models.loader import pick_device
+        from .train.distributed import accelerate_config
+        Path(args.write_accelerate_config).write_text(
+            accelerate_config(cfg, args.num_processes, pick_device(cfg.training.device)))
+        print(f"wrote {args.write_accelerate_config}: accelerate launch --config_file "
+              f"{args.write_accelerate_config} -m qlora_platform.cli train {' '.join(_train_argv(args, extra))}")
+        return 0
+    if args.num_processes > 1:
+        from .train.distributed import launch
+        return launch(_train_argv(args, extra), args.num_processes)
     from .train.trainer import Trainer
 
     trainer = Trainer(cfg, resume=args.resume)
     summary = trainer.train()
+    if not summary:   # a process other than the first of a multi-process run
+        return 0
     print(f"done: {summary['steps']} steps in {summary['train_seconds']} s, "
           f"{summary['tokens_per_s']} tokens/s, eval perplexity {summary['eval_perplexity']}")
     return 0
+
+
+def _train_argv(args, extra) -> list[str]:
+    """The train command line each process of a multi-process run gets."""
+    return ([f"--config={args.config}"] if args.config else []) + (["--resume"] if args.resume else []) + list(extra)
 
 
 def cmd_eval(args, extra) -> int:
@@ -255,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     s.add_argument("--dry-run", action="store_true", help="validate and print the memory estimate only")
     s.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    s.add_argument("--num-processes", type=int, default=1,
+                   help="train in N processes on this machine (training.strategy: ddp, fsdp, deepspeed-zero3)")
+    s.add_argument("--write-accelerate-config", metavar="FILE",
+                   help="write an accelerate config for --num-processes and training.strategy, then stop")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="base vs tuned: holdout perplexity, keyword benchmark, speed -> report")

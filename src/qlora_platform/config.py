@@ -72,6 +72,9 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = True
     # The fused LoRA / SwiGLU / RMSNorm kernels and the logits-free loss (qlora_platform.kernels).
     # None: on for CUDA, off on the CPU (where PEFT's own path is what the demo measured).
+    # With several processes (qlora train --num-processes N): accelerate's engine. batch_size is
+    # per process; the global batch is batch_size x processes x grad_accum.
+    strategy: Literal["ddp", "fsdp", "deepspeed-zero3"] = "ddp"
     fast_kernels: Optional[bool] = None
     # With fast_kernels: the frozen base weights' products in fp8 (e4m3, per-row scales) on GPUs
     # with fp8 tensor cores (RTX 40, H100), for batches of at least fp8_min_tokens tokens (below

@@ -140,10 +140,15 @@ def load_base_model(cfg: Config, device: str, for_training: bool, quantize: bool
                   attn_implementation=cfg.model.attn_implementation, use_safetensors=True,
                   dtype=dtype if quantize else (dtype if device == "cuda" else torch.float32))
     if quantize:
+        # Sharded (FSDP) training stores the 4-bit weights in the compute dtype so that FSDP can
+        # flatten and shard them with everything else (the FSDP-QLoRA recipe).
+        sharded = for_training and cfg.training.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization.quant_type,
-            bnb_4bit_use_double_quant=cfg.quantization.double_quant, bnb_4bit_compute_dtype=dtype)
-    kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+            bnb_4bit_use_double_quant=cfg.quantization.double_quant, bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": dtype} if sharded else {}))
+    # This process's GPU (torchrun/accelerate set it; 0 when alone).
+    kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except ImportError as err:

@@ -18,11 +18,16 @@ from ..eval.perplexity import summed_answer_nll
 from ..models.loader import attach_lora, fast_kernels_on, fp8_plan, load_base_model, offload_on
 
 
-def build_training_model(cfg: Config, device: str, log=print):
+def build_training_model(cfg: Config, device: str, log=print, distributed: bool = False):
     """The base model with trainable LoRA adapters, sped up as configured; returns
-    (model, fused) where fused is (decoder, head) for the logits-free loss, or None."""
+    (model, fused) where fused is (decoder, head) for the logits-free loss, or None.
+    With several processes the model stays PEFT's own (the engine wraps it)."""
     model = attach_lora(load_base_model(cfg, device, for_training=True), cfg)
     fused = None
+    if distributed:
+        if fast_kernels_on(cfg, device) or offload_on(cfg, device):
+            log("several processes: the single-GPU fast path (fast kernels, offloaded checkpoints) is off")
+        return model, None
     if fast_kernels_on(cfg, device):
         from ..kernels import apply_fast_kernels, fused_loss_parts
         log(apply_fast_kernels(model, fp8_plan(cfg, device)).summary())

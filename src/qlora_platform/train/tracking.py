@@ -52,3 +52,13 @@ class Tracker:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+class NullTracker:
+    """What processes other than the first of a multi-process run log to: nothing."""
+
+    def log(self, record: dict, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -31,9 +31,10 @@ from ..models.memory import peak_memory_gib
 from .batching import collate, plan_epoch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .flat_params import FlatParams
+from .distributed import world_size
 from .model import build_training_model, summed_nll
 from .model_card import write_model_card
-from .tracking import Tracker
+from .tracking import NullTracker, Tracker
 
 # Changing any of these between a checkpoint and --resume changes the data order or shapes.
 RESUME_KEYS = [("training", "batch_size"), ("training", "grad_accum"), ("training", "seed"),
@@ -66,6 +67,10 @@ def build_optimizer(params, cfg: Config, device: str):
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, log=print):
         self.cfg, self.log = cfg, log
@@ -89,16 +94,28 @@ class Trainer:
         if not self.train_examples:
             raise UserError(f"no usable training example in '{cfg.data.train_file}' "
                             f"(all answers were truncated away? raise data.max_seq_len)")
+        # Several processes (torchrun / accelerate launch): accelerate's DDP, FSDP or ZeRO-3.
+        self.dist = None
+        if world_size() > 1:
+            from .distributed import Distributed
+            self.dist = Distributed(cfg, self.device)
+            if not self.dist.is_main:
+                self.log = log = _quiet
         if self.device == "cuda":
             self._preflight()
 
         torch.manual_seed(tc.seed)
-        self.model, self.fused_loss = build_training_model(cfg, self.device, log)
+        self.model, self.fused_loss = build_training_model(cfg, self.device, log, distributed=bool(self.dist))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # With the fast kernels the adapter lives in one flat buffer: one optimizer launch a step.
-        self.flat = FlatParams(self.trainable) if fast_kernels_on(cfg, self.device) else None
+        self.flat = FlatParams(self.trainable) if fast_kernels_on(cfg, self.device) and not self.dist else None
         self.optimized = [self.flat.param] if self.flat else self.trainable
-        self.optimizer = build_optimizer(self.optimized, cfg, self.device)
+        self.optimizer = None if self.dist else build_optimizer(self.optimized, cfg, self.device)
+        if self.dist and resume:
+            self._resume_adapter()     # before wrapping: FSDP shards what it is given
+        if self.dist:
+            self.model, self.optimizer = self.dist.wrap(self.model, lambda ps: build_optimizer(ps, cfg, self.device))
+            self.optimized = [p for p in self.model.parameters() if p.requires_grad]
         self.lengths = [len(ex["input_ids"]) for ex in self.train_examples]
         # Labelled tokens after the one-token shift; packing masks each example's first label too.
         self.label_counts = [sum(lab != IGNORE for lab in ex["labels"][1:]) for ex in self.train_examples]
@@ -125,8 +142,10 @@ class Trainer:
         check_fits(estimate_training_memory(mc, self.cfg), free, torch.cuda.get_device_name(), self.cfg)
 
     def _plan(self, epoch: int):
+        """Global batches: batch_size rows for each process, the same plan on every process."""
         tc = self.cfg.training
-        return plan_epoch(self.lengths, epoch, tc.seed, tc.batch_size, self.cfg.data.max_seq_len,
+        world = self.dist.world if self.dist else 1
+        return plan_epoch(self.lengths, epoch, tc.seed, tc.batch_size * world, self.cfg.data.max_seq_len,
                           self.cfg.data.packing)
 
     def _micro_batches(self, skip: int):
@@ -140,19 +159,42 @@ class Trainer:
                 seen += 1
             epoch += 1
 
-    def _resume(self):
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint --resume continues from, after checking it fits this run."""
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             self.log(f"--resume: no complete checkpoint in {self.out}; starting from step 0")
-            return
-        saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config", {})
-        now = self.cfg.model_dump()
+            return None
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        saved, now = state.get("config", {}), self.cfg.model_dump()
         for section, key in RESUME_KEYS:
             if saved.get(section, {}).get(key) != now[section][key]:
                 raise UserError(f"--resume: {section}.{key} was {saved.get(section, {}).get(key)!r} in "
                                 f"{ckpt} but is {now[section][key]!r} now; restore it or start a new "
                                 f"output.dir")
-        state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        world = self.dist.world if self.dist else 1
+        if state.get("world_size", 1) != world:
+            raise UserError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es), this run "
+                            f"has {world}; resume with --num-processes {state.get('world_size', 1)}")
+        return ckpt
+
+    def _resume_adapter(self):
+        from .distributed import load_adapter_weights
+        self._resume_from = self._resume_checkpoint()
+        if self._resume_from is not None:
+            load_adapter_weights(self.model, self._resume_from)
+
+    def _resume(self):
+        if self.dist:
+            if self._resume_from is None:
+                return
+            from .distributed import load_distributed_state
+            ckpt, state = self._resume_from, load_distributed_state(self, self._resume_from)
+        else:
+            ckpt = self._resume_checkpoint()
+            if ckpt is None:
+                return
+            state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
         self.step = state["global_step"]
         self.history = state.get("history", [])
         self.train_seconds = state.get("train_seconds", 0.0)
@@ -168,6 +210,13 @@ class Trainer:
 
     # -- training ---------------------------------------------------------------------
     def _forward_loss(self, rows, n_label_window: int) -> tuple[torch.Tensor, int]:
+        scale = 1.0
+        if self.dist:
+            # This process's rows; the engine averages gradients over processes, so the summed
+            # loss is scaled by their number. A process left without rows (a short last batch)
+            # still runs one row, weighted 0, so the collectives line up.
+            mine = self.dist.my_rows(rows)
+            rows, scale = (mine, float(self.dist.world)) if mine else (rows[:1], 0.0)
         examples = [[self.train_examples[i] for i in row] for row in rows]
         batch = collate(examples, self.tokenizer.pad_token_id, self.cfg.data.packing)
         dev = self.device
@@ -177,7 +226,7 @@ class Trainer:
         # Summed over the window's labelled tokens, then divided once: every token weighs
         # the same however the tokens fall into micro-batches.
         loss = summed_nll(self.model, self.fused_loss, batch["labels"].to(dev), **kwargs) / max(n_label_window, 1)
-        return loss, batch["num_tokens"]
+        return loss * scale if scale != 1.0 else loss, batch["num_tokens"] if scale else 0
 
     def _zero_grad(self) -> None:
         if self.flat:
@@ -189,7 +238,14 @@ class Trainer:
         return {"history": self.history, "config": self.cfg.model_dump(), "train_seconds": self.train_seconds,
                 "train_tokens": self.train_tokens, "total_steps": self.total_steps}
 
+    def _writes(self) -> bool:
+        """Whether this process writes files (all but the first of several only compute)."""
+        return self.dist is None or self.dist.is_main
+
     def save_checkpoint(self) -> Path:
+        if self.dist:
+            from .distributed import save_distributed_checkpoint
+            return save_distributed_checkpoint(self)
         return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler,
                                self._state(), keep=self.cfg.training.save_total_limit)
 
@@ -198,13 +254,15 @@ class Trainer:
 
         tc = self.cfg.training
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(dump_config(self.cfg))
-        tracker = Tracker(self.out, tc.report_to, self.cfg)
+        if self._writes():
+            (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        tracker = Tracker(self.out, tc.report_to, self.cfg) if self._writes() else NullTracker()
         self.model.train()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         batches = self._micro_batches(skip=self.step * tc.grad_accum)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not self._writes())
         window_loss, window_tokens, window_start = 0.0, 0, time.time()
         steps_in_window = 0
         try:
@@ -215,12 +273,20 @@ class Trainer:
                 step_loss, step_tokens = 0.0, 0
                 for epoch, rows in micro:
                     loss, ntok = self._forward_loss(rows, n_label)
-                    loss.backward()
+                    if self.dist:
+                        self.dist.accelerator.backward(loss)
+                    else:
+                        loss.backward()
                     step_loss += loss.item()
                     step_tokens += ntok
                 if self.flat:
                     self.flat.check()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized, tc.max_grad_norm or float("inf"))
+                if self.dist:   # the loss over all processes, and all their tokens
+                    step_loss = self.dist.mean(step_loss)
+                    step_tokens = round(self.dist.mean(step_tokens) * self.dist.world)
+                    grad_norm = self.dist.clip_grad_norm(self.model, self.optimized, tc.max_grad_norm or 1e9)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized, tc.max_grad_norm or float("inf"))
                 self.optimizer.step()
                 self.scheduler.step()
                 self._zero_grad()
@@ -269,7 +335,13 @@ class Trainer:
 
     def _finish(self, final_eval: dict | None) -> dict:
         final = self.out / "final_adapter"
-        self.model.save_pretrained(final, safe_serialization=True)
+        if self.dist:
+            from .distributed import save_adapter
+            save_adapter(self, final)
+        else:
+            self.model.save_pretrained(final, safe_serialization=True)
+        if not self._writes():
+            return {}
         self.tokenizer.save_pretrained(final)
         summary = {
             "steps": self.step, "train_seconds": round(self.train_seconds, 1),
