@@ -95,3 +95,20 @@ def test_batched_cuda_graph_steps_equal_single_runs(tiny_model_dir, tokenizer):
     assert [g.token_ids for g in got] == [alone.run(p, params).token_ids for p in prompts]
     decoder = batched.batcher.decoder
     assert decoder.graph is not None, decoder.fallback_reason
+
+
+def test_a_model_the_batcher_cannot_take_is_decoded_alone(model, tokenizer, monkeypatch):
+    from qlora_platform.infer import static_decode
+
+    def refuse(*args, **kwargs):
+        raise ValueError("this model's cache has sliding or non-attention layers")
+
+    monkeypatch.setattr(static_decode, "positioned_cache", refuse)
+    engine = Engine(model, tokenizer, static_cache=False)
+    engine.enable_batching(slots=2, max_len=256)
+    prompt = engine.encode_text("The list")
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    want = Engine(model, tokenizer, static_cache=False).run(prompt, params).token_ids
+    assert engine.run(prompt, params).token_ids == want
+    assert "sliding" in engine.batcher.broken
+    assert engine.run(prompt, params).token_ids == want       # and later ones too

@@ -27,6 +27,10 @@ from .engine import Generation, TextRow
 from .sampling import SamplingParams, choose_next
 
 
+class Unbatched(Exception):
+    """This request is better run on its own (the engine does so): the batcher cannot take it."""
+
+
 @dataclass
 class _Request:
     prompt: list[int]
@@ -52,11 +56,15 @@ class Batcher:
         self.next_tokens = None
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self.broken: str | None = None      # why batching is off for good (the engine decodes alone)
 
     def fits(self, prompt: list[int], params: SamplingParams) -> bool:
         return len(prompt) + params.max_new_tokens < self.max_len
 
     def run(self, prompt: list[int], params: SamplingParams, on_text=None, cancelled=None) -> Generation:
+        """Blocks until the request ends; raises Unbatched when it must run on its own."""
+        if self.broken:
+            raise Unbatched(self.broken)
         eng = self.engine
         generator = None
         if params.seed is not None:
@@ -79,7 +87,12 @@ class Batcher:
 
         eng = self.engine
         # Built here: a CUDA graph is captured and replayed by the thread that owns the decoder.
-        self.decoder = StaticDecoder(eng.model, self.slots, self.max_len, eng.cuda_graphs)
+        try:
+            self.decoder = StaticDecoder(eng.model, self.slots, self.max_len, eng.cuda_graphs)
+        except Exception as err:  # noqa: BLE001 - e.g. a model whose cache is not plain attention
+            self.broken = f"{type(err).__name__}: {err}"
+            while True:   # hand everything back to the engine, now and later
+                self._fail(self.waiting.get(), Unbatched(self.broken))
         self.next_tokens = torch.full((self.slots,), eng.pad_id, dtype=torch.long, device=eng.device)
         eng.model.eval()
         while True:
@@ -100,8 +113,9 @@ class Batcher:
             row = free.pop(0)
             try:
                 self._admit(row, req)
-            except Exception as err:  # noqa: BLE001 - this request only
-                self._fail(req, err)
+            except Exception as err:  # noqa: BLE001 - nothing emitted yet: the engine runs it alone
+                self.active.pop(row, None)
+                self._fail(req, Unbatched(f"{type(err).__name__}: {err}"))
         if not self.active:
             return
         with torch.no_grad():

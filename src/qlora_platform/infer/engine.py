@@ -151,8 +151,12 @@ class Engine:
             cancelled: Callable[[], bool] | None = None) -> Generation:
         """One prompt; `on_text(piece)` is called as text becomes final. Safe to call from several threads."""
         if self.batcher is not None and prompt and self.batcher.fits(prompt, params):
+            from .batcher import Unbatched
             params.validate(self.max_context, len(prompt))
-            return self.batcher.run(prompt, params, on_text, cancelled)
+            try:
+                return self.batcher.run(prompt, params, on_text, cancelled)
+            except Unbatched:
+                pass   # decoded alone below (why: self.batcher.broken, if for good)
         results: list[Generation] = []
         for piece in self._pieces(prompt, params, cancelled, results):
             if on_text:
