@@ -30,7 +30,9 @@ class ModelConfig(_Section):
     name: str = "bundled:smollm2-135m-instruct"  # hub id, local folder, .gguf file or bundled:NAME
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # flex_attention (GPU) or flash_attention_2 (needs flash-attn) turn packed rows into
+    # variable-length attention; sdpa and eager get a dense block-diagonal mask.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
 
 
 class QuantizationConfig(_Section):

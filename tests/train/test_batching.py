@@ -27,12 +27,10 @@ def test_padded_collate():
     assert batch["num_tokens"] == 8
 
 
-def test_packed_collate_is_block_diagonal_and_masks_the_seam():
+def test_packed_collate_restarts_positions_and_masks_the_seam():
     batch = collate([[_ex(3), _ex(2, start=10)]], pad_id=0, packing=True)
-    mask = batch["attention_mask"][0, 0]
+    assert "attention_mask" not in batch          # transformers builds it from the positions
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
-    assert mask[4].tolist() == [False, False, False, True, True]  # 2nd example sees only itself
-    assert mask[2].tolist() == [True, True, True, False, False]
     assert batch["labels"][0, 3].item() == IGNORE  # no prediction across the seam
 
 
@@ -40,12 +38,13 @@ def test_packed_logits_equal_separate_logits(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    a, b = _ex(6, start=100), _ex(4, start=300)
+    a, b, c = _ex(6, start=100), _ex(4, start=300), _ex(5, start=500)
     with torch.no_grad():
-        packed = collate([[a, b]], 0, packing=True)
-        out = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                    position_ids=packed["position_ids"]).logits
-        la = model(input_ids=torch.tensor([a["input_ids"]])).logits
-        lb = model(input_ids=torch.tensor([b["input_ids"]])).logits
-    assert torch.allclose(out[0, :6], la[0], atol=1e-4)
-    assert torch.allclose(out[0, 6:], lb[0], atol=1e-4)
+        packed = collate([[a, b], [c]], 0, packing=True)       # the second row is padded
+        # As the trainer calls it: no mask and no cache, so the positions mark the boundaries.
+        out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        alone = [model(input_ids=torch.tensor([ex["input_ids"]])).logits[0] for ex in (a, b, c)]
+    assert torch.allclose(out[0, :6], alone[0], atol=1e-4)
+    assert torch.allclose(out[0, 6:], alone[1], atol=1e-4)
+    assert torch.allclose(out[1, :5], alone[2], atol=1e-4)
+    assert torch.isfinite(out).all()                            # padding positions too

@@ -5,9 +5,12 @@ a resumed run recomputes exactly the batches it would have seen. Two layouts:
 
 - padded: `batch_size` examples per batch, right-padded to the longest one;
 - packed: examples are laid end to end in rows of `max_seq_len` tokens
-  (`batch_size` rows per batch) with a block-diagonal causal mask and positions
-  restarting at each example, so no token attends across examples and almost no
-  compute is spent on padding.
+  (`batch_size` rows per batch) with positions restarting at each example and no
+  attention mask: transformers reads the example boundaries from the positions and
+  builds the block-diagonal causal mask itself, in the form the attention kernel
+  takes (a dense mask for sdpa/eager, a block mask for flex_attention, variable-length
+  sequences for flash_attention_2), so no token attends across examples and almost
+  no compute is spent on padding.
 
     plan = plan_epoch(examples, epoch, seed, batch_size, max_seq_len, packing)
     batch = collate([examples[i] for i in plan[k]], pad_id, packing, max_seq_len)
@@ -72,14 +75,7 @@ def collate(rows: list[list[dict]], pad_id: int, packing: bool) -> dict[str, tor
         seg_t[r, :k] = torch.tensor(segments[r])
         pos_t[r, :k] = torch.tensor(positions[r])
     batch = {"input_ids": input_ids, "labels": label_t, "position_ids": pos_t}
-    if packing:
-        same = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, :, None] > 0)
-        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-        mask = same & causal
-        # Padding rows attend to themselves so softmax never sees an all-masked row.
-        mask |= torch.eye(width, dtype=torch.bool)[None]
-        batch["attention_mask"] = mask[:, None]
-    else:
+    if not packing:
         batch["attention_mask"] = (seg_t > 0).long()
     batch["num_tokens"] = int((seg_t > 0).sum())
     batch["num_label_tokens"] = int((label_t[:, 1:] != IGNORE).sum())

@@ -220,9 +220,13 @@ class Trainer:
         examples = [[self.train_examples[i] for i in row] for row in rows]
         batch = collate(examples, self.tokenizer.pad_token_id, self.cfg.data.packing)
         dev = self.device
-        kwargs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
-        if self.cfg.data.packing:
+        kwargs = {"input_ids": batch["input_ids"].to(dev)}
+        if self.cfg.data.packing:   # boundaries from the positions (batching.py); transformers
+            # reads them only when there is no attention mask and no cache
             kwargs["position_ids"] = batch["position_ids"].to(dev)
+            kwargs["use_cache"] = False
+        else:
+            kwargs["attention_mask"] = batch["attention_mask"].to(dev)
         # Summed over the window's labelled tokens, then divided once: every token weighs
         # the same however the tokens fall into micro-batches.
         loss = summed_nll(self.model, self.fused_loss, batch["labels"].to(dev), **kwargs) / max(n_label_window, 1)
