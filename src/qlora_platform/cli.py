@@ -91,7 +91,7 @@ def cmd_train(args, extra) -> int:
     cfg = _load_cfg(args, extra)
     if args.dry_run:
         from .train.dry_run import dry_run
-        print(dry_run(cfg))
+        print(dry_run(cfg, max(1, args.num_processes)))
         return 0
     if args.num_processes < 1:
         raise UserError("--num-processes must be at least 1")

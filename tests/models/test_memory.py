@@ -56,3 +56,13 @@ def test_check_fits_refuses_with_advice():
                                         r"--gradient_checkpointing true or --batch_size 4"):
         check_fits(est, int(7.6 * GIB), "RTX 4060", cfg)
     check_fits(estimate_training_memory(MISTRAL, _cfg()), int(70 * GIB), "H100", _cfg())
+
+
+def test_sharded_strategies_split_weights_adapter_and_optimizer():
+    one = estimate_training_memory(MISTRAL, _cfg())
+    ddp = estimate_training_memory(MISTRAL, _cfg(strategy="ddp"), processes=2)
+    fsdp = estimate_training_memory(MISTRAL, _cfg(strategy="fsdp"), processes=2)
+    assert ddp["weights_4bit"] == one["weights_4bit"]                # DDP: a full copy each
+    assert fsdp["weights_4bit"] < 0.6 * one["weights_4bit"]          # half, plus one gathered block
+    assert fsdp["optimizer_state"] == one["optimizer_state"] / 2
+    assert ddp["activations_kept"] > one["activations_kept"]         # no offloading with several processes

@@ -38,8 +38,10 @@ def _linears(d: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def estimate_training_memory(mc, cfg: Config) -> dict[str, float]:
-    """Bytes per component of the peak; the sum is under 'total'."""
+def estimate_training_memory(mc, cfg: Config, processes: int = 1) -> dict[str, float]:
+    """Bytes per component of one device's peak; the sum is under 'total'. With several
+    processes the single-GPU fast path is off, and FSDP / ZeRO-3 split the weights, adapter and
+    optimizer state between them (one decoder block's weights gathered at a time)."""
     d = _dims(mc)
     b, s, layers = cfg.training.batch_size, cfg.data.max_seq_len, d["layers"]
     act_bytes = 4 if cfg.quantization.compute_dtype == "float32" else 2
@@ -60,7 +62,10 @@ def estimate_training_memory(mc, cfg: Config) -> dict[str, float]:
     tokens = b * s
     device = "cpu" if cfg.training.device == "cpu" else "cuda"
     fp32_norms = keeps_fp32_norms(cfg, device)
-    fast = fast_kernels_on(cfg, device) and not fp32_norms
+    single = processes == 1
+    fast = single and fast_kernels_on(cfg, device) and not fp32_norms
+    offload = single and offload_on(cfg, device)
+    shards = processes if not single and cfg.training.strategy in ("fsdp", "deepspeed-zero3") else 1
     heads = mc.num_attention_heads
     if fp32_norms:
         # fp32 norms make the activations fp32, and SDPA then materialises attention scores:
@@ -76,7 +81,7 @@ def estimate_training_memory(mc, cfg: Config) -> dict[str, float]:
     if cfg.training.gradient_checkpointing:
         # Each block's input is kept (offloaded: only the one or two being copied back); one
         # block's internals are rebuilt at a time.
-        kept = (2 if offload_on(cfg, device) else layers) * tokens * d["h"] * act_bytes
+        kept = (2 if offload else layers) * tokens * d["h"] * act_bytes
         block = tokens * (block_h * d["h"] + block_i * d["i"]) * act_bytes
     else:
         kept = layers * tokens * (12 * d["h"] + 4 * d["i"]) * act_bytes
@@ -96,11 +101,13 @@ def estimate_training_memory(mc, cfg: Config) -> dict[str, float]:
     # fp8 base products: the quantized input of the widest projection and one quantized weight.
     fp8 = tokens * d["i"] + max(a * o for a, o in linears.values()) \
         if plan is not None and tokens >= plan.min_tokens else 0
+    # Sharded: this device's part, plus the block being computed, gathered whole.
+    gathered = linear_params / layers * per_param if shards > 1 else 0
     est = {
-        "weights_4bit" if cfg.quantization.load_in_4bit else "weights": linear_params * per_param,
-        "embeddings_and_head": embed * (4 if fp32_norms else 2),
-        "lora_weights_grads": lora_params * 8,
-        "optimizer_state": lora_params * opt_bytes,
+        "weights_4bit" if cfg.quantization.load_in_4bit else "weights": linear_params * per_param / shards + gathered,
+        "embeddings_and_head": embed * (4 if fp32_norms else 2) / shards,
+        "lora_weights_grads": lora_params * 8 / shards,
+        "optimizer_state": lora_params * opt_bytes / shards,
         "activations_kept": kept,
         "activations_block": block,
         "attention_scores": attention,

@@ -11,7 +11,7 @@ from ..models.loader import hub_error, resolve_model_source
 from ..models.memory import GIB, estimate_training_memory, format_estimate
 
 
-def dry_run(cfg: Config) -> str:
+def dry_run(cfg: Config, processes: int = 1) -> str:
     import torch
     from transformers import AutoConfig
 
@@ -24,8 +24,10 @@ def dry_run(cfg: Config) -> str:
     if not hasattr(mc, "intermediate_size"):
         raise UserError(f"'{cfg.model.name}' ({mc.model_type}) is not a decoder the estimate knows "
                         f"(no intermediate_size)")
-    est = estimate_training_memory(mc, cfg)
+    est = estimate_training_memory(mc, cfg, processes)
     lines = ["config OK:", dump_config(cfg), format_estimate(est)]
+    if processes > 1:
+        lines.append(f"(per device, {processes} processes, training.strategy {cfg.training.strategy})")
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
         verdict = "fits" if est["total"] <= 0.95 * free else "does NOT fit"

@@ -139,7 +139,8 @@ class Trainer:
         mc = AutoConfig.from_pretrained(resolve_model_source(self.cfg.model.name),
                                         trust_remote_code=self.cfg.model.trust_remote_code)
         free, _ = torch.cuda.mem_get_info()
-        check_fits(estimate_training_memory(mc, self.cfg), free, torch.cuda.get_device_name(), self.cfg)
+        est = estimate_training_memory(mc, self.cfg, self.dist.world if self.dist else 1)
+        check_fits(est, free, torch.cuda.get_device_name(), self.cfg)
 
     def _plan(self, epoch: int):
         """Global batches: batch_size rows for each process, the same plan on every process."""
