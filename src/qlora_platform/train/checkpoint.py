@@ -63,18 +63,23 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng_state.pt")
-    # trainer_state.json is written last: its presence marks the checkpoint complete.
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "global_step": step}, indent=2))
+    publish(tmp, final, {**state, "global_step": step}, out_dir, keep)
+    return final
+
+
+def publish(tmp: Path, final: Path, state: dict, out_dir: Path, keep: int) -> None:
+    """Write trainer_state.json last (its presence marks the checkpoint complete), move the folder
+    into place, keep the newest `keep` checkpoints."""
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for _, old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG; return the saved trainer state."""
+def load_adapter_weights(path: Path, model) -> None:
+    """The checkpoint's LoRA weights into `model`, refusing a checkpoint of another model/LoRA."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -85,6 +90,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"checkpoint '{path}' does not match this model/LoRA config "
                         f"(unexpected keys such as {result.unexpected_keys[0]})")
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNG; return the saved trainer state."""
+    load_adapter_weights(path, model)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     try:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))

@@ -179,12 +179,11 @@ def save_distributed_checkpoint(trainer) -> Path:
     """checkpoint-N as in checkpoint.py (adapter, scheduler, trainer_state.json last, atomic
     rename), with one optimizer and RNG file per process: FSDP's optimizer state is sharded,
     so each process keeps its own; resuming needs the same number of processes."""
-    import json
     import shutil
 
     import torch
 
-    from .checkpoint import STATE_FILE, _rng_state, list_checkpoints
+    from .checkpoint import _rng_state, publish
 
     dist, out, step = trainer.dist, trainer.out, trainer.step
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
@@ -199,24 +198,9 @@ def save_distributed_checkpoint(trainer) -> Path:
     if dist.is_main:
         torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
         state = {**trainer._state(), "global_step": step, "world_size": dist.world, "strategy": dist.strategy}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for _, old in list_checkpoints(out)[:-trainer.cfg.training.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, final, state, out, trainer.cfg.training.save_total_limit)
     dist.barrier()
     return final
-
-
-def load_adapter_weights(model, ckpt: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = ckpt / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"checkpoint '{ckpt}' has no adapter_model.safetensors; delete it and resume again")
-    set_peft_model_state_dict(model, load_file(str(weights)))
 
 
 def load_distributed_state(trainer, ckpt: Path) -> dict:

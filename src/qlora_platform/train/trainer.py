@@ -29,7 +29,7 @@ from ..eval.perplexity import holdout_perplexity
 from ..models.loader import device_label, fast_kernels_on, load_tokenizer, pick_device
 from ..models.memory import peak_memory_gib
 from .batching import collate, plan_epoch
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_adapter_weights, load_checkpoint, save_checkpoint
 from .flat_params import FlatParams
 from .distributed import world_size
 from .model import build_training_model, summed_nll
@@ -180,10 +180,9 @@ class Trainer:
         return ckpt
 
     def _resume_adapter(self):
-        from .distributed import load_adapter_weights
         self._resume_from = self._resume_checkpoint()
         if self._resume_from is not None:
-            load_adapter_weights(self.model, self._resume_from)
+            load_adapter_weights(self._resume_from, self.model)
 
     def _resume(self):
         if self.dist:
