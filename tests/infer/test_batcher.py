@@ -112,3 +112,15 @@ def test_a_model_the_batcher_cannot_take_is_decoded_alone(model, tokenizer, monk
     assert engine.run(prompt, params).token_ids == want
     assert "sliding" in engine.batcher.broken
     assert engine.run(prompt, params).token_ids == want       # and later ones too
+
+
+def test_a_long_request_beside_idle_rows_never_fills_the_cache(model, tokenizer):
+    # Free rows step along with the busy one; parked, they do not use up its cache.
+    engine = Engine(model, tokenizer)
+    engine.enable_batching(slots=4, max_len=64)
+    prompt = engine.encode_text("A")
+    params = SamplingParams(max_new_tokens=60 - len(prompt), ignore_eos=True)
+    alone = Engine(model, tokenizer, static_cache=False).run(prompt, params)
+    for _ in range(2):                                  # twice: rows are reused
+        assert engine.run(prompt, params).token_ids == alone.token_ids
+    assert max(engine.batcher.decoder.lengths) < 64

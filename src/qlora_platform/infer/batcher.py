@@ -121,6 +121,7 @@ class Batcher:
         with torch.no_grad():
             logits = self.decoder.step(self.next_tokens)
         self._advance(logits)
+        self.decoder.park([r for r in range(self.slots) if r not in self.active])
 
     def _admit(self, row: int, req: _Request) -> None:
         req.start = time.perf_counter()

@@ -144,6 +144,19 @@ class StaticDecoder:
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
+    def park(self, rows: list[int]) -> None:
+        """Rows without a request go back to column 0 and see only it, so idling along with
+        the others' steps never fills their cache (the batcher parks its free rows)."""
+        if not rows:
+            return
+        index = torch.tensor(rows, device=self.device)
+        self.writes.columns[index] = 0
+        self.position[index] = 0
+        self.mask[index] = 0
+        self.mask[index, 0] = 1
+        for r in rows:
+            self.lengths[r] = 0
+
     def _eager_step(self):
         return self._forward(self.token, self.mask, self.position)
 
