@@ -156,7 +156,8 @@ class Batcher:
         if text.finish is None and req.cancelled is not None and req.cancelled():
             text.finish = "cancelled"
         if text.finish is None:
-            req.history = torch.cat([req.history, torch.tensor([[token]], device=eng.device)], dim=1)
+            if req.params.repetition_penalty != 1.0:   # the only reader of the history
+                req.history = torch.cat([req.history, torch.tensor([[token]], device=eng.device)], dim=1)
             self.next_tokens[row] = token
             return
         piece = text.new_text()
