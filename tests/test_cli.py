@@ -83,3 +83,8 @@ def test_override_parsing():
 def test_doctor_passes_here(capsys):
     code, out, _ = run(capsys, "doctor")
     assert code == 0 and "4-bit layer" in out and "works" in out
+
+
+def test_num_processes_below_one_is_one_clear_line(capsys):
+    code, _, err = run(capsys, "train", "--num-processes", "0")
+    assert code == 2 and "--num-processes must be at least 1" in one_error_line(err)

@@ -104,7 +104,14 @@ def cmd_train(args, extra) -> int:
               f"{args.write_accelerate_config} -m qlora_platform.cli train {' '.join(_train_argv(args, extra))}")
         return 0
     if args.num_processes > 1:
+        from .models.loader import pick_device
         from .train.distributed import launch
+        if pick_device(cfg.training.device) == "cuda":
+            import torch
+            if args.num_processes > torch.cuda.device_count():
+                raise UserError(f"--num-processes {args.num_processes} needs as many GPUs; this machine has "
+                                f"{torch.cuda.device_count()} (use --num-processes "
+                                f"{torch.cuda.device_count()}, or --training.device cpu)")
         return launch(_train_argv(args, extra), args.num_processes)
     from .train.trainer import Trainer
 
