@@ -62,12 +62,16 @@ def _use_fp8(x2: torch.Tensor, w: torch.Tensor, p: LoRAProj, backward: bool = Fa
     return plan is not None and (plan.input_grad or not backward) and fp8_fits(x2, w, plan.min_tokens)
 
 
-def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8=None):
+def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None):
     """y = x W^T + s (x A^T) B^T (+ bias); returns y, x A^T and the 16-bit A, B for backward.
-    `x_fp8` is x already quantized (projections sharing an input quantize it once)."""
+    Projections sharing an input pass one `x_fp8` dict: x is quantized by the first of them
+    that takes the fp8 path and reused by the others."""
     w = base_weight(p.base)
     if _use_fp8(x2, w, p):
-        y = fp8_matmul(x2, w, x_fp8)
+        x_fp8 = {} if x_fp8 is None else x_fp8
+        if "x" not in x_fp8:
+            x_fp8["x"] = quantize_rows(x2)
+        y = fp8_matmul(x2, w, x_fp8["x"])
     else:
         y = x2 @ w.t()
     del w
@@ -118,21 +122,13 @@ def _as_compute(x2: torch.Tensor, p: LoRAProj) -> torch.Tensor:
     return x2 if x2.dtype == dtype else x2.to(dtype)
 
 
-def _shared_fp8_input(x2: torch.Tensor, projs) -> tuple | None:
-    """x quantized once for all projections that will take the fp8 path."""
-    plan = projs[0].fp8
-    if plan is None or len(projs) < 2 or x2.shape[0] < plan.min_tokens:
-        return None
-    return quantize_rows(x2) if fp8_fits(x2, x2[:16], plan.min_tokens) else None
-
-
 class _LoRAProjections(torch.autograd.Function):
     """n projections of one input; args: x, then (A, B) of each so autograd tracks them."""
 
     @staticmethod
     def forward(ctx, x, projs, *weights):
         x2 = _as_compute(_flat(x), projs[0])
-        x_fp8 = _shared_fp8_input(x2, projs)
+        x_fp8: dict = {}
         outs, saved = [], []
         for p in projs:
             y, xa, a, b = _forward(x2, p, x_fp8)
@@ -173,7 +169,7 @@ class _LoRASwiGLU(torch.autograd.Function):
     def forward(ctx, x, projs, *weights):
         gate, up, down = projs
         x2 = _as_compute(_flat(x), gate)
-        x_fp8 = _shared_fp8_input(x2, projs)
+        x_fp8: dict = {}
         e, xa_gate, a_gate, b_gate = _forward(x2, gate, x_fp8)
         u, xa_up, a_up, b_up = _forward(x2, up, x_fp8)
         h = swiglu_forward(e, u)
