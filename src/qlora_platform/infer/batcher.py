@@ -25,6 +25,7 @@ import torch
 
 from .engine import Generation, TextRow
 from .sampling import SamplingParams, choose_next
+from .static_decode import StaticDecoder, failure_reason
 
 
 class Unbatched(Exception):
@@ -83,14 +84,12 @@ class Batcher:
 
     # -- the model's thread -------------------------------------------------------------------
     def _loop(self) -> None:
-        from .static_decode import StaticDecoder
-
         eng = self.engine
         # Built here: a CUDA graph is captured and replayed by the thread that owns the decoder.
         try:
             self.decoder = StaticDecoder(eng.model, self.slots, self.max_len, eng.cuda_graphs)
         except Exception as err:  # noqa: BLE001 - e.g. a model whose cache is not plain attention
-            self.broken = f"{type(err).__name__}: {err}"
+            self.broken = failure_reason(err)
             while True:   # hand everything back to the engine, now and later
                 self._fail(self.waiting.get(), Unbatched(self.broken))
         self.next_tokens = torch.full((self.slots,), eng.pad_id, dtype=torch.long, device=eng.device)
@@ -115,7 +114,7 @@ class Batcher:
                 self._admit(row, req)
             except Exception as err:  # noqa: BLE001 - nothing emitted yet: the engine runs it alone
                 self.active.pop(row, None)
-                self._fail(req, Unbatched(f"{type(err).__name__}: {err}"))
+                self._fail(req, Unbatched(failure_reason(err)))
         if not self.active:
             return
         with torch.no_grad():

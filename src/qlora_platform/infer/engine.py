@@ -218,7 +218,8 @@ class Engine:
     def _static_failed(self, key: tuple, err: Exception) -> None:
         """This model cannot decode on a static cache: the dynamic cache from now on, and why."""
         self.static_cache = False
-        self.static_fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        from .static_decode import failure_reason
+        self.static_fallback_reason = failure_reason(err)
         with self._decoder_lock:
             self._busy.discard(key)
             self._decoders.clear()

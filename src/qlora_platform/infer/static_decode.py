@@ -29,6 +29,12 @@ import torch
 from transformers.cache_utils import StaticLayer
 
 
+def failure_reason(err: Exception) -> str:
+    """One line on why a faster path was given up (kept on the engine, batcher or decoder)."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 class _Writes:
     """Where the next forward writes keys/values: a prefill (row slice, from column 0) or a
     decode step (one column per row)."""
@@ -104,9 +110,6 @@ class StaticDecoder:
     def _forward(self, ids, mask, position):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=position,
                           past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-
-    def free_columns(self, row: int) -> int:
-        return self.max_len - self.lengths[row]
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, row: int = 0) -> torch.Tensor:
@@ -197,4 +200,4 @@ class StaticDecoder:
             self.graph = graph
         except Exception as err:  # noqa: BLE001 - any capture failure means eager steps
             self.graphs, self.graph = False, None
-            self.fallback_reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            self.fallback_reason = failure_reason(err)
