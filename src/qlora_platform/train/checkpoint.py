@@ -96,14 +96,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG; return the saved trainer state."""
     load_adapter_weights(path, model)
     device = next(p.device for p in model.parameters() if p.requires_grad)
+    return load_training_state(path, optimizer, scheduler, device)
+
+
+def load_training_state(path: Path, optimizer, scheduler, device, suffix: str = "") -> dict:
+    """Optimizer, scheduler and RNG from a checkpoint, and its trainer state. `suffix` picks a
+    process's own optimizer and RNG files in a multi-process checkpoint ("-rank1")."""
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        optimizer.load_state_dict(torch.load(path / f"optimizer{suffix}.pt", map_location=device,
+                                             weights_only=True))
     except ValueError as err:   # e.g. saved per tensor, resumed with one flat buffer (fast kernels)
         raise UserError(f"checkpoint '{path}': the optimizer state does not fit this run's parameters "
                         f"({err}); resume with the settings it was saved with, or start a new "
                         f"output.dir") from None
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng_state.pt", weights_only=False)  # python RNG state is a tuple
+    rng = torch.load(path / f"rng_state{suffix}.pt", weights_only=False)  # python RNG state is a tuple
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

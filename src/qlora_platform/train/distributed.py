@@ -204,22 +204,9 @@ def save_distributed_checkpoint(trainer) -> Path:
 
 
 def load_distributed_state(trainer, ckpt: Path) -> dict:
-    """Optimizer shard and RNG of this process, the scheduler, and the trainer state."""
-    import json
-    import random
+    """This process's optimizer shard and RNG, the scheduler, and the trainer state."""
+    from .checkpoint import load_training_state
 
-    import torch
-
-    from .checkpoint import STATE_FILE
-
-    rank, device = trainer.dist.rank, trainer.dist.device
+    device = trainer.dist.device
     where = device if device.type == "cuda" else "cpu"      # accelerate names the CPU "cpu:0"
-    trainer.optimizer.load_state_dict(torch.load(ckpt / f"optimizer-rank{rank}.pt", weights_only=True,
-                                                 map_location=where))
-    trainer.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    rng = torch.load(ckpt / f"rng_state-rank{rank}.pt", weights_only=False)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((ckpt / STATE_FILE).read_text())
+    return load_training_state(ckpt, trainer.optimizer, trainer.scheduler, where, f"-rank{trainer.dist.rank}")
