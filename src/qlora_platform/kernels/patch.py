@@ -101,7 +101,7 @@ def _fast_lora_forward(layer, fp8, x, *args, **kwargs):
     if args or kwargs or not _still_fast(layer):
         return type(layer).forward(layer, x, *args, **kwargs)
     y = lora_linear(x, _proj(layer, fp8))
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return y.to(x.dtype)   # a no-op when the dtypes agree
 
 
 class _SharedQKV:
@@ -117,9 +117,7 @@ def _fast_qkv_forward(shared: _SharedQKV, index: int, fp8, x, *args, **kwargs):
     if args or kwargs or not all(_still_fast(one) for one in shared.layers):
         return type(layer).forward(layer, x, *args, **kwargs)
     if index == 0:
-        outs = list(lora_projections(x, [_proj(one, fp8) for one in shared.layers]))
-        if x.dtype != outs[0].dtype:
-            outs = [o.to(x.dtype) for o in outs]
+        outs = [o.to(x.dtype) for o in lora_projections(x, [_proj(one, fp8) for one in shared.layers])]
         shared.x, shared.owed = x, [None, outs[1], outs[2]]
         return outs[0]
     if shared.x is x and shared.owed[index] is not None:
@@ -128,7 +126,7 @@ def _fast_qkv_forward(shared: _SharedQKV, index: int, fp8, x, *args, **kwargs):
             shared.x = None
         return out
     y = lora_linear(x, _proj(layer, fp8))     # called on its own
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return y.to(x.dtype)
 
 
 def _fast_mlp_forward(mlp, fp8, x):
@@ -136,7 +134,7 @@ def _fast_mlp_forward(mlp, fp8, x):
     if not all(_still_fast(layer) for layer in layers):
         return type(mlp).forward(mlp, x)
     y = lora_swiglu_mlp(x, *(_proj(layer, fp8) for layer in layers))
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return y.to(x.dtype)
 
 
 def _fast_rms_forward(norm, x):
