@@ -10,7 +10,7 @@ second of decoding; `ttft_ms` is the prompt's forward plus the first token.
 
 - reference: transformers `generate` (dynamic cache), bitsandbytes NF4 or bf16 weights;
 - qlora_platform: `infer.engine.Engine` as `qlora chat/serve/eval` run it on a GPU (static KV
-  cache, CUDA-graph decode step); also runs the reference's greedy decode on the same weights
+  cache, the platform's fused decode step replayed as a CUDA graph); also runs the reference's greedy decode on the same weights
   and reports `tokens_match_reference` (the generation issue's equality condition);
 - unsloth: `FastLanguageModel.for_inference` + `generate`.
 """
@@ -93,6 +93,8 @@ def main() -> None:
         line |= {"tokens_per_s": round(args.batch * (args.new_tokens - 1) / decode_s, 1),
                  "ttft_ms": round(1000 * max(r.prefill_s for r in results), 1),
                  "cuda_graphs": bool(engine._decoders) and all(d.graph is not None for d in engine._decoders.values()),
+                 "fused_step": bool(engine._decoders) and all(d.fast is not None for d in engine._decoders.values()),
+                 "fused_step_off": next((d.fast_reason for d in engine._decoders.values() if d.fast_reason), None),
                  "static_fallback": engine.static_fallback_reason}
         want, _ = hf_generate(model, prompt, args.new_tokens)
         line["tokens_match_reference"] = [r.token_ids for r in results] == want

@@ -2,6 +2,7 @@
 # The GPU work still owed, in sections that each fit one device call (600 s), results to $OUT.
 #   QLORA_COMMIT=$(git rev-parse --short HEAD) RUN_ID=h100-YYYYMMDD-x bash benchmarks/gpu_session.sh SECTION
 # SECTION: tests | train-small | train-large | fp8 | generate | serve | packing
+# (generate and serve take WEIGHTS="nf4 bf16" and generate VARIANTS="reference qlora_platform unsloth")
 # Carry .device-site (benchmarks/README.md says how to build it).
 set -uo pipefail
 export PYTHONPATH=$PWD/.device-site:$PWD/src:$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
@@ -30,9 +31,9 @@ case "${1:-}" in
     timeout 560 python benchmarks/fp8_learning_probe.py --device cuda --hidden 4096 --layers 4 --batch 4 --seq 4096 \
       --steps 12 2> "$OUT/err-fp8-probe.log" | tee -a "$OUT/fp8_learning_probe.jsonl" ;;
   generate)
-    for w in nf4 bf16; do for v in reference qlora_platform unsloth; do gen "$v" "$w"; done; done ;;
+    for w in ${WEIGHTS:-nf4 bf16}; do for v in ${VARIANTS:-reference qlora_platform unsloth}; do gen "$v" "$w"; done; done ;;
   serve)
-    for w in nf4 bf16; do
+    for w in ${WEIGHTS:-nf4 bf16}; do
       timeout 280 python benchmarks/serve_throughput.py --shape mistral-7b --weights "$w" --streams 16 \
         --run-id "$RUN_ID" --commit "$QLORA_COMMIT" 2> "$OUT/err-serve-$w.log" | tail -1 | tee -a "$OUT/serve_throughput.jsonl"
     done ;;

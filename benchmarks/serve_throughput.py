@@ -71,6 +71,7 @@ def main() -> None:
                       "total_tokens_per_s": round(sum(r.completion_tokens for r in results) / wall, 1),
                       "ttft_ms_median": round(1000 * statistics.median(r.prefill_s for r in results), 1),
                       "cuda_graphs": decoder.graph is not None, "graph_fallback": decoder.fallback_reason,
+                      "fused_step": decoder.fast is not None, "fused_step_off": decoder.fast_reason,
                       "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
                       "device": torch.cuda.get_device_name(), "commit": args.commit, "run_id": args.run_id}))
 

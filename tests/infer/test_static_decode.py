@@ -102,6 +102,7 @@ def test_cuda_graph_replay_gives_the_eager_tokens(tiny_model_dir, tokenizer):
             [w.token_ids for w in eager.generate(batch, PARAMS)]
     decoder = next(iter(graphs._decoders.values()))
     assert decoder.graph is not None, decoder.fallback_reason
+    assert decoder.fast is not None, decoder.fast_reason     # the platform's own step, in bf16
 
 
 def test_repeating_a_step_rewrites_the_same_cache_column(engines):

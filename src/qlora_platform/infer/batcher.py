@@ -6,7 +6,8 @@
 `Engine.run` hands its work here when the engine has a batcher (the server's does on a
 GPU), so the server's worker threads each wait on their own request while one thread
 owns the model. Each turn that thread admits waiting requests into free rows of a
-`StaticDecoder` (one prefill each, the first token chosen at once), then runs one decode
+`StaticDecoder` (those that arrived together share one left-padded prefill, their first
+tokens chosen at once; a request's time to first token counts from its arrival), then runs one decode
 step for every row and gives each active row its next token; a row whose request ends
 (end of sequence, stop string, max tokens, client gone) is free at the next turn. At
 batch 1 a 7B decode step is bound by reading the weights, so 16 rows cost about what one
@@ -71,7 +72,7 @@ class Batcher:
         if params.seed is not None:
             generator = torch.Generator(device=eng.device).manual_seed(params.seed)
         req = _Request(prompt, params, on_text, cancelled, TextRow(eng.tokenizer, params.stop),
-                       torch.tensor([prompt], device=eng.device), generator)
+                       torch.tensor([prompt], device=eng.device), generator, start=time.perf_counter())
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="qlora-batcher", daemon=True)
@@ -92,7 +93,7 @@ class Batcher:
             self.broken = failure_reason(err)
             while True:   # hand everything back to the engine, now and later
                 self._fail(self.waiting.get(), Unbatched(self.broken))
-        self.next_tokens = torch.full((self.slots,), eng.pad_id, dtype=torch.long, device=eng.device)
+        self.next_tokens = [eng.pad_id] * self.slots      # on the host: one copy per step
         eng.model.eval()
         while True:
             try:
@@ -104,44 +105,62 @@ class Batcher:
 
     def _turn(self) -> None:
         free = [r for r in range(self.slots) if r not in self.active]
-        while free:
+        arrivals = []
+        while len(arrivals) < len(free):
             try:   # wait for work only when nothing runs
-                req = self.waiting.get(block=not self.active)
+                arrivals.append(self.waiting.get(block=not self.active and not arrivals))
             except queue.Empty:
                 break
-            row = free.pop(0)
-            try:
-                self._admit(row, req)
-            except Exception as err:  # noqa: BLE001 - nothing emitted yet: the engine runs it alone
-                self.active.pop(row, None)
-                self._fail(req, Unbatched(failure_reason(err)))
+        if arrivals:
+            self._admit(free[:len(arrivals)], arrivals)
         if not self.active:
             return
         with torch.no_grad():
-            logits = self.decoder.step(self.next_tokens)
+            logits = self.decoder.step(torch.tensor(self.next_tokens))   # one copy to the device
         self._advance(logits)
-        self.decoder.park([r for r in range(self.slots) if r not in self.active])
+        idle = tuple(r for r in range(self.slots) if r not in self.active)
+        self.decoder.park(list(idle))
 
-    def _admit(self, row: int, req: _Request) -> None:
-        req.start = time.perf_counter()
-        ids = req.history
-        logits = self.decoder.prefill(ids, torch.ones_like(ids), row=row)
-        token = int(choose_next(logits, req.params, req.history, req.generator)[0])
-        req.first_token_at = time.perf_counter()
-        self.active[row] = req
-        self._take(row, req, token)
+    def _admit(self, rows: list[int], reqs: list[_Request]) -> None:
+        """Prompts that arrived together share one prefill (left-padded to the longest)."""
+        longest = max(len(r.prompt) for r in reqs)
+        ids = torch.full((len(reqs), longest), self.engine.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, req in enumerate(reqs):
+            ids[i, longest - len(req.prompt):] = torch.tensor(req.prompt)
+            mask[i, longest - len(req.prompt):] = 1
+        try:
+            logits = self.decoder.prefill(ids.to(self.engine.device), mask.to(self.engine.device), row=rows)
+        except Exception as err:  # noqa: BLE001 - nothing emitted yet: the engine runs them alone
+            for req in reqs:
+                self._fail(req, Unbatched(failure_reason(err)))
+            return
+        chosen = self._choose(logits, list(range(len(reqs))), reqs)
+        now = time.perf_counter()
+        for i, (row, req) in enumerate(zip(rows, reqs)):
+            req.first_token_at = now
+            self.active[row] = req
+            self._take(row, req, chosen[i])
 
     def _advance(self, logits: torch.Tensor) -> None:
         rows = sorted(self.active)
-        greedy = [r for r in rows if self.active[r].params.temperature == 0
-                  and self.active[r].params.repetition_penalty == 1.0]
-        chosen = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
-        for r in rows:
-            if r not in chosen:
-                req = self.active[r]
-                chosen[r] = int(choose_next(logits[r:r + 1], req.params, req.history, req.generator)[0])
+        chosen = self._choose(logits, rows, [self.active[r] for r in rows])
         for r in rows:
             self._take(r, self.active[r], chosen[r])
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, rows: list[int], reqs: list[_Request]) -> dict[int, int]:
+        """Next token of each listed row of logits: one argmax (one device sync) for the greedy
+        rows, each other row sampled with its own settings and seed."""
+        plain = [r.params.temperature == 0 and r.params.repetition_penalty == 1.0 for r in reqs]
+        best = logits.argmax(-1).tolist() if any(plain) else None
+        chosen = {}
+        for row, req, is_plain in zip(rows, reqs, plain):
+            if is_plain:
+                chosen[row] = best[row]
+            else:
+                chosen[row] = int(choose_next(logits[row:row + 1], req.params, req.history, req.generator)[0])
+        return chosen
 
     def _take(self, row: int, req: _Request, token: int) -> None:
         """Record a row's new token; finish the request or queue the token for the next step."""

@@ -289,11 +289,16 @@ class Engine:
                         r.finish = r.finish or "cancelled"
                     break
                 # Finished rows keep stepping with a pad token (their output is ignored).
-                step_tokens = torch.tensor([t if r.finish is None else self.pad_id for r, t in zip(rows, tokens)],
-                                           device=dev).unsqueeze(1)
-                history = torch.cat([history, step_tokens], dim=1)
-                mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=dev)], dim=1)
-                position = position[:, -1:] + 1
+                if all(r.finish is None for r in rows):
+                    step_tokens = next_ids.unsqueeze(1)          # already on the device
+                else:
+                    step_tokens = torch.tensor([t if r.finish is None else self.pad_id
+                                                for r, t in zip(rows, tokens)], device=dev).unsqueeze(1)
+                if params.repetition_penalty != 1.0:              # its only reader
+                    history = torch.cat([history, step_tokens], dim=1)
+                if decoder is None:                               # the static decoder keeps its own
+                    mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=dev)], dim=1)
+                    position = position[:, -1:] + 1
                 step_input = step_tokens
         finally:
             if decoder is not None:

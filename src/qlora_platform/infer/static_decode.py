@@ -64,17 +64,21 @@ class PositionedLayer(StaticLayer):
             rows = w.all_rows.numel()
             self.lazy_initialization(key_states.expand(rows, *key_states.shape[1:]),
                                      value_states.expand(rows, *value_states.shape[1:]))
-        if w.prefill_rows is not None:
+        if w.prefill_rows is not None:   # the prompt attends to its own columns only
             length = key_states.shape[-2]
             self.keys[w.prefill_rows, :, :length] = key_states
             self.values[w.prefill_rows, :, :length] = value_states
-            return self.keys[w.prefill_rows], self.values[w.prefill_rows]
+            return self.keys[w.prefill_rows, :, :length], self.values[w.prefill_rows, :, :length]
         self.keys[w.all_rows, :, w.columns] = key_states[:, :, 0]
         self.values[w.all_rows, :, w.columns] = value_states[:, :, 0]
         return self.keys, self.values
 
     def get_seq_length(self) -> torch.Tensor:
         return self.writes.query_offset
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # A prefill's mask spans the prompt's columns; a step's spans the whole cache.
+        return (query_length if self.writes.prefill_rows is not None else self.max_cache_len), 0
 
 
 def positioned_cache(model, max_len: int, writes: _Writes):
@@ -90,7 +94,7 @@ def positioned_cache(model, max_len: int, writes: _Writes):
 
 
 class StaticDecoder:
-    def __init__(self, model, rows: int, max_len: int, graphs: bool):
+    def __init__(self, model, rows: int, max_len: int, graphs: bool, fast_step: bool = True):
         self.model, self.rows, self.max_len = model, rows, max_len
         self.device = next(model.parameters()).device
         self.writes = _Writes(rows, self.device)
@@ -106,29 +110,40 @@ class StaticDecoder:
         self.mask[:, 0] = 1                       # an idle row must see something (no all -inf)
         self.lengths = [0] * rows                 # columns used per row, kept on the host (no sync)
         self.logits = None
+        # Decode steps run the platform's own step for Llama-family models (fast_decode.py),
+        # checked once against the model's forward; otherwise, or if they differ, the model's.
+        self.fast, self.fast_reason, self.fast_checked = None, None, False
+        if fast_step:
+            from .fast_decode import DecodeStep, Unsupported
+            try:
+                self.fast = DecodeStep.build(model, self.cache.layers, self.writes, self.mask, max_len)
+            except Unsupported as err:
+                self.fast_reason = str(err)
 
     def _forward(self, ids, mask, position):
         return self.model(input_ids=ids, attention_mask=mask, position_ids=position,
                           past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, row: int = 0) -> torch.Tensor:
-        """Prompts (n, L), left-padded, with their 0/1 mask, into rows row..row+n-1; returns
-        their last position's logits (n, V)."""
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, row: int | list[int] = 0) -> torch.Tensor:
+        """Prompts (n, L), left-padded, with their 0/1 mask, into rows row..row+n-1 (or the
+        n rows listed); returns their last position's logits (n, V)."""
         n, length = ids.shape
         if length >= self.max_len:
             raise ValueError(f"prompt of {length} tokens does not fit a cache of {self.max_len}")
-        rows = slice(row, row + n)
+        listed = isinstance(row, list)
+        rows = torch.tensor(row, device=self.device) if listed else slice(row, row + n)
         self.mask[rows] = 0
         self.mask[rows, :length] = mask
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         self.position[rows] = position[:, -1:]
         self.writes.columns[rows] = length
-        self.lengths[rows] = [length] * n
+        for r in (row if listed else range(row, row + n)):
+            self.lengths[r] = length
         self.writes.prefill_rows = rows
         self.writes.query_offset.zero_()
         try:
-            return self._forward(ids, self.mask[rows], position)
+            return self._forward(ids, mask, position)
         finally:
             self.writes.prefill_rows = None
             self.writes.query_offset.fill_(self.max_len - 1)
@@ -161,9 +176,24 @@ class StaticDecoder:
             self.lengths[r] = 0
 
     def _eager_step(self):
+        if self.fast is not None:
+            return self.fast(self.token, self.position)
         return self._forward(self.token, self.mask, self.position)
 
+    def _check_fast_step(self):
+        """The first step runs both ways (the model's forward rewrites the same cache column):
+        a model the fused step gets wrong keeps the model's forward, with the reason."""
+        self.fast_checked = True
+        fast = self.fast(self.token, self.position)
+        stock = self._forward(self.token, self.mask, self.position)
+        gap = (fast.float() - stock.float()).abs().max()
+        if gap > 0.05 * stock.float().abs().max() + 1e-3:
+            self.fast, self.fast_reason = None, f"the fused step differed from the model's forward ({gap:.3g})"
+        return stock
+
     def _run_step(self):
+        if self.fast is not None and not self.fast_checked:
+            return self._check_fast_step()
         if not self.graphs:
             return self._eager_step()
         if self.graph is None:
