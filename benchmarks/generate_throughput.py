@@ -97,7 +97,17 @@ def main() -> None:
                  "fused_step_off": next((d.fast_reason for d in engine._decoders.values() if d.fast_reason), None),
                  "static_fallback": engine.static_fallback_reason}
         want, _ = hf_generate(model, prompt, args.new_tokens)
-        line["tokens_match_reference"] = [r.token_ids for r in results] == want
+        got = [r.token_ids for r in results]
+        line["tokens_match_reference"] = got == want
+        if got != want:   # where, and how close the reference's own choice was there
+            row = next(i for i in range(len(got)) if got[i] != want[i])
+            at = next(i for i, (a, b) in enumerate(zip(got[row], want[row])) if a != b)
+            with torch.no_grad():
+                logits = model(torch.cat([prompt[row:row + 1], torch.tensor([want[row][:at]], device="cuda",
+                                                                            dtype=torch.long)], dim=1)).logits[0, -1]
+            top2 = logits.float().topk(2).values
+            line |= {"first_divergence": at, "reference_top2_gap_there": round((top2[0] - top2[1]).item(), 4),
+                     "reference_logit_max": round(logits.float().abs().max().item(), 3)}
     else:
         hf_generate(model, prompt, 8)                     # warm-up
         torch.cuda.reset_peak_memory_stats()

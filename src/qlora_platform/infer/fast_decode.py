@@ -73,23 +73,33 @@ class DecodeStep:
         return cls(lm, cache_layers, writes, mask)
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        lm, rows = self.lm, token.shape[0]
+        lm = self.lm
         hidden = lm.model.embed_tokens(token)                     # (B, 1, H), the residual stream
-        cos, sin = lm.model.rotary_emb(hidden, position)          # (B, 1, D) in the model's dtype
-        cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
-        columns = self.writes.columns
+        rope = self.rope(hidden, position)
         x = _add_norm(None, hidden, self.norms[0])
-        for i, layer in enumerate(self.layers):
-            attn, mlp, cache = layer.self_attn, layer.mlp, self.cache_layers[i]
-            q = attn.q_proj(x).view(rows, self.heads, self.head_dim)
-            k = attn.k_proj(x).view(rows, self.kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(rows, self.kv_heads, self.head_dim)
-            q = rope_write_kv(q, k, v, cos, sin, cache.keys, cache.values, columns)
-            out = decode_attention(q, cache.keys, cache.values, self.mask, columns, self.scale)
-            x = _add_norm(attn.o_proj(out.view(rows, 1, -1)), hidden, layer.post_attention_layernorm)
-            mlp_out = mlp.down_proj(swiglu_forward(mlp.gate_proj(x), mlp.up_proj(x)))
-            x = _add_norm(mlp_out, hidden, self.norms[i + 1])   # the next layer's (or the final) norm
+        for i in range(len(self.layers)):
+            x = self.layer(i, hidden, x, rope)
         return lm.lm_head(x)[:, -1]
+
+    def rope(self, hidden, position):
+        cos, sin = self.lm.model.rotary_emb(hidden, position)     # (B, 1, D) in the model's dtype
+        rows = hidden.shape[0]
+        return cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
+
+    def layer(self, i: int, hidden: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
+        """Decoder layer i on the residual stream `hidden` (updated in place) whose norm is x;
+        returns the norm the next layer (or the head) takes."""
+        layer, rows = self.layers[i], hidden.shape[0]
+        attn, mlp, cache = layer.self_attn, layer.mlp, self.cache_layers[i]
+        q = attn.q_proj(x).view(rows, self.heads, self.head_dim)
+        k = attn.k_proj(x).view(rows, self.kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(rows, self.kv_heads, self.head_dim)
+        columns = self.writes.columns
+        q = rope_write_kv(q, k, v, *rope, cache.keys, cache.values, columns)
+        out = decode_attention(q, cache.keys, cache.values, self.mask, columns, self.scale)
+        x = _add_norm(attn.o_proj(out.view(rows, 1, -1)), hidden, layer.post_attention_layernorm)
+        mlp_out = mlp.down_proj(swiglu_forward(mlp.gate_proj(x), mlp.up_proj(x)))
+        return _add_norm(mlp_out, hidden, self.norms[i + 1])   # the next layer's (or the final) norm
 
 
 def _add_norm(delta, hidden, norm):
