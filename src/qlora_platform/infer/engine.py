@@ -232,8 +232,6 @@ class Engine:
     @torch.no_grad()
     def _steps(self, prompts: list[list[int]], params: SamplingParams, cancelled,
                results: list[Generation]) -> Iterator[list[TextRow]]:
-        from transformers import DynamicCache
-
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt: there is nothing to continue")
         longest = max(len(p) for p in prompts)
@@ -253,62 +251,96 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(params.seed)
         rows = [TextRow(self.tokenizer, params.stop) for _ in prompts]
-        cache = DynamicCache()
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        step_input = ids
         start = time.perf_counter()
-        first_token_at = None
+        clock = {"first": None}
         decoder = self._claim_static_decoder(batch, longest + params.max_new_tokens)
         try:
-            for step in range(params.max_new_tokens):
-                if decoder is not None and step == 0:
-                    try:
-                        logits = decoder.prefill(ids, mask)
-                    except Exception as err:  # noqa: BLE001 - nothing emitted yet: go dynamic
-                        self._static_failed(decoder.key, err)
-                        decoder = None
-                if decoder is not None:
-                    if step > 0:
-                        logits = decoder.step(step_input)
-                else:
-                    out = self.model(input_ids=step_input, attention_mask=mask, position_ids=position,
-                                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    cache, logits = out.past_key_values, out.logits[:, -1]
-                next_ids = choose_next(logits, params, history, generator)
-                tokens = next_ids.tolist()  # also the device sync that makes the timings true
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                for row, tok in zip(rows, tokens):
-                    if row.finish is None:
-                        row.push(tok, self.eos_ids, params.ignore_eos)
-                yield rows
-                if all(r.finish for r in rows):
-                    break
-                if cancelled is not None and cancelled():
-                    for r in rows:
-                        r.finish = r.finish or "cancelled"
-                    break
-                # Finished rows keep stepping with a pad token (their output is ignored).
-                if all(r.finish is None for r in rows):
-                    step_tokens = next_ids.unsqueeze(1)          # already on the device
-                else:
-                    step_tokens = torch.tensor([t if r.finish is None else self.pad_id
-                                                for r, t in zip(rows, tokens)], device=dev).unsqueeze(1)
-                if params.repetition_penalty != 1.0:              # its only reader
-                    history = torch.cat([history, step_tokens], dim=1)
-                if decoder is None:                               # the static decoder keeps its own
-                    mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=dev)], dim=1)
-                    position = position[:, -1:] + 1
-                step_input = step_tokens
+            logits = None
+            if decoder is not None:
+                try:
+                    logits = decoder.prefill(ids, mask)
+                except Exception as err:  # noqa: BLE001 - nothing emitted yet: go dynamic
+                    self._static_failed(decoder.key, err)
+                    decoder = None
+            if decoder is not None:
+                yield from self._static_loop(decoder, logits, params, history, generator, rows, cancelled, clock)
+            else:
+                yield from self._dynamic_loop(ids, mask, params, history, generator, rows, cancelled, clock)
         finally:
             if decoder is not None:
                 self._release(decoder)
             if was_training:
                 self.model.train()
         end = time.perf_counter()
-        first_token_at = first_token_at or end
+        first_token_at = clock["first"] or end
         for r in rows:
             r.finish = r.finish or "length"
         results[:] = [Generation(text=r.text, token_ids=r.ids, prompt_tokens=len(p),
                                     finish_reason=r.finish, prefill_s=first_token_at - start,
                                     decode_s=end - first_token_at) for r, p in zip(rows, prompts)]
+
+    def _read(self, rows: list[TextRow], tokens: list[int], params: SamplingParams, clock: dict) -> None:
+        if clock["first"] is None:
+            clock["first"] = time.perf_counter()
+        for row, tok in zip(rows, tokens):
+            if row.finish is None:
+                row.push(tok, self.eos_ids, params.ignore_eos)
+
+    def _dynamic_loop(self, ids, mask, params, history, generator, rows, cancelled, clock):
+        """transformers' dynamic cache, one forward a token (the CPU path)."""
+        from transformers import DynamicCache
+
+        cache, dev, batch = DynamicCache(), ids.device, ids.shape[0]
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        step_input = ids
+        for _ in range(params.max_new_tokens):
+            out = self.model(input_ids=step_input, attention_mask=mask, position_ids=position,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            next_ids = choose_next(out.logits[:, -1], params, history, generator)
+            tokens = next_ids.tolist()  # also the device sync that makes the timings true
+            self._read(rows, tokens, params, clock)
+            yield rows
+            if all(r.finish for r in rows) or self._cancel(rows, cancelled):
+                break
+            # Finished rows keep stepping with a pad token (their output is ignored).
+            step_input = torch.tensor([t if r.finish is None else self.pad_id for r, t in zip(rows, tokens)],
+                                      device=dev).unsqueeze(1)
+            history = torch.cat([history, step_input], dim=1)
+            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=dev)], dim=1)
+            position = position[:, -1:] + 1
+
+    def _static_loop(self, decoder, logits, params, history, generator, rows, cancelled, clock):
+        """The static decoder, one step ahead of the host: each token is chosen on the device
+        and fed straight to the next step, which is queued before the host reads the token,
+        so the GPU never waits for detokenisation and stop checks. Finished rows keep stepping
+        on whatever they drew (their output is ignored), and a generation that stops early
+        has run one step more than it shows."""
+        next_ids = choose_next(logits, params, history, generator)
+        on_gpu = next_ids.is_cuda
+        host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=on_gpu)
+        for step in range(params.max_new_tokens):
+            host.copy_(next_ids, non_blocking=on_gpu)
+            copied = torch.cuda.Event() if on_gpu else None
+            if copied is not None:
+                copied.record()
+            following = None
+            if step + 1 < params.max_new_tokens:
+                if params.repetition_penalty != 1.0:       # the history's only reader
+                    history = torch.cat([history, next_ids.unsqueeze(1)], dim=1)
+                following = choose_next(decoder.step(next_ids), params, history, generator)
+            if copied is not None:
+                copied.synchronize()
+            self._read(rows, host.tolist(), params, clock)
+            yield rows
+            if all(r.finish for r in rows) or self._cancel(rows, cancelled):
+                break
+            next_ids = following
+
+    @staticmethod
+    def _cancel(rows: list[TextRow], cancelled) -> bool:
+        if cancelled is not None and cancelled():
+            for r in rows:
+                r.finish = r.finish or "cancelled"
+            return True
+        return False

@@ -108,6 +108,7 @@ class StaticDecoder:
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.mask = torch.zeros(rows, max_len, dtype=torch.long, device=self.device)
         self.mask[:, 0] = 1                       # an idle row must see something (no all -inf)
+        self._one = torch.ones((), dtype=torch.long, device=self.device)
         self.lengths = [0] * rows                 # columns used per row, kept on the host (no sync)
         self.logits = None
         # Decode steps run the platform's own step for Llama-family models (fast_decode.py),
@@ -156,7 +157,7 @@ class StaticDecoder:
             raise ValueError(f"the cache of {self.max_len} tokens is full")
         self.token.copy_(next_ids.view(-1, 1))
         self.position += 1
-        self.mask[self.writes.all_rows, self.writes.columns] = 1
+        self.mask.index_put_((self.writes.all_rows, self.writes.columns), self._one)   # no host scalar: no sync
         logits = self._run_step()
         self.writes.columns += 1
         self.lengths = [n + 1 for n in self.lengths]

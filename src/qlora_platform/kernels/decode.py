@@ -63,6 +63,18 @@ def decode_attention_reference(q, k_cache, v_cache, mask, columns, scale):
 # -- kernels ----------------------------------------------------------------------------------
 if triton is not None:
     @triton.jit
+    def _rounded(x, dtype: tl.constexpr):
+        """fp32 x rounded to `dtype` and back, as a PyTorch op in that dtype rounds its result.
+        For bf16 the rounding (to nearest, ties to even) is done on the bits: a plain cast pair
+        may be folded away by the compiler, which then fuses products and sums into FMAs."""
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return x.to(dtype).to(tl.float32)
+
+    @triton.jit
     def _add_rms(d_ptr, r_ptr, w_ptr, y_ptr, H, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -74,7 +86,7 @@ if triton is not None:
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0).to(tl.float32)
-        xhat = (xf * rstd).to(x.dtype).to(tl.float32)
+        xhat = _rounded(xf * rstd, x.dtype)
         tl.store(y_ptr + row * H + cols, (w * xhat).to(x.dtype), mask=mask)
 
     @triton.jit
@@ -102,8 +114,8 @@ if triton is not None:
             partner = tl.where(d < half, -partner, partner)
             cos = tl.load(cos_ptr + b * D + d).to(tl.float32)
             sin = tl.load(sin_ptr + b * D + d).to(tl.float32)
-            a = (x.to(tl.float32) * cos).to(x.dtype).to(tl.float32)
-            r = (partner * sin).to(x.dtype).to(tl.float32)
+            a = _rounded(x.to(tl.float32) * cos, x.dtype)
+            r = _rounded(partner * sin, x.dtype)
             x = (a + r).to(x.dtype)
         tl.store(dst + d, x)
 
