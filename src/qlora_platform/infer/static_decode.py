@@ -22,6 +22,9 @@ or merged afterwards needs another graph, so the engine keys decoders by that st
 Off CUDA (or with graphs=False) the same step runs eagerly; tests compare it token for
 token with the dynamic-cache loop. A capture that fails, or whose first replays differ
 from eager steps, falls back to eager steps with the reason in `fallback_reason`.
+For Llama-family models the step is the platform's own (fast_decode.py: fused kernels
+over the same cache tensors), checked once against the model's forward (`fast_reason`
+says why it is off); prompts always go through the model's forward.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class _Writes:
     decode step (one column per row)."""
 
     def __init__(self, rows: int, device):
-        self.prefill_rows: slice | None = None
+        self.prefill_rows: slice | torch.Tensor | None = None
         self.columns = torch.zeros(rows, dtype=torch.long, device=device)
         self.all_rows = torch.arange(rows, device=device)
         # Where this forward's first query sits for transformers' causal mask (it asks the cache:
