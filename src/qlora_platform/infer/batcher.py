@@ -118,8 +118,7 @@ class Batcher:
         with torch.no_grad():
             logits = self.decoder.step(torch.tensor(self.next_tokens))   # one copy to the device
         self._advance(logits)
-        idle = tuple(r for r in range(self.slots) if r not in self.active)
-        self.decoder.park(list(idle))
+        self.decoder.park([r for r in range(self.slots) if r not in self.active])
 
     def _admit(self, rows: list[int], reqs: list[_Request]) -> None:
         """Prompts that arrived together share one prefill (left-padded to the longest)."""
