@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Generation, TextRow
+from .engine import Generation, TextRow, left_padded
 from .sampling import SamplingParams, choose_next
 from .static_decode import StaticDecoder, failure_reason
 
@@ -122,14 +122,9 @@ class Batcher:
 
     def _admit(self, rows: list[int], reqs: list[_Request]) -> None:
         """Prompts that arrived together share one prefill (left-padded to the longest)."""
-        longest = max(len(r.prompt) for r in reqs)
-        ids = torch.full((len(reqs), longest), self.engine.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, req in enumerate(reqs):
-            ids[i, longest - len(req.prompt):] = torch.tensor(req.prompt)
-            mask[i, longest - len(req.prompt):] = 1
+        ids, mask = left_padded([r.prompt for r in reqs], self.engine.pad_id, self.engine.device)
         try:
-            logits = self.decoder.prefill(ids.to(self.engine.device), mask.to(self.engine.device), row=rows)
+            logits = self.decoder.prefill(ids, mask, row=rows)
         except Exception as err:  # noqa: BLE001 - nothing emitted yet: the engine runs them alone
             for req in reqs:
                 self._fail(req, Unbatched(failure_reason(err)))

@@ -53,6 +53,18 @@ class Generation:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as (ids, 0/1 mask) on `device`, left-padded so every row's last prompt token sits
+    in the last column."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
 class TextRow:
     """Detokenisation and stop-string state of one sequence."""
 
@@ -239,13 +251,7 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         dev, batch = self.device, len(prompts)
-        # Left padding: every row's last prompt token sits in the last column.
-        ids = torch.full((batch, longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, longest), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(p)
-            mask[i, longest - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = left_padded(prompts, self.pad_id, dev)
         history = ids.clone()
         generator = None
         if params.seed is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import row_block, tl, triton, use_triton
+from .rmsnorm import rms_norm_reference
 
 
 def _kernels_for(t: torch.Tensor) -> bool:
@@ -31,8 +32,7 @@ def _kernels_for(t: torch.Tensor) -> bool:
 def add_rms_norm_reference(delta, residual, weight, eps):
     if delta is not None:
         residual.add_(delta)
-    xf = residual.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(residual.dtype)
+    return rms_norm_reference(residual, weight, eps)
 
 
 def rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, columns):
