@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work still owed, in sections that each fit one device call (600 s), results to $OUT.
 #   QLORA_COMMIT=$(git rev-parse --short HEAD) RUN_ID=h100-YYYYMMDD-x bash benchmarks/gpu_session.sh SECTION
-# SECTION: tests | train-small | train-large | fp8 | generate | serve | packing
+# SECTION: tests | train | train-small | train-large | fp8 | generate | serve | packing
 # (generate and serve take WEIGHTS="nf4 bf16" and generate VARIANTS="reference qlora_platform unsloth")
 # Carry .device-site (benchmarks/README.md says how to build it).
 set -uo pipefail
@@ -18,6 +18,8 @@ case "${1:-}" in
   tests)   # every GPU test, and the kernel/infer/train suites on real CUDA tensors
     QLORA_TEST_OUT=$OUT timeout 560 python -m pytest -q -p no:cacheprovider tests/kernels tests/infer/test_static_decode.py \
       tests/infer/test_batcher.py tests/train/test_gpu.py tests/train/test_flat_params.py 2>&1 | tail -15 ;;
+  train)   # the three shapes, the platform and Unsloth, one process each over all shapes
+    bash benchmarks/train_throughput.sh "2x1024 1x2048 4x4096" "qlora_platform unsloth" ;;
   train-small)   # both small shapes, the two stacks alternating twice (the host moves these figures)
     for rep in 1 2; do
       timeout 560 bash benchmarks/train_throughput.sh "2x1024 1x2048" "unsloth qlora_platform"

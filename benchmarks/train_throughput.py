@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --shape mistral-7b --batch 2 --seq 1024 \
         --variant qlora_platform|reference|unsloth [--run-id ID] [--commit SHA] [--steps 11]
+    python benchmarks/train_throughput.py --shape mistral-7b --shapes 2x1024,1x2048,4x4096 --variant ...
 
 Builds (or reuses) a random-weight checkpoint of the shape in /tmp (throughput and
 memory do not depend on weight values), then times optimizer steps on random
@@ -17,7 +18,10 @@ mode; the median step after 3 warm-up steps, `torch.cuda.max_memory_allocated`.
 
 Each variant runs in its own process (so peaks do not mix); a GPU run calls this once
 per variant and shape with one shared --run-id and appends the lines to
-benchmarks/results/train_throughput.jsonl.
+benchmarks/results/train_throughput.jsonl. `--shapes` measures several batch shapes in one
+process, smallest first, one line each: the model loads once (a 7B load is most of a
+process's minute) and the peak is reset before each shape, so each line's peak is that
+shape's (allocated bytes do not carry over from the shape before).
 """
 from __future__ import annotations
 
@@ -92,7 +96,12 @@ def build_qlora_platform(path: Path, seq: int, batch: int, lr: float = 2e-4, ove
     step = optimizer_step(lambda x: summed_nll(model, fused, x, input_ids=x) / (x.numel() - x.size(0)), opt,
                           model, flat.zero_grad)
     from qlora_platform.models.memory import GIB, estimate_training_memory
-    step.preflight_gib = estimate_training_memory(model.config, cfg)["total"] / GIB  # to check against
+
+    def preflight(batch: int, seq: int) -> float:
+        """The trainer's VRAM pre-flight for this shape, to check against the measured peak."""
+        cfg.training.batch_size, cfg.data.max_seq_len = batch, seq
+        return estimate_training_memory(model.config, cfg)["total"] / GIB
+    step.preflight = preflight
     return step
 
 
@@ -121,11 +130,40 @@ def build_step(variant: str, path: Path, batch: int, seq: int, overrides: dict |
     return build_qlora_platform(path, seq, batch, overrides=overrides)
 
 
+def measure(step, batch: int, seq: int, steps: int) -> dict:
+    """Median step time (after 3 warm-ups), tokens/s and the peak allocated for one shape."""
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    x = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0)).cuda()
+    times, loss = [], None
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = step(x)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    timed = sorted(times[3:])
+    median = timed[len(timed) // 2]
+    return {"batch": batch, "seq": seq, "tokens_per_s": round(batch * seq / median), "median_step_s": round(median, 3),
+            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2), "loss": round(float(loss), 4)}
+
+
+def _shapes(args) -> list[tuple[int, int]]:
+    if args.shapes:
+        pairs = [tuple(int(n) for n in part.split("x")) for part in args.shapes.split(",")]
+        return sorted(pairs, key=lambda bs: bs[0] * bs[1])
+    if args.batch is None or args.seq is None:
+        raise SystemExit("give --batch and --seq, or --shapes BxS,BxS")
+    return [(args.batch, args.seq)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="mistral-7b")
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--shapes", help="several batch shapes in one process, e.g. 2x1024,1x2048,4x4096")
     p.add_argument("--variant", choices=["qlora_platform", "reference", "unsloth"], required=True)
     p.add_argument("--steps", type=int, default=11)
     p.add_argument("--run-id", default=time.strftime("%Y%m%d-%H%M%S"))
@@ -134,27 +172,19 @@ def main() -> None:
                    help="config override for qlora_platform, e.g. training.fp8=false (recorded in the line)")
     args = p.parse_args()
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    step = build_step(args.variant, checkpoint(args.shape), args.batch, args.seq, overrides)
+    shapes = _shapes(args)
+    # Built for the largest shape (Unsloth sizes its RoPE cache from max_seq_length).
+    batch_max, seq_max = max(b for b, _ in shapes), max(s for _, s in shapes)
+    step = build_step(args.variant, checkpoint(args.shape), batch_max, seq_max, overrides)
     import torch
-    torch.cuda.reset_peak_memory_stats()
-    x = torch.randint(0, 32000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).cuda()
-    times, loss = [], None
-    for _ in range(args.steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = step(x)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    timed = sorted(times[3:])
-    median = timed[len(timed) // 2]
-    print(json.dumps({"variant": args.variant, "shape": args.shape, "batch": args.batch, "seq": args.seq,
-                      "tokens_per_s": round(args.batch * args.seq / median), "median_step_s": round(median, 3),
-                      "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
-                      "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(),
-                      "commit": args.commit, "run_id": args.run_id}
-                     | ({"preflight_gib": round(step.preflight_gib, 2)} if hasattr(step, "preflight_gib") else {})
-                     | ({"overrides": overrides} if overrides else {})))
-
+    for batch, seq in shapes:
+        line = {"variant": args.variant, "shape": args.shape} | measure(step, batch, seq, args.steps)
+        line |= {"device": torch.cuda.get_device_name(), "commit": args.commit, "run_id": args.run_id}
+        if hasattr(step, "preflight"):
+            line["preflight_gib"] = round(step.preflight(batch, seq), 2)
+        if overrides:
+            line["overrides"] = overrides
+        print(json.dumps(line), flush=True)
 
 if __name__ == "__main__":
     main()

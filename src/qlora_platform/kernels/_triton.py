@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:
     import triton  # noqa: F401
     import triton.language as tl  # noqa: F401
@@ -25,6 +27,26 @@ def use_triton(t) -> bool:
     return HAVE_TRITON and (t.is_cuda or INTERPRET)
 
 
+def faithful_triton(t) -> bool:
+    """Run a kernel whose rounding must match PyTorch's: compiled on the GPU, but interpreted only
+    in fp32 (Triton's CPU interpreter rounds to bf16 by truncation and mis-computes bf16 dots)."""
+    return use_triton(t) and (t.is_cuda or t.dtype == torch.float32)
+
+
 def row_block(n: int) -> int:
     """Power-of-two block that holds a whole row of n elements."""
     return 1 << max(4, (n - 1).bit_length())
+
+
+if triton is not None:
+    @triton.jit
+    def rounded(x, dtype: tl.constexpr):
+        """fp32 x rounded to `dtype` and back, as a PyTorch op in that dtype rounds its result.
+        For bf16 the rounding (to nearest, ties to even) is done on the bits: a plain cast pair
+        may be folded away by the compiler, which then fuses products and sums into FMAs."""
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return x.to(dtype).to(tl.float32)

@@ -18,14 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import row_block, tl, triton, use_triton
+from ._triton import faithful_triton, rounded, row_block, tl, triton
 from .rmsnorm import rms_norm_reference
-
-
-def _kernels_for(t: torch.Tensor) -> bool:
-    # Triton's CPU interpreter rounds to bf16 by truncation and its bf16 dot products are wrong:
-    # interpreted, only fp32 is faithful (the GPU tests cover bf16).
-    return use_triton(t) and (t.is_cuda or t.dtype == torch.float32)
 
 
 # -- references -------------------------------------------------------------------------------
@@ -63,18 +57,6 @@ def decode_attention_reference(q, k_cache, v_cache, mask, columns, scale):
 # -- kernels ----------------------------------------------------------------------------------
 if triton is not None:
     @triton.jit
-    def _rounded(x, dtype: tl.constexpr):
-        """fp32 x rounded to `dtype` and back, as a PyTorch op in that dtype rounds its result.
-        For bf16 the rounding (to nearest, ties to even) is done on the bits: a plain cast pair
-        may be folded away by the compiler, which then fuses products and sums into FMAs."""
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            return bits.to(tl.float32, bitcast=True)
-        else:
-            return x.to(dtype).to(tl.float32)
-
-    @triton.jit
     def _add_rms(d_ptr, r_ptr, w_ptr, y_ptr, H, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -86,7 +68,7 @@ if triton is not None:
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0).to(tl.float32)
-        xhat = _rounded(xf * rstd, x.dtype)
+        xhat = rounded(xf * rstd, x.dtype)
         tl.store(y_ptr + row * H + cols, (w * xhat).to(x.dtype), mask=mask)
 
     @triton.jit
@@ -114,8 +96,8 @@ if triton is not None:
             partner = tl.where(d < half, -partner, partner)
             cos = tl.load(cos_ptr + b * D + d).to(tl.float32)
             sin = tl.load(sin_ptr + b * D + d).to(tl.float32)
-            a = _rounded(x.to(tl.float32) * cos, x.dtype)
-            r = _rounded(partner * sin, x.dtype)
+            a = rounded(x.to(tl.float32) * cos, x.dtype)
+            r = rounded(partner * sin, x.dtype)
             x = (a + r).to(x.dtype)
         tl.store(dst + d, x)
 
@@ -163,7 +145,7 @@ if triton is not None:
 
 def add_rms_norm(delta, residual, weight, eps):
     """residual (B, H) += delta (in place, if given); returns RMSNorm(residual) * weight."""
-    if not _kernels_for(residual) or weight.dtype != residual.dtype:
+    if not faithful_triton(residual) or weight.dtype != residual.dtype:
         return add_rms_norm_reference(delta, residual, weight, eps)
     h = residual.shape[-1]
     y = torch.empty_like(residual)
@@ -177,7 +159,7 @@ def add_rms_norm(delta, residual, weight, eps):
 def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, columns):
     """Rotate q and k (B, heads, D) by cos/sin (B, D); write k and v at each row's column of
     the caches (B, Hkv, T, D); return the rotated q."""
-    if not _kernels_for(q):
+    if not faithful_triton(q):
         return rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, columns)
     b, hq, d = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]
@@ -188,7 +170,7 @@ def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, columns):
 
 def decode_attention(q, k_cache, v_cache, mask, columns, scale):
     """Attention of one query per row (B, Hq, D) over the cache; see the module docstring."""
-    if not _kernels_for(q):
+    if not faithful_triton(q):
         return decode_attention_reference(q, k_cache, v_cache, mask, columns, scale)
     b, hq, d = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]

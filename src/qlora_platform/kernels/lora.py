@@ -62,10 +62,15 @@ def _use_fp8(x2: torch.Tensor, w: torch.Tensor, p: LoRAProj, backward: bool = Fa
     return plan is not None and (plan.input_grad or not backward) and fp8_fits(x2, w, plan.min_tokens)
 
 
-def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None):
+def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None, output: bool = True):
     """y = x W^T + s (x A^T) B^T (+ bias); returns y, x A^T and the 16-bit A, B for backward.
     Projections sharing an input pass one `x_fp8` dict: x is quantized by the first of them
-    that takes the fp8 path and reused by the others."""
+    that takes the fp8 path and reused by the others. With output=False (a checkpoint's
+    recompute that already knows what y fed into) only x A^T is formed and y is None."""
+    a, b = p.A.to(x2.dtype), p.B.to(x2.dtype)
+    xa = x2 @ a.t()
+    if not output:
+        return None, xa, a, b
     w = base_weight(p.base)
     if _use_fp8(x2, w, p):
         x_fp8 = {} if x_fp8 is None else x_fp8
@@ -75,12 +80,15 @@ def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None):
     else:
         y = x2 @ w.t()
     del w
-    a, b = p.A.to(x2.dtype), p.B.to(x2.dtype)
-    xa = x2 @ a.t()
     y.addmm_(xa, b.t(), alpha=p.scaling)
     if p.bias is not None:
         y += p.bias.to(y.dtype)
     return y, xa, a, b
+
+
+def placeholder(ref: torch.Tensor, shape) -> torch.Tensor:
+    """Stands in for an output whose value nobody reads: the shape, ref's dtype, no memory."""
+    return ref.new_zeros(()).expand(*shape)
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -126,13 +134,15 @@ class _LoRAProjections(torch.autograd.Function):
     """n projections of one input; args: x, then (A, B) of each so autograd tracks them."""
 
     @staticmethod
-    def forward(ctx, x, projs, *weights):
+    def forward(ctx, x, projs, output, *weights):
         x2 = _as_compute(_flat(x), projs[0])
         x_fp8: dict = {}
         outs, saved = [], []
         for p in projs:
-            y, xa, a, b = _forward(x2, p, x_fp8)
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            y, xa, a, b = _forward(x2, p, x_fp8, output)
+            if y is None:
+                y = placeholder(x2, (x2.shape[0], p.B.shape[0]))
+            outs.append(y)   # flat (T, out): callers' views of it may be modified in place (RoPE)
             saved += [xa, a, b]
         ctx.projs, ctx.x_shape = projs, x.shape
         ctx.save_for_backward(x2, *saved)
@@ -150,31 +160,39 @@ class _LoRAProjections(torch.autograd.Function):
             dx, da, db = _backward(_flat(g), x2, xa, a, b, p, dx, ctx.needs_input_grad[0])
             dweights += [da, db]
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return (dx, None, *dweights)
+        return (dx, None, None, *dweights)
 
 
-def lora_projections(x: torch.Tensor, projs: list[LoRAProj]) -> tuple[torch.Tensor, ...]:
+def lora_projections(x: torch.Tensor, projs: list[LoRAProj], output: bool = True) -> tuple[torch.Tensor, ...]:
+    """The projections of x; with output=False placeholders that still carry the gradient."""
     weights = [t for p in projs for t in (p.A, p.B)]
-    return _LoRAProjections.apply(x, projs, *weights)
+    outs = _LoRAProjections.apply(x, projs, output, *weights)
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 
-def lora_linear(x: torch.Tensor, proj: LoRAProj) -> torch.Tensor:
-    return lora_projections(x, [proj])[0]
+def lora_linear(x: torch.Tensor, proj: LoRAProj, output: bool = True) -> torch.Tensor:
+    return lora_projections(x, [proj], output)[0]
 
 
 class _LoRASwiGLU(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)); keeps x, gate and up outputs, rebuilds h in backward."""
+    """down(silu(gate(x)) * up(x)); keeps x, gate and up outputs, rebuilds h in backward.
+    With output=False (recompute) it stops after gate and up: h and down's product are
+    formed in backward only, and the output is a placeholder that carries the gradient."""
 
     @staticmethod
-    def forward(ctx, x, projs, *weights):
+    def forward(ctx, x, projs, output, *weights):
         gate, up, down = projs
         x2 = _as_compute(_flat(x), gate)
         x_fp8: dict = {}
         e, xa_gate, a_gate, b_gate = _forward(x2, gate, x_fp8)
         u, xa_up, a_up, b_up = _forward(x2, up, x_fp8)
-        h = swiglu_forward(e, u)
-        y, ha_down, a_down, b_down = _forward(h, down)
-        del h
+        a_down, b_down = down.A.to(x2.dtype), down.B.to(x2.dtype)
+        if output:
+            h = swiglu_forward(e, u)
+            y, ha_down, _, _ = _forward(h, down)
+            del h
+        else:
+            y, ha_down = placeholder(x2, (x2.shape[0], down.B.shape[0])), None
         ctx.projs, ctx.x_shape = projs, x.shape
         ctx.save_for_backward(x2, e, u, xa_gate, xa_up, ha_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -190,6 +208,8 @@ class _LoRASwiGLU(torch.autograd.Function):
         dh.addmm_(gb, a_down, alpha=down.scaling)
         # In place: dh -> h, e -> d(gate out), u -> d(up out): no new (T, I) buffers.
         h, de, du = swiglu_backward(dh, e, u)
+        if ha_down is None:      # the forward was a recompute that skipped h
+            ha_down = h @ a_down.t()
         da_down = _scaled_mm(gb.t(), h, down.scaling) if down.A.requires_grad else None
         db_down = _scaled_mm(g2.t(), ha_down, down.scaling) if down.B.requires_grad else None
         del h
@@ -197,9 +217,10 @@ class _LoRASwiGLU(torch.autograd.Function):
         dx, da_gate, db_gate = _backward(de, x2, xa_gate, a_gate, b_gate, gate, None, need_dx)
         dx, da_up, db_up = _backward(du, x2, xa_up, a_up, b_up, up, dx, need_dx)
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return (dx, None, da_gate, db_gate, da_up, db_up, da_down, db_down)
+        return (dx, None, None, da_gate, db_gate, da_up, db_up, da_down, db_down)
 
 
-def lora_swiglu_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj) -> torch.Tensor:
+def lora_swiglu_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
+                    output: bool = True) -> torch.Tensor:
     weights = [t for p in (gate, up, down) for t in (p.A, p.B)]
-    return _LoRASwiGLU.apply(x, (gate, up, down), *weights)
+    return _LoRASwiGLU.apply(x, (gate, up, down), output, *weights)

@@ -10,9 +10,14 @@ back, recomputes the layer with gradients and backpropagates through it; while
 one layer does that, the next one down is already being copied in (double
 buffering), so the PCIe traffic hides behind compute. Pinned buffers are pooled
 across steps (pinning is slow). On the CPU it is ordinary checkpointing.
+
+A layer's forward may park more than its input (`current_replay().keep(t)` in the
+first pass) and find it again in the recompute (`current_replay().kept`), so that the
+recompute skips what it would only compute to reproduce t (kernels/decoder_layer.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -36,50 +41,74 @@ class _HostPool:
 
 
 class Offloader:
-    """Moves saved layer inputs to the host and back; one per model."""
+    """Moves each checkpointed layer's saved tensors (its input, and whatever the layer's
+    forward keeps through `LayerReplay.keep`) to the host and back; one per model.
+    On a CPU device the tensors simply stay where they are (tests use this)."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.on_gpu else None
         self.pool = _HostPool()
-        self.saved: list[dict] = []   # in forward order
-        self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.saved: list[list | None] = []   # per layer, in forward order: host copies
+        self.prefetched: dict[int, tuple[list[torch.Tensor], torch.cuda.Event]] = {}
         self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []
 
     def save(self, x: torch.Tensor) -> int:
+        """Start a layer's entry with its input; returns the entry's index."""
+        self.saved.append([])
+        idx = len(self.saved) - 1
+        self.add(idx, x)
+        return idx
+
+    def add(self, idx: int, x: torch.Tensor) -> None:
+        """Park one more tensor of entry idx; the copy starts now, behind the work that made x."""
+        if not self.on_gpu:
+            self.saved[idx].append(x)
+            return
         host = self.pool.take(x)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             host.copy_(x, non_blocking=True)
         x.record_stream(self.stream)   # the allocator keeps x until the copy is done
-        self.saved.append({"host": host, "requires_grad": x.requires_grad})
-        return len(self.saved) - 1
+        self.saved[idx].append(host)
 
     def _start_load(self, idx: int) -> None:
         if idx < 0 or idx >= len(self.saved) or idx in self.prefetched or self.saved[idx] is None:
             return
-        host = self.saved[idx]["host"]
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            gpu = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            gpu.copy_(host, non_blocking=True)
+            gpus = []
+            for host in self.saved[idx]:
+                gpu = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+                gpu.copy_(host, non_blocking=True)
+                gpus.append(gpu)
             done = torch.cuda.Event()
             done.record(self.stream)
-        self.prefetched[idx] = (gpu, done)
+        self.prefetched[idx] = (gpus, done)
 
-    def load(self, idx: int) -> torch.Tensor:
+    def load(self, idx: int) -> list[torch.Tensor]:
+        """Entry idx back on the device (its input first); the next entry down starts copying."""
+        if not self.on_gpu:
+            tensors, self.saved[idx] = self.saved[idx], None
+            self._forget_if_done()
+            return tensors
         self._start_load(idx)
         self._start_load(idx - 1)          # the layer backward reaches next: overlap its copy
-        gpu, done = self.prefetched.pop(idx)
+        gpus, done = self.prefetched.pop(idx)
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(done)
-        gpu.record_stream(compute)
-        self._pending.append((self.saved[idx]["host"], done))
+        for gpu in gpus:
+            gpu.record_stream(compute)
+        self._pending += [(host, done) for host in self.saved[idx]]
         self.saved[idx] = None
+        self._forget_if_done()
+        self._recycle()
+        return gpus
+
+    def _forget_if_done(self) -> None:
         if all(e is None for e in self.saved):
             self.saved.clear()
-        self._recycle()
-        return gpu
 
     def _recycle(self) -> None:
         """Host buffers go back to the pool once the copy that read them has finished."""
@@ -92,18 +121,51 @@ class Offloader:
         self._pending = still
 
 
+class LayerReplay:
+    """What a checkpointed layer's forward is told about the pass it runs in.
+
+    First pass (no gradients): `keep(t)` parks t with the layer's input. Recompute in
+    backward: `recompute` is True and `kept` holds those tensors again, in keeping order,
+    so the layer may skip work whose result it kept (kernels/decoder_layer.py)."""
+
+    def __init__(self, offloader: Offloader | None = None, idx: int = -1, kept: list | None = None):
+        self.offloader, self.idx = offloader, idx
+        self.recompute = kept is not None
+        self.kept = kept or []
+
+    def keep(self, t: torch.Tensor) -> None:
+        self.offloader.add(self.idx, t)
+
+
+_REPLAYS: list[LayerReplay] = []   # the layer running now (forward, or backward's recompute)
+
+
+def current_replay() -> LayerReplay | None:
+    return _REPLAYS[-1] if _REPLAYS else None
+
+
+@contextlib.contextmanager
+def _replaying(replay: LayerReplay):
+    _REPLAYS.append(replay)
+    try:
+        yield
+    finally:
+        _REPLAYS.pop()
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, offloader, hidden, *args):
         ctx.run, ctx.offloader, ctx.args = run, offloader, args
         ctx.idx = offloader.save(hidden)
-        with torch.no_grad():
+        with torch.no_grad(), _replaying(LayerReplay(offloader, ctx.idx)):
             return run(hidden, *args)
 
     @staticmethod
     def backward(ctx, grad):
-        hidden = ctx.offloader.load(ctx.idx).detach().requires_grad_(True)
-        with torch.enable_grad():
+        hidden, *kept = ctx.offloader.load(ctx.idx)
+        hidden = hidden.detach().requires_grad_(True)
+        with torch.enable_grad(), _replaying(LayerReplay(kept=kept)):
             out = ctx.run(hidden, *ctx.args)
         torch.autograd.backward(out, grad)
         return (None, None, hidden.grad) + (None,) * len(ctx.args)
@@ -118,11 +180,14 @@ def offloaded_checkpoint(offloader: Offloader, run, hidden, *args):
 def enable_offloaded_checkpointing(model) -> Offloader | None:
     """Checkpoint every decoder layer with its input offloaded; None off the GPU (plain checkpointing)."""
     device = next(model.parameters()).device
-    if device.type != "cuda":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return None
-    offloader = Offloader(device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if device.type != "cuda":
+        return None
+    return use_offloader(model, Offloader(device))
+
+
+def use_offloader(model, offloader: Offloader) -> Offloader:
+    """Route the model's gradient checkpointing (already enabled) through `offloader`."""
     func = functools.partial(offloaded_checkpoint, offloader)
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):

@@ -11,7 +11,10 @@ module instances (never of classes, so other models in the process are untouched
   that order; k_proj and v_proj then hand out their share), so the input gradient of the
   three accumulates in one buffer and the attention code itself stays the model's own;
 - SwiGLU MLPs (gate/up/down all LoRA layers, SiLU) -> `lora.lora_swiglu_mlp`;
-- Llama-form RMSNorms with a frozen 16-bit weight -> `rmsnorm.rms_norm`.
+- Llama-form RMSNorms with a frozen 16-bit weight -> `rmsnorm.rms_norm`;
+- Llama/Mistral/Qwen2 decoder layers whose seven projections all take the fast path ->
+  `decoder_layer.decoder_layer_forward` (fused RoPE; a checkpoint recompute that skips
+  o_proj, down_proj and SwiGLU). The module patches above still serve its fallbacks.
 Every patched forward checks at call time that the fast path still applies
 (adapter enabled, not merged, the same single adapter, no extra arguments) and
 otherwise runs the module's own forward, so `disable_adapter()`, merging and
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .decoder_layer import ATTENTION_CLASSES, decoder_layer_forward
 from .fp8 import Fp8Plan
 from .lora import LoRAProj, lora_linear, lora_projections, lora_swiglu_mlp
 from .rmsnorm import rms_norm
@@ -42,6 +46,7 @@ class FastKernelReport:
     fused_qkv: int = 0
     swiglu_mlp: int = 0
     rms_norm: int = 0
+    decoder_layers: int = 0
     fp8: Fp8Plan | None = None
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -50,7 +55,7 @@ class FastKernelReport:
 
     def summary(self) -> str:
         text = (f"fast kernels: {self.lora_linear} LoRA linears, {self.fused_qkv} fused QKV, "
-                f"{self.swiglu_mlp} SwiGLU MLPs, {self.rms_norm} RMSNorms")
+                f"{self.swiglu_mlp} SwiGLU MLPs, {self.rms_norm} RMSNorms, {self.decoder_layers} decoder layers")
         if self.fp8 is not None:
             which = "forward and input-gradient" if self.fp8.input_grad else "forward"
             text += f"; {which} base products in fp8 from {self.fp8.min_tokens} tokens a batch"
@@ -137,6 +142,30 @@ def _fast_mlp_forward(mlp, fp8, x):
     return y.to(x.dtype)
 
 
+LAYER_PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def _layer_projections(layer) -> dict:
+    return {name: getattr(getattr(layer, parent), name) for name, parent in LAYER_PROJECTIONS.items()}
+
+
+def _fast_layer_forward(layer, fp8, hidden_states, *args, **kwargs):
+    lora_layers = _layer_projections(layer)
+    if (args or kwargs.get("past_key_values") is not None or kwargs.get("position_embeddings") is None
+            or not all(_still_fast(one) for one in lora_layers.values())):
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+    projs = {name: _proj(one, fp8) for name, one in lora_layers.items()}
+    return decoder_layer_forward(layer, projs, hidden_states, **kwargs)
+
+
+def _fast_decoder_layer(module) -> bool:
+    attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
+    return (type(attn).__name__ in ATTENTION_CLASSES and hasattr(module, "input_layernorm")
+            and hasattr(module, "post_attention_layernorm") and _qkv_block(attn) and _swiglu_mlp(mlp)
+            and _is_lora_layer(attn.o_proj) and _unsupported(attn.o_proj) is None)
+
+
 def _fast_rms_forward(norm, x):
     return rms_norm(x, norm.weight, norm.variance_epsilon)
 
@@ -160,6 +189,9 @@ def apply_fast_kernels(model, fp8: Fp8Plan | None = None) -> FastKernelReport:
     report = FastKernelReport(fp8=fp8)
     fused: set[int] = set()   # layers already taken by a fused MLP or QKV
     for module in model.modules():
+        if _fast_decoder_layer(module):
+            module.forward = functools.partial(_fast_layer_forward, module, fp8)
+            report.decoder_layers += 1
         if _swiglu_mlp(module):
             module.forward = functools.partial(_fast_mlp_forward, module, fp8)
             fused.update(id(getattr(module, n)) for n in ("gate_proj", "up_proj", "down_proj"))

@@ -1,0 +1,104 @@
+"""The Llama-family decoder layer (Llama, Mistral, Qwen2) for training, written out in full.
+
+    out = decoder_layer_forward(layer, projs, hidden, attention_mask=m, position_ids=p,
+                                position_embeddings=(cos, sin))
+
+`patch.py` installs this as the `forward` of each decoder layer whose seven projections
+are fast LoRA layers (`projs`: their `LoRAProj`s by name) and falls back to the stock
+forward otherwise. Against the stock layer it buys two things:
+- q, k and v come from one `lora_projections` call and RoPE is one in-place kernel
+  (`rope.py`) instead of ten elementwise ones; attention itself is still the model's
+  configured implementation (sdpa, flash, flex, eager) with the stock arguments;
+- under the offloaded checkpointing of `offload.py` the recompute in backward does only
+  what backward needs. Backward needs the inputs of the products (to form their input
+  and LoRA gradients), not the outputs of o_proj and down_proj, nor silu(gate) * up (the
+  MLP rebuilds it). So the first pass also parks the residual after attention (`h2`) in
+  host memory, and the recompute takes h2 from there instead of computing o_proj, skips
+  down_proj and SwiGLU, and hands back a placeholder output that carries the gradient.
+  That removes about a third of the recompute's matrix work.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .lora import LoRAProj, lora_linear, lora_projections, lora_swiglu_mlp, placeholder
+from .offload import current_replay
+from .rope import rope_qk
+
+ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+
+
+class _KnownResidual(torch.autograd.Function):
+    """h2 = x + o where the value of h2 is known (kept from the first pass) and o was not
+    computed: returns the known value, passes the gradient to both summands."""
+
+    @staticmethod
+    def forward(ctx, x, o, known):
+        return known[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad, None
+
+
+class _Joined(torch.autograd.Function):
+    """The layer output h2 + m when nobody reads its value (recompute): gradient to both."""
+
+    @staticmethod
+    def forward(ctx, h2, m):
+        return placeholder(h2, h2.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad
+
+
+def _attention_kwargs(attn) -> dict:
+    """The keyword arguments the stock attention passes to its attention function."""
+    name = type(attn).__name__
+    if name == "MistralAttention":
+        return {"sliding_window": getattr(attn.config, "sliding_window", None)}
+    if name == "Qwen2Attention":
+        return {"sliding_window": attn.sliding_window}
+    return {}
+
+
+def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, attention_mask, **kwargs):
+    """Attention up to (not including) o_proj: (B, S, heads * head_dim)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    b, s = x.shape[:2]
+    d = attn.head_dim
+    q, k, v = lora_projections(x, [projs["q_proj"], projs["k_proj"], projs["v_proj"]])
+    cos, sin = position_embeddings
+    q, k = rope_qk(q.view(b, s, -1, d), k.view(b, s, -1, d), cos, sin)
+    eager = sys.modules[type(attn).__module__].eager_attention_forward
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+    out, _ = interface(attn, q.transpose(1, 2), k.transpose(1, 2), v.view(b, s, -1, d).transpose(1, 2),
+                       attention_mask, dropout=0.0 if not attn.training else attn.attention_dropout,
+                       scaling=attn.scaling, **_attention_kwargs(attn), **kwargs)
+    return out.reshape(b, s, -1)
+
+
+def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, attention_mask=None,
+                          position_ids=None, position_embeddings=None, **kwargs):
+    """What the stock decoder layer computes (no cache), recomputing only what backward needs."""
+    kwargs.pop("use_cache", None)
+    kwargs.pop("past_key_values", None)
+    replay = current_replay()
+    recompute = replay is not None and replay.recompute
+    attn, mlp = layer.self_attn, layer.mlp
+    a = attention_core(attn, projs, layer.input_layernorm(hidden_states), position_embeddings, attention_mask,
+                       position_ids=position_ids, **kwargs)
+    if recompute:
+        o = lora_linear(a, projs["o_proj"], output=False)
+        h2 = _KnownResidual.apply(hidden_states, o, replay.kept)
+    else:
+        h2 = hidden_states + lora_linear(a, projs["o_proj"])
+        if replay is not None:
+            replay.keep(h2)
+    n2 = layer.post_attention_layernorm(h2)
+    m = lora_swiglu_mlp(n2, projs["gate_proj"], projs["up_proj"], projs["down_proj"], output=not recompute)
+    return _Joined.apply(h2, m) if recompute else h2 + m

@@ -1,0 +1,63 @@
+"""The written-out decoder layer (kernels/decoder_layer.py) on a tiny 4-bit Llama on the CPU:
+under checkpointing its recompute skips o_proj, down_proj and SwiGLU yet gives the gradients
+of the un-checkpointed model; with a KV cache it hands over to the stock layer."""
+import torch
+
+from qlora_platform.kernels import apply_fast_kernels, fused_loss_parts, lora
+from qlora_platform.kernels.offload import Offloader, use_offloader
+from qlora_platform.models.loader import attach_lora, load_base_model
+from qlora_platform.train.model import summed_nll
+
+
+def _model(cfg, fast=True):
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(cfg, "cpu", for_training=True), cfg)
+    g = torch.Generator().manual_seed(1)
+    for name, p in sorted(model.named_parameters()):
+        if "lora_B" in name:
+            p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
+    if fast:
+        assert apply_fast_kernels(model).decoder_layers == 2
+    model.train()
+    return model
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = summed_nll(model, fused_loss_parts(model), ids, input_ids=ids) / ids.numel()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny_cfg, monkeypatch):
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    loss_plain, plain = _step(_model(tiny_cfg), ids)
+
+    model = _model(tiny_cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offloader = use_offloader(model, Offloader(torch.device("cpu")))
+    calls = []
+    real = lora.base_weight
+    monkeypatch.setattr(lora, "base_weight", lambda base: calls.append(base) or real(base))
+    for _ in range(2):      # the second step finds the offloader emptied by the first
+        loss_ckpt, ckpt = _step(model, ids)
+        assert offloader.saved == []
+    # Per layer and step: 7 weights forward, 5 in the recompute (q, k, v, gate, up; not o,
+    # down), 7 for the input gradients. Stock checkpointing would take 21.
+    assert len(calls) == 2 * 2 * (7 + 5 + 7)
+    assert loss_ckpt == loss_plain
+    assert plain.keys() == ckpt.keys() and len(plain) == 2 * 7 * 2
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt[name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_generation_with_a_cache_uses_the_stock_layer_and_matches_peft(tiny_cfg):
+    ref, fast = _model(tiny_cfg, fast=False).eval(), _model(tiny_cfg).eval()
+    ids = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        got = fast.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        logits_ref = ref(input_ids=ids).logits
+        logits_fast = fast(input_ids=ids, use_cache=False).logits
+    assert torch.equal(got, want)
+    torch.testing.assert_close(logits_fast, logits_ref, atol=1e-4, rtol=1e-4)
