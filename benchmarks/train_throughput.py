@@ -136,16 +136,19 @@ def measure(step, batch: int, seq: int, steps: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     x = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0)).cuda()
-    times, loss = [], None
+    times, host, loss = [], [], None
     for _ in range(steps):
         torch.cuda.synchronize()
         t = time.perf_counter()
         loss = step(x)
-        torch.cuda.synchronize()
+        host.append(time.perf_counter() - t)   # until the host has queued the step: near the
+        torch.cuda.synchronize()               # step time when the host is the bottleneck
         times.append(time.perf_counter() - t)
     timed = sorted(times[3:])
     median = timed[len(timed) // 2]
+    host_median = sorted(host[3:])[len(timed) // 2]
     return {"batch": batch, "seq": seq, "tokens_per_s": round(batch * seq / median), "median_step_s": round(median, 3),
+            "host_step_s": round(host_median, 3),
             "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2), "loss": round(float(loss), 4)}
 
 

@@ -1,6 +1,8 @@
 """The written-out decoder layer (kernels/decoder_layer.py) on a tiny 4-bit Llama on the CPU:
-under checkpointing its recompute skips o_proj, down_proj and SwiGLU yet gives the gradients
-of the un-checkpointed model; with a KV cache it hands over to the stock layer."""
+under checkpointing its recompute skips the q/k/v, o_proj and down_proj products, RoPE and
+SwiGLU yet gives the gradients of the un-checkpointed model; with a KV cache it hands over
+to the stock layer."""
+import pytest
 import torch
 
 from qlora_platform.kernels import apply_fast_kernels, fused_loss_parts, lora
@@ -29,7 +31,10 @@ def _step(model, ids):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])   # Triton kernels interpreted / references
+def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny_cfg, monkeypatch, dtype):
+    tiny_cfg.quantization.compute_dtype = dtype
+    tiny_cfg.quantization.fp32_norms = False
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
     loss_plain, plain = _step(_model(tiny_cfg), ids)
 
@@ -42,9 +47,9 @@ def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny
     for _ in range(2):      # the second step finds the offloader emptied by the first
         loss_ckpt, ckpt = _step(model, ids)
         assert offloader.saved == []
-    # Per layer and step: 7 weights forward, 5 in the recompute (q, k, v, gate, up; not o,
-    # down), 7 for the input gradients. Stock checkpointing would take 21.
-    assert len(calls) == 2 * 2 * (7 + 5 + 7)
+    # Per layer and step: 7 weights forward, 2 in the recompute (gate, up; q, k, v, o and
+    # down are not recomputed), 7 for the input gradients. Stock checkpointing would take 21.
+    assert len(calls) == 2 * 2 * (7 + 2 + 7)
     assert loss_ckpt == loss_plain
     assert plain.keys() == ckpt.keys() and len(plain) == 2 * 7 * 2
     for name, g in plain.items():

@@ -11,11 +11,14 @@ forward otherwise. Against the stock layer it buys two things:
   configured implementation (sdpa, flash, flex, eager) with the stock arguments;
 - under the offloaded checkpointing of `offload.py` the recompute in backward does only
   what backward needs. Backward needs the inputs of the products (to form their input
-  and LoRA gradients), not the outputs of o_proj and down_proj, nor silu(gate) * up (the
-  MLP rebuilds it). So the first pass also parks the residual after attention (`h2`) in
-  host memory, and the recompute takes h2 from there instead of computing o_proj, skips
-  down_proj and SwiGLU, and hands back a placeholder output that carries the gradient.
-  That removes about a third of the recompute's matrix work.
+  and LoRA gradients) and what attention and SwiGLU differentiate at, not the outputs of
+  o_proj and down_proj, nor silu(gate) * up (the MLP rebuilds it). So the first pass
+  also parks the rotated q, k, v and the residual after attention (`h2`) in host memory
+  beside the layer input, and the recompute takes them from there: it skips the q/k/v,
+  o_proj and down_proj products, RoPE and SwiGLU (the products run with output=False:
+  only their rank-r LoRA halves, for the adapter gradients) and hands back a placeholder
+  output that carries the gradient. What is left to recompute is the two norms,
+  attention and the gate/up products: 5 of 7 weight products become 2.
 """
 from __future__ import annotations
 
@@ -25,7 +28,10 @@ import torch
 
 from .lora import LoRAProj, lora_linear, lora_projections, lora_swiglu_mlp, placeholder
 from .offload import current_replay
-from .rope import rope_qk
+from .rope import rope_backward, rope_qk
+
+# What the first pass keeps for the recompute, in this order.
+KEPT_Q, KEPT_K, KEPT_V, KEPT_H2 = range(4)
 
 ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 
@@ -36,11 +42,28 @@ class _KnownResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, o, known):
-        return known[0]
+        return known[KEPT_H2]
 
     @staticmethod
     def backward(ctx, grad):
         return grad, grad, None
+
+
+class _KnownRotated(torch.autograd.Function):
+    """q, k (rotated) and v where their values are known from the first pass and the
+    projections ran with output=False: returns the known values; backward un-rotates the
+    gradients of q and k and hands all three to the projections' placeholders."""
+
+    @staticmethod
+    def forward(ctx, q_placeholder, k_placeholder, v_placeholder, cos, sin, known):
+        ctx.save_for_backward(cos, sin)
+        return known[KEPT_Q], known[KEPT_K], known[KEPT_V]
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        flat = [g.reshape(*g.shape[:2], -1) for g in (rope_backward(dq, cos, sin), rope_backward(dk, cos, sin), dv)]
+        return (*flat, None, None, None)
 
 
 class _Joined(torch.autograd.Function):
@@ -65,18 +88,28 @@ def _attention_kwargs(attn) -> dict:
     return {}
 
 
-def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, attention_mask, **kwargs):
-    """Attention up to (not including) o_proj: (B, S, heads * head_dim)."""
+def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, attention_mask, replay=None,
+                   **kwargs):
+    """Attention up to (not including) o_proj: (B, S, heads * head_dim). In a recompute the
+    rotated q, k and v come from the first pass (`replay.kept`), not from the products."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     b, s = x.shape[:2]
     d = attn.head_dim
-    q, k, v = lora_projections(x, [projs["q_proj"], projs["k_proj"], projs["v_proj"]])
     cos, sin = position_embeddings
-    q, k = rope_qk(q.view(b, s, -1, d), k.view(b, s, -1, d), cos, sin)
+    qkv = [projs["q_proj"], projs["k_proj"], projs["v_proj"]]
+    if replay is not None and replay.recompute:
+        q, k, v = _KnownRotated.apply(*lora_projections(x, qkv, output=False), cos, sin, replay.kept)
+    else:
+        q, k, v = lora_projections(x, qkv)
+        q, k = rope_qk(q.view(b, s, -1, d), k.view(b, s, -1, d), cos, sin)
+        v = v.view(b, s, -1, d)
+        if replay is not None:
+            for t in (q, k, v):      # KEPT_Q, KEPT_K, KEPT_V
+                replay.keep(t)
     eager = sys.modules[type(attn).__module__].eager_attention_forward
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
-    out, _ = interface(attn, q.transpose(1, 2), k.transpose(1, 2), v.view(b, s, -1, d).transpose(1, 2),
+    out, _ = interface(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                        attention_mask, dropout=0.0 if not attn.training else attn.attention_dropout,
                        scaling=attn.scaling, **_attention_kwargs(attn), **kwargs)
     return out.reshape(b, s, -1)
@@ -91,14 +124,14 @@ def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, atte
     recompute = replay is not None and replay.recompute
     attn, mlp = layer.self_attn, layer.mlp
     a = attention_core(attn, projs, layer.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                       position_ids=position_ids, **kwargs)
+                       replay, position_ids=position_ids, **kwargs)
     if recompute:
         o = lora_linear(a, projs["o_proj"], output=False)
         h2 = _KnownResidual.apply(hidden_states, o, replay.kept)
     else:
         h2 = hidden_states + lora_linear(a, projs["o_proj"])
         if replay is not None:
-            replay.keep(h2)
+            replay.keep(h2)          # KEPT_H2
     n2 = layer.post_attention_layernorm(h2)
     m = lora_swiglu_mlp(n2, projs["gate_proj"], projs["up_proj"], projs["down_proj"], output=not recompute)
     return _Joined.apply(h2, m) if recompute else h2 + m

@@ -87,10 +87,20 @@ class _RoPE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        grad = grad if _fits(grad) else grad.contiguous()
-        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        _launch(grad, out, cos, sin, backward=True)
-        return out, None, None
+        return rope_backward(grad, cos, sin), None, None
+
+
+def rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient before the rotation, from the gradient after it: (B, S, heads, D), contiguous."""
+    if not (faithful_triton(grad) and _fits(cos) and sin.stride() == cos.stride()):
+        with torch.enable_grad():
+            x = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+            y, _ = rope_reference(x, x[:, :, :0], cos, sin)
+            return torch.autograd.grad(y, x, grad)[0].contiguous()
+    grad = grad if _fits(grad) else grad.contiguous()
+    out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    _launch(grad, out, cos.expand(grad.shape[0], -1, -1), sin.expand(grad.shape[0], -1, -1), backward=True)
+    return out
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -81,12 +81,13 @@ def estimate_training_memory(mc, cfg: Config, processes: int = 1) -> dict[str, f
     if cfg.training.gradient_checkpointing:
         # Each block's input is kept (offloaded: only the one or two being copied back); one
         # block's internals are rebuilt at a time. The fast decoder layer also offloads the
-        # residual after attention, and its recompute materialises neither the o_proj/down
-        # outputs nor the layer output.
-        per_layer = 2 if fast and offload else 1
-        kept = (2 * per_layer if offload else layers) * tokens * d["h"] * act_bytes
+        # rotated q, k, v and the residual after attention; its recompute takes them back
+        # instead of materialising them (or the o_proj/down outputs, or the layer output).
+        per_layer = tokens * d["h"] * act_bytes
         if fast and offload:
-            block_h -= 1
+            per_layer += tokens * (d["h"] + d["q"] + 2 * d["kv"]) * act_bytes
+            block_h -= 2
+        kept = (2 if offload else layers) * per_layer
         block = tokens * (block_h * d["h"] + block_i * d["i"]) * act_bytes
     else:
         kept = layers * tokens * (12 * d["h"] + 4 * d["i"]) * act_bytes
