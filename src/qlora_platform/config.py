@@ -84,8 +84,10 @@ class TrainingConfig(_Section):
     # learns more slowly (benchmarks/README.md).
     fp8: bool = False
     fp8_min_tokens: int = Field(8192, ge=16)
-    # fp8 for the input gradient's product too (g W), not only the forward ones: faster still,
-    # and what measured the slower learning; forward-only has not been measured on a GPU yet.
+    # Which base products go through fp8: the forward ones (forward and recompute; they change
+    # the function the model computes, and on the 7B shape that slowed learning) and/or the
+    # input gradient's (g W; the loss stays exact, only the gradient carries fp8 rounding).
+    fp8_forward: bool = True
     fp8_input_grad: bool = False
     # Checkpointed layer inputs parked in pinned CPU memory during forward. None: on for CUDA
     # whenever gradient_checkpointing is; no effect on the CPU.

@@ -66,3 +66,24 @@ def test_generation_with_a_cache_uses_the_stock_layer_and_matches_peft(tiny_cfg)
         logits_fast = fast(input_ids=ids, use_cache=False).logits
     assert torch.equal(got, want)
     torch.testing.assert_close(logits_fast, logits_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_laid_out_flat_are_cast_once_per_layer(tiny_cfg):
+    from qlora_platform.kernels.lora import LoRAProj, cast_adapters
+    from qlora_platform.train.flat_params import FlatParams
+
+    tiny_cfg.quantization.compute_dtype = "bfloat16"
+    tiny_cfg.quantization.fp32_norms = False
+    model = _model(tiny_cfg)
+    layer = model.get_base_model().model.layers[0]
+    names = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    projs = [LoRAProj.of(getattr(layer.self_attn, n)) for n in names]
+    cast_adapters(projs, torch.bfloat16)                  # separate tensors: left to _forward
+    assert all(p.a16 is None for p in projs)
+    FlatParams([p for p in model.parameters() if p.requires_grad])
+    projs = [LoRAProj.of(getattr(layer.self_attn, n)) for n in names]
+    cast_adapters(projs, torch.bfloat16)
+    for p in projs:
+        assert p.a16.dtype == torch.bfloat16 and torch.equal(p.a16, p.A.to(torch.bfloat16))
+        assert torch.equal(p.b16, p.B.to(torch.bfloat16))
+    assert len({p.a16.untyped_storage().data_ptr() for p in projs}) == 1   # one cast

@@ -152,4 +152,6 @@ def test_fp8_is_opt_in_and_only_with_the_fast_kernels():
     assert fp8_plan(load_config(None, {"training.fp8": "true"}), "cuda") == Fp8Plan(8192, input_grad=False)
     assert fp8_plan(load_config(None, {"training.fp8": "true", "training.fp8_input_grad": "true"}),
                     "cuda") == Fp8Plan(8192, input_grad=True)
+    assert fp8_plan(load_config(None, {"training.fp8": "true", "training.fp8_input_grad": "true",
+                                       "training.fp8_forward": "false"}), "cuda") == Fp8Plan(8192, True, False)
     assert fp8_plan(load_config(None, {"training.fp8": "true", "training.fast_kernels": "false"}), "cuda") is None

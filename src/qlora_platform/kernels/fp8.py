@@ -27,7 +27,8 @@ from ._triton import tl, triton, use_triton
 @dataclass(frozen=True)
 class Fp8Plan:
     min_tokens: int            # batches with fewer tokens stay 16-bit
-    input_grad: bool = False   # also the input gradient's product (g W), not only the forward ones
+    input_grad: bool = False   # the input gradient's product (g W)
+    forward: bool = True       # the forward (and recomputed forward) products
 
 
 E4M3 = torch.float8_e4m3fn

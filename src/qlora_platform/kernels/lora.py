@@ -18,8 +18,8 @@ Mistral-7B shape (benchmarks/profile_train_step.py):
   input-gradient product) run on fp8 tensor cores (fp8.py) once a batch has enough
   tokens; LoRA products stay 16-bit.
 
-Gradients for A and B come out in the compute dtype; autograd casts them to the
-fp32 master weights. Works on any device bitsandbytes runs on (CPU included).
+Gradients for A and B come out in the master weights' dtype straight from the GEMM on
+CUDA (in the compute dtype elsewhere; autograd then casts them). Works on any device bitsandbytes runs on (CPU included).
 """
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ class LoRAProj:
     scaling: float
     bias: torch.Tensor | None
     fp8: Fp8Plan | None = None     # base products in fp8 (None: 16-bit)
+    a16: torch.Tensor | None = None   # A and B already in the compute dtype (cast_adapters)
+    b16: torch.Tensor | None = None
+
+    def compute_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.a16 is not None and self.a16.dtype == dtype:
+            return self.a16, self.b16
+        return self.A.to(dtype), self.B.to(dtype)
 
     @classmethod
     def of(cls, layer, adapter: str = "default", fp8: Fp8Plan | None = None) -> "LoRAProj":
@@ -59,7 +66,8 @@ def base_weight(base: torch.nn.Module) -> torch.Tensor:
 
 def _use_fp8(x2: torch.Tensor, w: torch.Tensor, p: LoRAProj, backward: bool = False) -> bool:
     plan = p.fp8
-    return plan is not None and (plan.input_grad or not backward) and fp8_fits(x2, w, plan.min_tokens)
+    return (plan is not None and (plan.input_grad if backward else plan.forward)
+            and fp8_fits(x2, w, plan.min_tokens))
 
 
 def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None, output: bool = True):
@@ -67,7 +75,7 @@ def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None, output: b
     Projections sharing an input pass one `x_fp8` dict: x is quantized by the first of them
     that takes the fp8 path and reused by the others. With output=False (a checkpoint's
     recompute that already knows what y fed into) only x A^T is formed and y is None."""
-    a, b = p.A.to(x2.dtype), p.B.to(x2.dtype)
+    a, b = p.compute_weights(x2.dtype)
     xa = x2 @ a.t()
     if not output:
         return None, xa, a, b
@@ -91,10 +99,48 @@ def placeholder(ref: torch.Tensor, shape) -> torch.Tensor:
     return ref.new_zeros(()).expand(*shape)
 
 
-def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * m1 @ m2 in one GEMM (beta=0 ignores the uninitialised input)."""
+_OUT_DTYPE_GEMM = [True]   # cleared if this torch/CUDA has no 16-bit x 16-bit -> fp32 addmm
+
+
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, alpha: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """alpha * m1 @ m2 in one GEMM (beta=0 ignores the uninitialised input). With `dtype` (an
+    adapter's fp32 master) the GEMM writes that dtype directly on CUDA, so autograd has no
+    cast to make before it accumulates the gradient (one kernel fewer per LoRA tensor)."""
+    if dtype is not None and dtype != m1.dtype and m1.is_cuda and _OUT_DTYPE_GEMM[0]:
+        out = torch.empty(m1.shape[0], m2.shape[1], dtype=dtype, device=m1.device)
+        try:
+            return torch.addmm(out, m1, m2, beta=0, alpha=alpha, out_dtype=dtype)
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_GEMM[0] = False
     out = torch.empty(m1.shape[0], m2.shape[1], dtype=m1.dtype, device=m1.device)
     return torch.addmm(out, m1, m2, beta=0, alpha=alpha)
+
+
+def cast_adapters(projs: list["LoRAProj"], dtype: torch.dtype) -> None:
+    """Give each projection its A and B in `dtype` (`a16`, `b16`). When the tensors lie back
+    to back in one buffer (train/flat_params.py lays a layer's adapters out so) that is one
+    cast for all of them instead of two kernels per projection and pass."""
+    tensors = [t for p in projs for t in (p.A, p.B)]
+    if tensors[0].dtype == dtype or not all(t.is_contiguous() for t in tensors):
+        return
+    storage = tensors[0].untyped_storage()
+    if any(t.untyped_storage().data_ptr() != storage.data_ptr() or t.dtype != tensors[0].dtype for t in tensors):
+        return
+    ordered = sorted(tensors, key=lambda t: t.storage_offset())
+    start = ordered[0].storage_offset()
+    end = start
+    for t in ordered:
+        if t.storage_offset() != end:
+            return                                   # a gap or an overlap: cast one by one
+        end += t.numel()
+    with torch.no_grad():
+        span = tensors[0].new_empty(0).set_(storage, start, (end - start,))
+        low = span.to(dtype)
+
+    def view(t):
+        return low[t.storage_offset() - start:t.storage_offset() - start + t.numel()].view(t.shape)
+    for p in projs:
+        p.a16, p.b16 = view(p.A), view(p.B)
 
 
 def _input_grad(g2: torch.Tensor, p: LoRAProj, dx: torch.Tensor | None) -> torch.Tensor:
@@ -111,8 +157,8 @@ def _input_grad(g2: torch.Tensor, p: LoRAProj, dx: torch.Tensor | None) -> torch
 def _backward(g2, x2, xa, a, b, p: LoRAProj, dx, need_dx: bool):
     """LoRA grads (dA, dB) and the input grad added into dx (allocated when None)."""
     gb = g2 @ b                                   # (T, r)
-    da = _scaled_mm(gb.t(), x2, p.scaling) if p.A.requires_grad else None
-    db = _scaled_mm(g2.t(), xa, p.scaling) if p.B.requires_grad else None
+    da = _scaled_mm(gb.t(), x2, p.scaling, p.A.dtype) if p.A.requires_grad else None
+    db = _scaled_mm(g2.t(), xa, p.scaling, p.B.dtype) if p.B.requires_grad else None
     if need_dx:
         dx = _input_grad(g2, p, dx)
         dx.addmm_(gb, a, alpha=p.scaling)
@@ -123,10 +169,15 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def compute_dtype(p: LoRAProj) -> torch.dtype:
+    """The dtype the base layer computes in (a 4-bit layer's compute dtype)."""
+    state = getattr(p.base.weight, "quant_state", None)
+    return state.dtype if state is not None else p.base.weight.dtype
+
+
 def _as_compute(x2: torch.Tensor, p: LoRAProj) -> torch.Tensor:
     """The input in the base layer's compute dtype (a copy only when they differ)."""
-    state = getattr(p.base.weight, "quant_state", None)
-    dtype = state.dtype if state is not None else p.base.weight.dtype
+    dtype = compute_dtype(p)
     return x2 if x2.dtype == dtype else x2.to(dtype)
 
 
@@ -186,7 +237,7 @@ class _LoRASwiGLU(torch.autograd.Function):
         x_fp8: dict = {}
         e, xa_gate, a_gate, b_gate = _forward(x2, gate, x_fp8)
         u, xa_up, a_up, b_up = _forward(x2, up, x_fp8)
-        a_down, b_down = down.A.to(x2.dtype), down.B.to(x2.dtype)
+        a_down, b_down = down.compute_weights(x2.dtype)
         if output:
             h = swiglu_forward(e, u)
             y, ha_down, _, _ = _forward(h, down)
@@ -210,8 +261,8 @@ class _LoRASwiGLU(torch.autograd.Function):
         h, de, du = swiglu_backward(dh, e, u)
         if ha_down is None:      # the forward was a recompute that skipped h
             ha_down = h @ a_down.t()
-        da_down = _scaled_mm(gb.t(), h, down.scaling) if down.A.requires_grad else None
-        db_down = _scaled_mm(g2.t(), ha_down, down.scaling) if down.B.requires_grad else None
+        da_down = _scaled_mm(gb.t(), h, down.scaling, down.A.dtype) if down.A.requires_grad else None
+        db_down = _scaled_mm(g2.t(), ha_down, down.scaling, down.B.dtype) if down.B.requires_grad else None
         del h
         need_dx = ctx.needs_input_grad[0]
         dx, da_gate, db_gate = _backward(de, x2, xa_gate, a_gate, b_gate, gate, None, need_dx)

@@ -32,7 +32,7 @@ from torch import nn
 
 from .decoder_layer import ATTENTION_CLASSES, decoder_layer_forward
 from .fp8 import Fp8Plan
-from .lora import LoRAProj, lora_linear, lora_projections, lora_swiglu_mlp
+from .lora import LoRAProj, cast_adapters, compute_dtype, lora_linear, lora_projections, lora_swiglu_mlp
 from .rmsnorm import rms_norm
 
 # RMSNorms computing weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) (Gemma's 1 + weight is not this).
@@ -57,7 +57,8 @@ class FastKernelReport:
         text = (f"fast kernels: {self.lora_linear} LoRA linears, {self.fused_qkv} fused QKV, "
                 f"{self.swiglu_mlp} SwiGLU MLPs, {self.rms_norm} RMSNorms, {self.decoder_layers} decoder layers")
         if self.fp8 is not None:
-            which = "forward and input-gradient" if self.fp8.input_grad else "forward"
+            which = " and ".join(part for part, on in (("forward", self.fp8.forward),
+                                                       ("input-gradient", self.fp8.input_grad)) if on) or "no"
             text += f"; {which} base products in fp8 from {self.fp8.min_tokens} tokens a batch"
         if self.skipped:
             text += "; left on PEFT/stock: " + ", ".join(f"{n} ({why})" for why, n in self.skipped.items())
@@ -156,6 +157,7 @@ def _fast_layer_forward(layer, fp8, hidden_states, *args, **kwargs):
             or not all(_still_fast(one) for one in lora_layers.values())):
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
     projs = {name: _proj(one, fp8) for name, one in lora_layers.items()}
+    cast_adapters(list(projs.values()), compute_dtype(projs["q_proj"]))
     return decoder_layer_forward(layer, projs, hidden_states, **kwargs)
 
 

@@ -185,7 +185,7 @@ def fp8_plan(cfg: Config, device: str):
     # Off unless asked: on an H100, fp8 in forward and input gradient made b4 x s4096 1.18x
     # faster, but the 7B model then learned a repeated batch visibly slower (benchmarks/README.md).
     from ..kernels.fp8 import Fp8Plan
-    return Fp8Plan(cfg.training.fp8_min_tokens, cfg.training.fp8_input_grad)
+    return Fp8Plan(cfg.training.fp8_min_tokens, cfg.training.fp8_input_grad, cfg.training.fp8_forward)
 
 
 def offload_on(cfg: Config, device: str) -> bool:
