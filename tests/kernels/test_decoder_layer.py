@@ -87,3 +87,16 @@ def test_adapters_laid_out_flat_are_cast_once_per_layer(tiny_cfg):
         assert p.a16.dtype == torch.bfloat16 and torch.equal(p.a16, p.A.to(torch.bfloat16))
         assert torch.equal(p.b16, p.B.to(torch.bfloat16))
     assert len({p.a16.untyped_storage().data_ptr() for p in projs}) == 1   # one cast
+
+
+def test_packed_rows_with_restarting_positions_match_peft(tiny_cfg):
+    # Packing passes position_ids that restart per example; the layer hands them (and the
+    # mask transformers builds from them) to the attention function as the stock layer does.
+    ref, fast = _model(tiny_cfg, fast=False), _model(tiny_cfg)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(4))
+    pos = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
+    loss_ref = summed_nll(ref, None, ids, input_ids=ids, position_ids=pos)
+    loss_fast = summed_nll(fast, fused_loss_parts(fast), ids, input_ids=ids, position_ids=pos)
+    torch.testing.assert_close(loss_fast, loss_ref, atol=1e-4, rtol=1e-5)
+    unpacked = summed_nll(fast, fused_loss_parts(fast), ids, input_ids=ids)
+    assert abs(unpacked.item() - loss_fast.item()) > 1e-3     # the positions did matter

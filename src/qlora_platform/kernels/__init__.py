@@ -5,9 +5,13 @@
     enable_offloaded_checkpointing(peft_model)       # offload.py
 
 - lora.py: LoRA projections and the SwiGLU MLP as autograd functions over 4-bit weights;
-- swiglu.py, rmsnorm.py: Triton kernels (the reference runs where Triton cannot);
+- decoder_layer.py: the Llama-family decoder layer written out, with a checkpoint recompute
+  that redoes only attention and the gate/up products;
+- swiglu.py, rmsnorm.py, rope.py, nf4.py, fp8.py: Triton kernels (the reference runs where
+  Triton cannot);
 - cross_entropy.py: the loss through the output head without materialising the logits;
-- offload.py: gradient checkpointing with the layer inputs parked in pinned CPU memory.
+- offload.py: gradient checkpointing with the layer inputs (and what a layer keeps) parked in
+  pinned CPU memory.
 
 The trainer turns them on for CUDA by default (training.fast_kernels,
 training.offload_checkpoints). Tests: tests/kernels (CPU, Triton interpreted) and the

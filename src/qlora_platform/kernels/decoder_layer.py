@@ -18,7 +18,7 @@ forward otherwise. Against the stock layer it buys two things:
   o_proj and down_proj products, RoPE and SwiGLU (the products run with output=False:
   only their rank-r LoRA halves, for the adapter gradients) and hands back a placeholder
   output that carries the gradient. What is left to recompute is the two norms,
-  attention and the gate/up products: 5 of 7 weight products become 2.
+  attention and the gate/up products: of the 7 weight products, 2 are recomputed.
 """
 from __future__ import annotations
 
