@@ -154,7 +154,10 @@ def measure(step, batch: int, seq: int, steps: int) -> dict:
 
 def _shapes(args) -> list[tuple[int, int]]:
     if args.shapes:
-        pairs = [tuple(int(n) for n in part.split("x")) for part in args.shapes.split(",")]
+        try:
+            pairs = [(int(b), int(s)) for b, s in (part.split("x") for part in args.shapes.split(","))]
+        except ValueError:
+            raise SystemExit(f"--shapes {args.shapes!r}: write batch x sequence pairs, e.g. 2x1024,1x2048,4x4096")
         return sorted(pairs, key=lambda bs: bs[0] * bs[1])
     if args.batch is None or args.seq is None:
         raise SystemExit("give --batch and --seq, or --shapes BxS,BxS")
