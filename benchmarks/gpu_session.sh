@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU work still owed, in sections that each fit one device call (600 s), results to $OUT.
 #   QLORA_COMMIT=$(git rev-parse --short HEAD) RUN_ID=h100-YYYYMMDD-x bash benchmarks/gpu_session.sh SECTION
-# SECTION: tests | train | train-small | train-large | fp8 | generate | serve | packing
+# SECTION: tests | train | train-small | train-large | fp8 | generate | serve | packing | multi-gpu
+# (multi-gpu on nvidia-h100-x2: DDP, FSDP and one GPU with the same global batch)
 # (generate and serve take WEIGHTS="nf4 bf16" and generate VARIANTS="reference qlora_platform unsloth")
 # Carry .device-site (benchmarks/README.md says how to build it).
 set -uo pipefail
@@ -41,5 +42,7 @@ case "${1:-}" in
     done ;;
   packing)
     bash benchmarks/packing_throughput.sh ;;
+  multi-gpu)   # first steps compile kernels and FSDP ran ~15 s a step: give each run its time
+    STEPS=${STEPS:-8} RUN_TIMEOUT=${RUN_TIMEOUT:-170} bash benchmarks/multi_gpu.sh ;;
   *) sed -n '2,6p' "$0"; exit 2 ;;
 esac

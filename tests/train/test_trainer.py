@@ -110,3 +110,25 @@ def test_missing_data_file_is_clear(tiny_cfg):
     tiny_cfg.data.train_file = "/nonexistent/train.jsonl"
     with pytest.raises(UserError, match="train_file '/nonexistent/train.jsonl' does not exist.*qlora prepare"):
         Trainer(tiny_cfg)
+
+
+def test_out_of_memory_saves_the_finished_steps_and_says_what_to_change(tiny_cfg):
+    trainer = Trainer(tiny_cfg, log=lambda *_: None)
+    real, calls = trainer._forward_loss, {"n": 0}
+
+    def oom_in_step_3(rows, n):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(rows, n)
+
+    trainer._forward_loss = oom_in_step_3
+    with pytest.raises(UserError) as err:
+        trainer.train()
+    text = str(err.value)
+    assert "out of memory in step 3/6" in text and "saved the 2 finished steps" in text
+    assert "--batch_size 2 --grad_accum 2" in text and "--gradient_checkpointing true" in text
+    assert "--resume" in text and "\n" not in text
+    assert [s for s, _ in list_checkpoints(tiny_cfg.output.dir)] == [2]
+    resumed = Trainer(tiny_cfg, resume=True, log=lambda *_: None)
+    assert resumed.step == 2

@@ -134,6 +134,12 @@ def check_fits(est: dict[str, float], free_bytes: int, device_name: str, cfg: Co
     """Refuse (UserError) when the estimate exceeds 95% of the free memory, with what to change."""
     if est["total"] <= 0.95 * free_bytes:
         return
+    raise UserError(f"this run needs about {est['total'] / GIB:.1f} GiB but {device_name} has "
+                    f"{free_bytes / GIB:.1f} GiB free; try {memory_advice(cfg)} (see 'qlora train --dry-run')")
+
+
+def memory_advice(cfg: Config) -> str:
+    """The overrides that lower a run's peak memory the most, as the user would type them."""
     advice = []
     if not cfg.training.gradient_checkpointing:
         advice.append("--gradient_checkpointing true")
@@ -142,9 +148,7 @@ def check_fits(est: dict[str, float], free_bytes: int, device_name: str, cfg: Co
                       f"--grad_accum {cfg.training.grad_accum * 2}")
     if cfg.data.max_seq_len > 512:
         advice.append(f"--max_seq_len {cfg.data.max_seq_len // 2}")
-    raise UserError(f"this run needs about {est['total'] / GIB:.1f} GiB but {device_name} has "
-                    f"{free_bytes / GIB:.1f} GiB free; try {' or '.join(advice) or 'a smaller model'} "
-                    f"(see 'qlora train --dry-run')")
+    return " or ".join(advice) or "a smaller model"
 
 
 def peak_memory_gib(device: str) -> float:

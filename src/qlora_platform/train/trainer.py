@@ -27,7 +27,7 @@ from ..data.tokenize import IGNORE, encode_records
 from ..errors import UserError
 from ..eval.perplexity import holdout_perplexity
 from ..models.loader import device_label, fast_kernels_on, load_tokenizer, pick_device
-from ..models.memory import peak_memory_gib
+from ..models.memory import memory_advice, peak_memory_gib
 from .batching import collate, plan_epoch
 from .checkpoint import latest_checkpoint, load_adapter_weights, load_checkpoint, save_checkpoint
 from .flat_params import FlatParams
@@ -325,10 +325,34 @@ class Trainer:
             raise UserError(f"interrupted at step {self.step}/{self.total_steps}; saved {path}. "
                             f"Continue with: qlora train --config {self.out / 'config.yaml'} --resume",
                             exit_code=130) from None
+        except torch.OutOfMemoryError:
+            bar.close()
+            tracker.close()
+            raise UserError(self._out_of_memory()) from None
         bar.close()
         final_eval = self._log_eval(tracker) if self.eval_examples else None
         tracker.close()
         return self._finish(final_eval)
+
+    def _out_of_memory(self) -> str:
+        """What to say when a step ran out of memory. The finished steps are saved first (the
+        failed step's partial gradients dropped), so no finished work is lost."""
+        peak = peak_memory_gib(self.device)
+        self._zero_grad()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        saved = "nothing to save yet (no step finished)"
+        if self.step > 0:
+            try:
+                saved = f"saved the {self.step} finished steps in {self.save_checkpoint()}"
+            except (torch.OutOfMemoryError, OSError) as err:
+                saved = f"could not save a checkpoint ({type(err).__name__})"
+        text = (f"out of memory in step {self.step + 1}/{self.total_steps} (peak {peak:.2f} GiB on "
+                f"{device_label(self.device)}); {saved}. To fit, try {memory_advice(self.cfg)}")
+        if self.step > 0 and not self.cfg.training.gradient_checkpointing:
+            text += (f"; with only --gradient_checkpointing true added, qlora train --config "
+                     f"{self.out / 'config.yaml'} --resume continues from the saved steps")
+        return text + " (a new batch size or sequence length reorders the data: use a new output.dir)"
 
     def _log_eval(self, tracker) -> dict:
         result = self.evaluate()
