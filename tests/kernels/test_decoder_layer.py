@@ -100,3 +100,18 @@ def test_packed_rows_with_restarting_positions_match_peft(tiny_cfg):
     torch.testing.assert_close(loss_fast, loss_ref, atol=1e-4, rtol=1e-5)
     unpacked = summed_nll(fast, fused_loss_parts(fast), ids, input_ids=ids)
     assert abs(unpacked.item() - loss_fast.item()) > 1e-3     # the positions did matter
+
+
+def test_a_recompute_whose_first_pass_kept_nothing_recomputes_in_full(tiny_cfg):
+    # The first pass ran the stock layer (adapter switched off then), the recompute the fast one.
+    from qlora_platform.kernels.offload import LayerReplay, _replaying
+
+    model = _model(tiny_cfg)
+    layer = model.get_base_model().model.layers[0]
+    x = torch.randn(1, 5, 64, requires_grad=True)
+    rotary = model.get_base_model().model.rotary_emb
+    pos = rotary(x, torch.arange(5)[None])
+    want = layer(x, position_embeddings=pos)
+    with _replaying(LayerReplay(kept=[])):
+        got = layer(x, position_embeddings=pos)
+    torch.testing.assert_close(got, want)

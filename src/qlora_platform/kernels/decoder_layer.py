@@ -32,6 +32,7 @@ from .rope import rope_backward, rope_qk
 
 # What the first pass keeps for the recompute, in this order.
 KEPT_Q, KEPT_K, KEPT_V, KEPT_H2 = range(4)
+KEPT_COUNT = 4
 
 ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 
@@ -88,25 +89,26 @@ def _attention_kwargs(attn) -> dict:
     return {}
 
 
-def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, attention_mask, replay=None,
-                   **kwargs):
-    """Attention up to (not including) o_proj: (B, S, heads * head_dim). In a recompute the
-    rotated q, k and v come from the first pass (`replay.kept`), not from the products."""
+def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, attention_mask, kept=None,
+                   keep=None, **kwargs):
+    """Attention up to (not including) o_proj: (B, S, heads * head_dim). With `kept` (a
+    recompute) the rotated q, k and v are those of the first pass, not new products; with
+    `keep` (a first pass under the checkpoint) they are handed to it."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     b, s = x.shape[:2]
     d = attn.head_dim
     cos, sin = position_embeddings
     qkv = [projs["q_proj"], projs["k_proj"], projs["v_proj"]]
-    if replay is not None and replay.recompute:
-        q, k, v = _KnownRotated.apply(*lora_projections(x, qkv, output=False), cos, sin, replay.kept)
+    if kept is not None:
+        q, k, v = _KnownRotated.apply(*lora_projections(x, qkv, output=False), cos, sin, kept)
     else:
         q, k, v = lora_projections(x, qkv)
         q, k = rope_qk(q.view(b, s, -1, d), k.view(b, s, -1, d), cos, sin)
         v = v.view(b, s, -1, d)
-        if replay is not None:
+        if keep is not None:
             for t in (q, k, v):      # KEPT_Q, KEPT_K, KEPT_V
-                replay.keep(t)
+                keep(t)
     eager = sys.modules[type(attn).__module__].eager_attention_forward
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
     out, _ = interface(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -121,17 +123,19 @@ def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, atte
     kwargs.pop("use_cache", None)
     kwargs.pop("past_key_values", None)
     replay = current_replay()
-    recompute = replay is not None and replay.recompute
-    attn, mlp = layer.self_attn, layer.mlp
-    a = attention_core(attn, projs, layer.input_layernorm(hidden_states), position_embeddings, attention_mask,
-                       replay, position_ids=position_ids, **kwargs)
+    # A recompute skips work only when its first pass kept everything (the same fast forward ran).
+    recompute = replay is not None and replay.recompute and len(replay.kept) == KEPT_COUNT
+    keep = replay.keep if replay is not None and not replay.recompute else None
+    a = attention_core(layer.self_attn, projs, layer.input_layernorm(hidden_states), position_embeddings,
+                       attention_mask, replay.kept if recompute else None, keep, position_ids=position_ids,
+                       **kwargs)
     if recompute:
         o = lora_linear(a, projs["o_proj"], output=False)
         h2 = _KnownResidual.apply(hidden_states, o, replay.kept)
     else:
         h2 = hidden_states + lora_linear(a, projs["o_proj"])
-        if replay is not None:
-            replay.keep(h2)          # KEPT_H2
+        if keep is not None:
+            keep(h2)                 # KEPT_H2
     n2 = layer.post_attention_layernorm(h2)
     m = lora_swiglu_mlp(n2, projs["gate_proj"], projs["up_proj"], projs["down_proj"], output=not recompute)
     return _Joined.apply(h2, m) if recompute else h2 + m
