@@ -92,3 +92,16 @@ def test_rope_bf16_on_the_gpu_equals_transformers_bit_for_bit():
     want_q, want_k = _stock(q, k, cos, sin)
     got_q, got_k = rope_qk(q.clone(), k.clone(), cos, sin)
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+def test_rope_backward_of_a_head_size_the_kernel_cannot_tile_uses_the_reference():
+    # The decoder layer's recompute calls rope_backward directly, whatever the head size.
+    from qlora_platform.kernels.rope import rope_backward
+
+    b, s, h, d = 1, 4, 2, 12
+    cos, sin = _cos_sin(b, s, d, torch.float32)
+    x = torch.randn(b, s, h, d, device=DEV, requires_grad=True)
+    g = torch.randn(b, s, h, d, device=DEV)
+    want, _ = _stock(x, x[:, :, :0], cos, sin)
+    want.backward(g)
+    torch.testing.assert_close(rope_backward(g, cos, sin), x.grad)

@@ -19,7 +19,8 @@ Mistral-7B shape (benchmarks/profile_train_step.py):
   tokens; LoRA products stay 16-bit.
 
 Gradients for A and B come out in the master weights' dtype straight from the GEMM on
-CUDA (in the compute dtype elsewhere; autograd then casts them). Works on any device bitsandbytes runs on (CPU included).
+CUDA (in the compute dtype elsewhere; autograd then casts them). Works on any device
+bitsandbytes runs on (CPU included).
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ module instances (never of classes, so other models in the process are untouched
 - SwiGLU MLPs (gate/up/down all LoRA layers, SiLU) -> `lora.lora_swiglu_mlp`;
 - Llama-form RMSNorms with a frozen 16-bit weight -> `rmsnorm.rms_norm`;
 - Llama/Mistral/Qwen2 decoder layers whose seven projections all take the fast path ->
-  `decoder_layer.decoder_layer_forward` (fused RoPE; a checkpoint recompute that skips
-  o_proj, down_proj and SwiGLU). The module patches above still serve its fallbacks.
+  `decoder_layer.decoder_layer_forward` (fused RoPE; a checkpoint recompute that redoes
+  only attention and the gate/up products). The module patches above serve its fallbacks.
 Every patched forward checks at call time that the fast path still applies
 (adapter enabled, not merged, the same single adapter, no extra arguments) and
 otherwise runs the module's own forward, so `disable_adapter()`, merging and

@@ -74,6 +74,14 @@ def _fits(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1
 
 
+def _kernel_runs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether the kernel takes x (either way): a power-of-two head size of at least 16 (its
+    tile), contiguous last dimensions, cos and sin laid out alike and in x's dtype."""
+    d = x.shape[-1]
+    return (faithful_triton(x) and d >= 16 and not d & (d - 1) and _fits(cos)
+            and sin.stride() == cos.stride() and cos.dtype == x.dtype)
+
+
 class _RoPE(torch.autograd.Function):
     """One tensor a call: autograd allows an in-place Function on a view only with one output."""
 
@@ -92,7 +100,7 @@ class _RoPE(torch.autograd.Function):
 
 def rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The gradient before the rotation, from the gradient after it: (B, S, heads, D), contiguous."""
-    if not (faithful_triton(grad) and _fits(cos) and sin.stride() == cos.stride()):
+    if not _kernel_runs(grad, cos, sin):
         with torch.enable_grad():
             x = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
             y, _ = rope_reference(x, x[:, :, :0], cos, sin)
@@ -106,9 +114,7 @@ def rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotated (q, k); in place when the kernel runs. q, k: (B, S, heads, D), last dim
     contiguous; cos, sin: (B, S, D) (a broadcast batch dimension is fine)."""
-    d = q.shape[-1]
-    if (not faithful_triton(q) or d & (d - 1) or d < 16 or not (_fits(q) and _fits(k))
-            or cos.stride(-1) != 1 or sin.stride() != cos.stride() or cos.dtype != q.dtype):
+    if not (_kernel_runs(q, cos, sin) and _fits(q) and _fits(k)):
         return rope_reference(q, k, cos, sin)
     cos, sin = cos.expand(q.shape[0], -1, -1), sin.expand(q.shape[0], -1, -1)
     return _RoPE.apply(q, cos, sin), _RoPE.apply(k, cos, sin)
