@@ -13,7 +13,6 @@ step's structure.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,14 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from benchmarks.generate_throughput import load  # noqa: E402
+from benchmarks.generate_throughput import load, model_parser  # noqa: E402
 from benchmarks.train_throughput import checkpoint  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="mistral-7b")
-    p.add_argument("--weights", choices=["bf16", "nf4"], required=True)
+    p = model_parser(__doc__)
     p.add_argument("--kernels", choices=["triton", "reference"], default="triton")
     p.add_argument("--device", default="cuda", help="cpu: bf16 weights only, a smoke test of this script")
     args = p.parse_args()

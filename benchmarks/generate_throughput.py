@@ -97,10 +97,16 @@ def to_fp32(model) -> None:
     model.config.dtype = torch.float32
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of every script that loads a model through `load`: --shape, --weights."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--shape", default="mistral-7b")
     p.add_argument("--weights", choices=["bf16", "nf4"], required=True)
+    return p
+
+
+def main() -> None:
+    p = model_parser(__doc__)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--variant", choices=["qlora_platform", "reference", "unsloth"], required=True)
     p.add_argument("--new-tokens", type=int, default=128)

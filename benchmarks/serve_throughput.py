@@ -11,7 +11,6 @@ out on purpose: it adds the same small cost to every peer and is tested in tests
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,14 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
-from benchmarks.generate_throughput import load  # noqa: E402
+from benchmarks.generate_throughput import load, model_parser  # noqa: E402
 from benchmarks.train_throughput import checkpoint  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="mistral-7b")
-    p.add_argument("--weights", choices=["bf16", "nf4"], required=True)
+    p = model_parser(__doc__)
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
