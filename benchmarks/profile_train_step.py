@@ -19,6 +19,20 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.train_throughput import build_step, checkpoint  # noqa: E402
 
 
+def _gpu_busy(prof) -> tuple[float, int]:
+    """Seconds in which at least one kernel ran (copies left out), and the number of kernels:
+    a step whose wall time is well above its busy time waits on the host."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA" and not e.name.startswith("Memcpy")
+                   and not e.name.startswith("Memset"))
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy / 1e6, len(spans)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="mistral-7b")
@@ -45,8 +59,10 @@ def main() -> None:
     table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     gpu_total = sum(e.self_device_time_total for e in events) / 1e6
+    busy, launches = _gpu_busy(prof)
     print(f"# {args.variant} b{args.batch} x s{args.seq}: step {wall:.3f} s (profiled), "
-          f"GPU kernels {gpu_total:.3f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+          f"GPU kernels {gpu_total:.3f} s, GPU busy (kernels, any stream) {busy:.3f} s, {launches} kernel launches, "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     kernels = sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]
     for e in kernels:
         print(f"{e.self_device_time_total / 1e3:10.1f} ms {e.count:6d}x  {e.key[:110]}")

@@ -13,7 +13,9 @@ mode; the median step after 3 warm-up steps, `torch.cuda.max_memory_allocated`.
 - reference: transformers + PEFT + bitsandbytes, the model's own loss (the plan's stack).
 - qlora_platform: what `qlora train` runs on a GPU: `train.model.build_training_model` from
   the Mistral-7B preset (fast kernels, offloaded checkpoints), the trainer's optimizer and
-  loss (`summed_nll`, the summed answer-token NLL without logits).
+  loss (`summed_nll`, the summed answer-token NLL without logits), forward and backward
+  through the trainer's `train.model.loss_backward` (CUDA graphs from the second step of a
+  shape; `--set training.cuda_graphs=false` measures it without them).
 - unsloth: Unsloth's FastLanguageModel with its gradient checkpointing.
 
 Each variant runs in its own process (so peaks do not mix); a GPU run calls this once
@@ -45,13 +47,17 @@ def checkpoint(shape: str) -> Path:
     return path
 
 
-def optimizer_step(loss_fn, opt, model=None, zero_grad=None):
-    """One training step on token ids x: loss, backward, optimizer step; returns the loss."""
+def optimizer_step(loss_fn, opt, model=None, zero_grad=None, forward_backward=None):
+    """One training step on token ids x: loss, backward (or `forward_backward(x)`, which does
+    both and returns the loss), optimizer step; returns the loss."""
     zero_grad = zero_grad or (lambda: opt.zero_grad(set_to_none=True))
 
     def step(x):
-        loss = loss_fn(x)
-        loss.backward()
+        if forward_backward is not None:
+            loss = forward_backward(x)
+        else:
+            loss = loss_fn(x)
+            loss.backward()
         opt.step()
         zero_grad()
         return loss.detach()
@@ -83,7 +89,7 @@ def build_qlora_platform(path: Path, seq: int, batch: int, lr: float = 2e-4, ove
     sys.path.insert(0, str(ROOT / "src"))
     from qlora_platform.config import load_config
     from qlora_platform.train.flat_params import FlatParams
-    from qlora_platform.train.model import build_training_model, summed_nll
+    from qlora_platform.train.model import build_training_model, loss_backward, summed_nll
     from qlora_platform.train.trainer import build_optimizer
 
     cfg = load_config(ROOT / "configs/mistral-7b.yaml", {
@@ -93,8 +99,10 @@ def build_qlora_platform(path: Path, seq: int, batch: int, lr: float = 2e-4, ove
     model, fused = build_training_model(cfg, "cuda", log=lambda msg: print(msg, file=sys.stderr))
     flat = FlatParams([p for p in model.parameters() if p.requires_grad])   # as the trainer does on CUDA
     opt = build_optimizer([flat.param], cfg, "cuda")
+    run = loss_backward(model, fused, cfg, "cuda", log=lambda msg: print(msg, file=sys.stderr))
     step = optimizer_step(lambda x: summed_nll(model, fused, x, input_ids=x) / (x.numel() - x.size(0)), opt,
-                          model, flat.zero_grad)
+                          model, flat.zero_grad,
+                          lambda x: run({"labels": x, "input_ids": x}, 1 / (x.numel() - x.size(0))))
     from qlora_platform.models.memory import GIB, estimate_training_memory
 
     def preflight(batch: int, seq: int) -> float:
@@ -149,7 +157,9 @@ def measure(step, batch: int, seq: int, steps: int) -> dict:
     host_median = sorted(host[3:])[len(timed) // 2]
     return {"batch": batch, "seq": seq, "tokens_per_s": round(batch * seq / median), "median_step_s": round(median, 3),
             "host_step_s": round(host_median, 3),
-            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2), "loss": round(float(loss), 4)}
+            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
+            "reserved_gib": round(torch.cuda.memory_reserved() / 2 ** 30, 2),   # CUDA graph pools included
+            "loss": round(float(loss), 4)}
 
 
 def _shapes(args) -> list[tuple[int, int]]:

@@ -92,6 +92,10 @@ class TrainingConfig(_Section):
     # Checkpointed layer inputs parked in pinned CPU memory during forward. None: on for CUDA
     # whenever gradient_checkpointing is; no effect on the CPU.
     offload_checkpoints: Optional[bool] = None
+    # With fast_kernels on CUDA: a batch shape seen before replays its forward and backward from a
+    # CUDA graph (train/cuda_graph.py), so small batches are not held back by Python and kernel
+    # launches. Batches that need an attention mask or packing positions run eagerly.
+    cuda_graphs: bool = True
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     logging_steps: int = Field(10, ge=1)

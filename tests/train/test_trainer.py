@@ -63,7 +63,7 @@ def test_checkpoint_then_resume_continues_at_the_same_step_and_order(tiny_cfg, t
 
     calls = {"n": 0}
     interrupted = Trainer(tiny_cfg, log=lambda *_: None)
-    real = interrupted._forward_loss
+    real = interrupted._forward_backward
 
     def flaky(rows, n):
         calls["n"] += 1
@@ -71,7 +71,7 @@ def test_checkpoint_then_resume_continues_at_the_same_step_and_order(tiny_cfg, t
             raise KeyboardInterrupt
         return real(rows, n)
 
-    interrupted._forward_loss = flaky
+    interrupted._forward_backward = flaky
     with pytest.raises(UserError, match="interrupted at step 4/6.*--resume") as err:
         interrupted.train()
     assert err.value.exit_code == 130
@@ -114,7 +114,7 @@ def test_missing_data_file_is_clear(tiny_cfg):
 
 def test_out_of_memory_saves_the_finished_steps_and_says_what_to_change(tiny_cfg):
     trainer = Trainer(tiny_cfg, log=lambda *_: None)
-    real, calls = trainer._forward_loss, {"n": 0}
+    real, calls = trainer._forward_backward, {"n": 0}
 
     def oom_in_step_3(rows, n):
         calls["n"] += 1
@@ -122,7 +122,7 @@ def test_out_of_memory_saves_the_finished_steps_and_says_what_to_change(tiny_cfg
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(rows, n)
 
-    trainer._forward_loss = oom_in_step_3
+    trainer._forward_backward = oom_in_step_3
     with pytest.raises(UserError) as err:
         trainer.train()
     text = str(err.value)

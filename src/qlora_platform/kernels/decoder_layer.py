@@ -22,6 +22,7 @@ forward otherwise. Against the stock layer it buys two things:
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -35,6 +36,21 @@ KEPT_Q, KEPT_K, KEPT_V, KEPT_H2 = range(4)
 KEPT_COUNT = 4
 
 ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+
+_PLAIN_CAUSAL = [False]
+
+
+@contextlib.contextmanager
+def plain_causal_attention():
+    """For batches known to need only the causal mask (no padding, no packed sequences): attention
+    ignores the mask the model built and runs causal. Under CUDA graph capture transformers
+    cannot check that the mask is plain (it would wait on the GPU), so it builds a dense one,
+    which moves SDPA off its fastest kernels; train/cuda_graph.py captures inside this."""
+    _PLAIN_CAUSAL[0] = True
+    try:
+        yield
+    finally:
+        _PLAIN_CAUSAL[0] = False
 
 
 class _KnownResidual(torch.autograd.Function):
@@ -109,6 +125,9 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
         if keep is not None:
             for t in (q, k, v):      # KEPT_Q, KEPT_K, KEPT_V
                 keep(t)
+    window = _attention_kwargs(attn).get("sliding_window")
+    if _PLAIN_CAUSAL[0] and (window is None or s <= window):   # a window as long as the row is causal
+        attention_mask = None
     eager = sys.modules[type(attn).__module__].eager_attention_forward
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
     out, _ = interface(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -43,7 +43,14 @@ class _HostPool:
 class Offloader:
     """Moves each checkpointed layer's saved tensors (its input, and whatever the layer's
     forward keeps through `LayerReplay.keep`) to the host and back; one per model.
-    On a CPU device the tensors simply stay where they are (tests use this)."""
+    On a CPU device the tensors simply stay where they are (tests use this).
+
+    Every device buffer is allocated on the compute stream and no tensor is handed to the
+    allocator from the side stream (no `record_stream`): a parked tensor stays referenced
+    until the compute stream waits for its copy as the next layer starts, and a prefetched one
+    is written by the side stream only after it waited for the compute stream. The same
+    code then also runs inside a CUDA graph capture (train/cuda_graph.py), where memory
+    freed this way is reused within the graph instead of held to the end of the capture."""
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
@@ -52,12 +59,15 @@ class Offloader:
         self.pool = _HostPool()
         self.saved: list[list | None] = []   # per layer, in forward order: host copies
         self.prefetched: dict[int, tuple[list[torch.Tensor], torch.cuda.Event]] = {}
-        self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []   # host buffers being read
+        self._parking: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []  # device tensors being copied out
+        self.graph_owned: list[torch.Tensor] | None = None   # set while a CUDA graph is captured
 
     def save(self, x: torch.Tensor) -> int:
         """Start a layer's entry with its input; returns the entry's index."""
         self.saved.append([])
         idx = len(self.saved) - 1
+        self._release_parked(before=idx)   # the previous layer's copies ran behind its compute
         self.add(idx, x)
         return idx
 
@@ -67,22 +77,35 @@ class Offloader:
             self.saved[idx].append(x)
             return
         host = self.pool.take(x)
+        if self.graph_owned is not None:
+            self.graph_owned.append(host)   # the graph writes this buffer on every replay
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             host.copy_(x, non_blocking=True)
-        x.record_stream(self.stream)   # the allocator keeps x until the copy is done
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        self._parking.append((idx, x, copied))   # x stays alive until compute waits for `copied`
         self.saved[idx].append(host)
+
+    def _release_parked(self, before: int) -> None:
+        """Drop device tensors of entries < before once the compute stream waits for their copies."""
+        keep = []
+        compute = torch.cuda.current_stream(self.device) if self.on_gpu else None
+        for idx, x, copied in self._parking:
+            if idx < before:
+                compute.wait_event(copied)
+            else:
+                keep.append((idx, x, copied))
+        self._parking = keep
 
     def _start_load(self, idx: int) -> None:
         if idx < 0 or idx >= len(self.saved) or idx in self.prefetched or self.saved[idx] is None:
             return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        gpus = [torch.empty(host.shape, dtype=host.dtype, device=self.device) for host in self.saved[idx]]
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))   # gpus' memory is free by then
         with torch.cuda.stream(self.stream):
-            gpus = []
-            for host in self.saved[idx]:
-                gpu = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            for gpu, host in zip(gpus, self.saved[idx]):
                 gpu.copy_(host, non_blocking=True)
-                gpus.append(gpu)
             done = torch.cuda.Event()
             done.record(self.stream)
         self.prefetched[idx] = (gpus, done)
@@ -93,14 +116,13 @@ class Offloader:
             tensors, self.saved[idx] = self.saved[idx], None
             self._forget_if_done()
             return tensors
+        self._release_parked(before=len(self.saved))   # forward is over
         self._start_load(idx)
         self._start_load(idx - 1)          # the layer backward reaches next: overlap its copy
         gpus, done = self.prefetched.pop(idx)
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(done)
-        for gpu in gpus:
-            gpu.record_stream(compute)
-        self._pending += [(host, done) for host in self.saved[idx]]
+        torch.cuda.current_stream(self.device).wait_event(done)
+        if self.graph_owned is None:
+            self._pending += [(host, done) for host in self.saved[idx]]
         self.saved[idx] = None
         self._forget_if_done()
         self._recycle()
@@ -112,6 +134,8 @@ class Offloader:
 
     def _recycle(self) -> None:
         """Host buffers go back to the pool once the copy that read them has finished."""
+        if self.graph_owned is not None:
+            return      # events recorded in a capture cannot be queried
         still = []
         for buf, done in self._pending:
             if done.query():
@@ -119,6 +143,32 @@ class Offloader:
             else:
                 still.append((buf, done))
         self._pending = still
+
+    def settle(self) -> None:
+        """Wait for every copy and return every host buffer to the pool (before a capture)."""
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+            for buf, _ in self._pending:
+                self.pool.give(buf)
+        self._pending, self._parking = [], []
+
+    def reset(self) -> None:
+        """Forget a pass that did not finish (a failed capture); its host buffers go back to the pool."""
+        for entry in self.saved:
+            for buf in entry or []:
+                self.pool.give(buf)
+        self.saved, self.prefetched, self._parking = [], {}, []
+
+    @contextlib.contextmanager
+    def capturing(self, owned: list):
+        """Inside a CUDA graph capture: host buffers taken now belong to the graph (`owned`)."""
+        self.settle()
+        self.graph_owned = owned
+        try:
+            yield
+        finally:
+            self.graph_owned = None
+            self._parking = []
 
 
 class LayerReplay:
@@ -184,6 +234,15 @@ def enable_offloaded_checkpointing(model) -> Offloader | None:
     if device.type != "cuda":
         return None
     return use_offloader(model, Offloader(device))
+
+
+def offloader_of(model) -> Offloader | None:
+    """The Offloader a model's checkpointed layers use, if any."""
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if isinstance(func, functools.partial) and func.func is offloaded_checkpoint:
+            return func.args[0]
+    return None
 
 
 def use_offloader(model, offloader: Offloader) -> Offloader:

@@ -49,3 +49,18 @@ def summed_nll(model, fused, labels: torch.Tensor, **inputs) -> torch.Tensor:
     decoder, head = fused
     hidden = decoder(**inputs).last_hidden_state
     return linear_cross_entropy(hidden, head.weight, shift_labels(labels))
+
+
+def loss_backward(model, fused, cfg: Config, device: str, log=print):
+    """Forward and backward of one batch as `qlora train` runs them: `run(batch, scale)` with
+    batch = {"labels": ..., "input_ids": ..., [mask / positions]} accumulates the gradients of
+    scale x summed NLL and returns that loss; replayed from CUDA graphs where train/cuda_graph.py
+    can (training.cuda_graphs, with the fast kernels on CUDA)."""
+    from ..kernels.decoder_layer import plain_causal_attention
+    from ..kernels.offload import offloader_of
+    from .cuda_graph import LossBackward
+
+    run = LossBackward(lambda labels, **inputs: summed_nll(model, fused, labels, **inputs), device,
+                       offloader=offloader_of(model), log=log, capture_context=plain_causal_attention)
+    run.enabled = run.enabled and cfg.training.cuda_graphs and fast_kernels_on(cfg, device)
+    return run

@@ -32,7 +32,7 @@ from .batching import collate, plan_epoch
 from .checkpoint import latest_checkpoint, load_adapter_weights, load_checkpoint, save_checkpoint
 from .flat_params import FlatParams
 from .distributed import world_size
-from .model import build_training_model, summed_nll
+from .model import build_training_model, loss_backward, summed_nll
 from .model_card import write_model_card
 from .tracking import NullTracker, Tracker
 
@@ -110,6 +110,9 @@ class Trainer:
         # With the fast kernels the adapter lives in one flat buffer: one optimizer launch a step.
         self.flat = FlatParams(self.trainable) if fast_kernels_on(cfg, self.device) and not self.dist else None
         self.optimized = [self.flat.param] if self.flat else self.trainable
+        # Forward + backward of a batch; CUDA graphs need gradients that stay put (FlatParams).
+        self.run_batch = loss_backward(self.model, self.fused_loss, cfg, self.device, log)
+        self.run_batch.enabled = self.run_batch.enabled and self.flat is not None
         self.optimizer = None if self.dist else build_optimizer(self.optimized, cfg, self.device)
         if self.dist and resume:
             self._resume_adapter()     # before wrapping: FSDP shards what it is given
@@ -209,7 +212,9 @@ class Trainer:
                                   pad_id=self.tokenizer.pad_token_id, progress=True)
 
     # -- training ---------------------------------------------------------------------
-    def _forward_loss(self, rows, n_label_window: int) -> tuple[torch.Tensor, int]:
+    def _batch(self, rows) -> tuple[dict, int, float, bool]:
+        """A micro-batch on the device: (inputs with labels, its tokens, loss weight across
+        processes, whether it may run from a CUDA graph: no mask and no packing positions)."""
         scale = 1.0
         if self.dist:
             # This process's rows; the engine averages gradients over processes, so the summed
@@ -220,17 +225,30 @@ class Trainer:
         examples = [[self.train_examples[i] for i in row] for row in rows]
         batch = collate(examples, self.tokenizer.pad_token_id, self.cfg.data.packing)
         dev = self.device
-        kwargs = {"input_ids": batch["input_ids"].to(dev)}
+        inputs = {"labels": batch["labels"].to(dev), "input_ids": batch["input_ids"].to(dev)}
+        graphable = False
         if self.cfg.data.packing:   # boundaries from the positions (batching.py); transformers
             # reads them only when there is no attention mask and no cache
-            kwargs["position_ids"] = batch["position_ids"].to(dev)
-            kwargs["use_cache"] = False
+            inputs["position_ids"] = batch["position_ids"].to(dev)
+            inputs["use_cache"] = False
+        elif bool(batch["attention_mask"].all()):   # no padding: the causal mask alone (on the host, no sync)
+            graphable = True
         else:
-            kwargs["attention_mask"] = batch["attention_mask"].to(dev)
-        # Summed over the window's labelled tokens, then divided once: every token weighs
-        # the same however the tokens fall into micro-batches.
-        loss = summed_nll(self.model, self.fused_loss, batch["labels"].to(dev), **kwargs) / max(n_label_window, 1)
-        return loss * scale if scale != 1.0 else loss, batch["num_tokens"] if scale else 0
+            inputs["attention_mask"] = batch["attention_mask"].to(dev)
+        return inputs, batch["num_tokens"] if scale else 0, scale, graphable
+
+    def _forward_backward(self, rows, n_label_window: int) -> tuple[torch.Tensor, int]:
+        """Loss of one micro-batch (its gradients accumulated). Summed over the window's labelled
+        tokens, then divided once: every token weighs the same however the tokens fall into
+        micro-batches."""
+        inputs, ntok, scale, graphable = self._batch(rows)
+        weight = scale / max(n_label_window, 1)
+        if self.dist:
+            labels = inputs.pop("labels")
+            loss = summed_nll(self.model, self.fused_loss, labels, **inputs) * weight
+            self.dist.accelerator.backward(loss)
+            return loss.detach(), ntok
+        return self.run_batch(inputs, weight, graphable=graphable), ntok
 
     def _zero_grad(self) -> None:
         if self.flat:
@@ -276,11 +294,7 @@ class Trainer:
                 n_label = sum(self.label_counts[i] for _, rows in micro for row in rows for i in row)
                 step_loss, step_tokens = 0.0, 0
                 for epoch, rows in micro:
-                    loss, ntok = self._forward_loss(rows, n_label)
-                    if self.dist:
-                        self.dist.accelerator.backward(loss)
-                    else:
-                        loss.backward()
+                    loss, ntok = self._forward_backward(rows, n_label)
                     step_loss += loss.item()
                     step_tokens += ntok
                 if self.flat:
