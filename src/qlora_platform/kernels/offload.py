@@ -47,7 +47,7 @@ class Offloader:
 
     Every device buffer is allocated on the compute stream and no tensor is handed to the
     allocator from the side stream (no `record_stream`): a parked tensor stays referenced
-    until the compute stream waits for its copy as the next layer starts, and a prefetched one
+    until the compute stream waits for its copy at the end of its layer, and a prefetched one
     is written by the side stream only after it waited for the compute stream. The same
     code then also runs inside a CUDA graph capture (train/cuda_graph.py), where memory
     freed this way is reused within the graph instead of held to the end of the capture."""
@@ -67,9 +67,13 @@ class Offloader:
         """Start a layer's entry with its input; returns the entry's index."""
         self.saved.append([])
         idx = len(self.saved) - 1
-        self._release_parked(before=idx)   # the previous layer's copies ran behind its compute
         self.add(idx, x)
         return idx
+
+    def done_with(self, idx: int) -> None:
+        """Entry idx's layer has run: its parked tensors are dropped once the compute stream has
+        waited for their copies (issued during the layer, so normally finished by now)."""
+        self._release_parked(before=idx + 1)
 
     def add(self, idx: int, x: torch.Tensor) -> None:
         """Park one more tensor of entry idx; the copy starts now, behind the work that made x."""
@@ -209,7 +213,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.run, ctx.offloader, ctx.args = run, offloader, args
         ctx.idx = offloader.save(hidden)
         with torch.no_grad(), _replaying(LayerReplay(offloader, ctx.idx)):
-            return run(hidden, *args)
+            out = run(hidden, *args)
+        offloader.done_with(ctx.idx)
+        return out
 
     @staticmethod
     def backward(ctx, grad):

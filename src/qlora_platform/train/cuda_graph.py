@@ -107,11 +107,19 @@ class LossBackward:
             if self.offloader is not None:
                 self.offloader.reset()
             torch.cuda.synchronize(self.device)
+            _end_generator_capture()
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
             self.log(f"CUDA graphs: batch shape {_shape(key)} stays eager: the step could not be "
                      f"captured ({first})")
             return None
         return _Graph(graph, inputs, scale, loss.detach(), owned)
+
+
+def _end_generator_capture() -> None:
+    """A capture that failed leaves the CUDA random generator in capture mode (its epilogue never
+    ran), and every later random draw (dropout, init) would fail; an empty capture closes it."""
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        pass
 
 
 def _shape(key: tuple) -> str:
