@@ -23,3 +23,15 @@ def test_matches_bitsandbytes(nested, dtype):
     tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(got, want, atol=1e-6, rtol=tol)
     assert (got.float() - w.float()).abs().max() < 0.25 * w.abs().max()   # it is w, 4-bit
+
+
+@pytest.mark.skipif(not _triton.use_triton(torch.empty(0, device=DEVICE)), reason="needs triton")
+def test_dequantizes_into_the_left_block_of_a_wider_buffer():
+    import bitsandbytes.functional as bnbf
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.float32)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    wide = torch.full((64, 128 + 32), 7.0, device=DEVICE)
+    dequantize_nf4(packed, state, wide[:, :128])
+    torch.testing.assert_close(wide[:, :128], dequantize_nf4(packed, state))
+    assert (wide[:, 128:] == 7.0).all()          # the columns beside it are untouched

@@ -60,3 +60,16 @@ def test_rms_norm_with_a_trainable_weight_uses_the_reference():
     w = torch.ones(16, device=DEVICE, requires_grad=True)
     rms_norm(x, w, 1e-6).sum().backward()
     assert w.grad is not None
+
+
+def test_swiglu_runs_on_the_two_halves_of_one_buffer():
+    """The fused gate/up output: e and u are row-strided halves of one (T, 2I) buffer."""
+    g = torch.Generator().manual_seed(2)
+    eu, dh = torch.randn(7, 2 * 48, generator=g).to(DEVICE), torch.randn(7, 48, generator=g).to(DEVICE)
+    e, u = eu[:, :48], eu[:, 48:]
+    torch.testing.assert_close(swiglu_forward(e, u), swiglu_forward_reference(e, u), **TOL[torch.float32])
+    want = swiglu_backward_reference(dh.clone(), e.clone(), u.clone())
+    h, de, du = swiglu_backward(dh, e, u)
+    assert de.data_ptr() == eu.data_ptr()                 # written back into the shared buffer
+    for got, ref in zip((h, de, du), want):
+        torch.testing.assert_close(got, ref, **TOL[torch.float32])

@@ -27,7 +27,7 @@ def dequantize_nf4_reference(packed: torch.Tensor, state) -> torch.Tensor:
 
 if triton is not None:
     @triton.jit
-    def _dequant_nf4(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n,
+    def _dequant_nf4(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n, cols, ld,
                      QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -42,7 +42,8 @@ if triton is not None:
             scale += tl.load(offset_ptr)
         else:
             scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, (value * scale).to(out_ptr.dtype.element_ty), mask=mask)
+        dest = offs if ld == cols else (offs // cols) * ld + offs % cols   # rows of `ld` (a wider buffer)
+        tl.store(out_ptr + dest, (value * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _supported(packed: torch.Tensor, state) -> bool:
@@ -51,10 +52,15 @@ def _supported(packed: torch.Tensor, state) -> bool:
             and (not nested or torch.is_tensor(state.offset)))
 
 
-def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, state, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (out, in) weight in the compute dtype; into `out` when given (rows may be strided,
+    e.g. the left block of a wider buffer)."""
     if not _supported(packed, state):
-        return dequantize_nf4_reference(packed, state)
-    out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+        w = dequantize_nf4_reference(packed, state)
+        return w if out is None else out.copy_(w)
+    if out is None:
+        out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+    assert tuple(out.shape) == tuple(state.shape) and out.stride(1) == 1 and out.dtype == state.dtype
     n = out.numel()
     nested = bool(state.nested)
     absmax = state.absmax
@@ -62,6 +68,6 @@ def dequantize_nf4(packed: torch.Tensor, state) -> torch.Tensor:
     absmax2 = state.state2.absmax if nested else absmax
     offset = state.offset if nested else absmax
     _dequant_nf4[(triton.cdiv(n, BLOCK),)](
-        packed, state.code, absmax, code2, absmax2, offset, out, n,
+        packed, state.code, absmax, code2, absmax2, offset, out, n, out.shape[1], out.stride(0),
         QBLOCK=state.blocksize, QBLOCK2=state.state2.blocksize if nested else 1, NESTED=nested, BLOCK=BLOCK)
     return out

@@ -11,8 +11,8 @@ one layer does that, the next one down is already being copied in (double
 buffering), so the PCIe traffic hides behind compute. Pinned buffers are pooled
 across steps (pinning is slow). On the CPU it is ordinary checkpointing.
 
-A layer's forward may park more than its input (`current_replay().keep(t)` in the
-first pass) and find it again in the recompute (`current_replay().kept`), so that the
+A layer's forward may park more than its input (`current_replay().keep(name, t)` in the
+first pass) and find it again in the recompute (`current_replay().kept[name]`), so that the
 recompute skips what it would only compute to reproduce t (kernels/decoder_layer.py).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Offloader:
         self.on_gpu = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.on_gpu else None
         self.pool = _HostPool()
-        self.saved: list[list | None] = []   # per layer, in forward order: host copies
+        self.saved: list[list | None] = []   # per layer, in forward order: (name, host copy or as is, parked)
         self.prefetched: dict[int, tuple[list[torch.Tensor], torch.cuda.Event]] = {}
         self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []   # host buffers being read
         self._parking: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []  # device tensors being copied out
@@ -67,7 +67,7 @@ class Offloader:
         """Start a layer's entry with its input; returns the entry's index."""
         self.saved.append([])
         idx = len(self.saved) - 1
-        self.add(idx, x)
+        self.add(idx, "input", x)
         return idx
 
     def done_with(self, idx: int) -> None:
@@ -75,10 +75,11 @@ class Offloader:
         waited for their copies (issued during the layer, so normally finished by now)."""
         self._release_parked(before=idx + 1)
 
-    def add(self, idx: int, x: torch.Tensor) -> None:
-        """Park one more tensor of entry idx; the copy starts now, behind the work that made x."""
-        if not self.on_gpu:
-            self.saved[idx].append(x)
+    def add(self, idx: int, name: str, x, park: bool = True) -> None:
+        """Park one more tensor of entry idx; the copy starts now, behind the work that made x.
+        With park=False (small tensors, or anything else) x stays on the device as it is."""
+        if not self.on_gpu or not park:
+            self.saved[idx].append((name, x, False))
             return
         host = self.pool.take(x)
         if self.graph_owned is not None:
@@ -89,7 +90,7 @@ class Offloader:
             copied = torch.cuda.Event()
             copied.record(self.stream)
         self._parking.append((idx, x, copied))   # x stays alive until compute waits for `copied`
-        self.saved[idx].append(host)
+        self.saved[idx].append((name, host, True))
 
     def _release_parked(self, before: int) -> None:
         """Drop device tensors of entries < before once the compute stream waits for their copies."""
@@ -105,32 +106,37 @@ class Offloader:
     def _start_load(self, idx: int) -> None:
         if idx < 0 or idx >= len(self.saved) or idx in self.prefetched or self.saved[idx] is None:
             return
-        gpus = [torch.empty(host.shape, dtype=host.dtype, device=self.device) for host in self.saved[idx]]
+        entry = self.saved[idx]
+        gpus = [torch.empty(host.shape, dtype=host.dtype, device=self.device) if parked else host
+                for _, host, parked in entry]
         self.stream.wait_stream(torch.cuda.current_stream(self.device))   # gpus' memory is free by then
         with torch.cuda.stream(self.stream):
-            for gpu, host in zip(gpus, self.saved[idx]):
-                gpu.copy_(host, non_blocking=True)
+            for gpu, (_, host, parked) in zip(gpus, entry):
+                if parked:
+                    gpu.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         self.prefetched[idx] = (gpus, done)
 
-    def load(self, idx: int) -> list[torch.Tensor]:
-        """Entry idx back on the device (its input first); the next entry down starts copying."""
+    def load(self, idx: int) -> dict:
+        """Entry idx back on the device, by name ("input" and what the layer kept); the next
+        entry down starts copying."""
         if not self.on_gpu:
-            tensors, self.saved[idx] = self.saved[idx], None
+            entry, self.saved[idx] = self.saved[idx], None
             self._forget_if_done()
-            return tensors
+            return {name: x for name, x, _ in entry}
         self._release_parked(before=len(self.saved))   # forward is over
         self._start_load(idx)
         self._start_load(idx - 1)          # the layer backward reaches next: overlap its copy
         gpus, done = self.prefetched.pop(idx)
         torch.cuda.current_stream(self.device).wait_event(done)
+        entry = self.saved[idx]
         if self.graph_owned is None:
-            self._pending += [(host, done) for host in self.saved[idx]]
+            self._pending += [(host, done) for _, host, parked in entry if parked]
         self.saved[idx] = None
         self._forget_if_done()
         self._recycle()
-        return gpus
+        return {name: gpu for (name, _, _), gpu in zip(entry, gpus)}
 
     def _forget_if_done(self) -> None:
         if all(e is None for e in self.saved):
@@ -159,8 +165,9 @@ class Offloader:
     def reset(self) -> None:
         """Forget a pass that did not finish (a failed capture); its host buffers go back to the pool."""
         for entry in self.saved:
-            for buf in entry or []:
-                self.pool.give(buf)
+            for _, buf, parked in entry or []:
+                if parked:
+                    self.pool.give(buf)
         self.saved, self.prefetched, self._parking = [], {}, []
 
     @contextlib.contextmanager
@@ -178,17 +185,18 @@ class Offloader:
 class LayerReplay:
     """What a checkpointed layer's forward is told about the pass it runs in.
 
-    First pass (no gradients): `keep(t)` parks t with the layer's input. Recompute in
-    backward: `recompute` is True and `kept` holds those tensors again, in keeping order,
-    so the layer may skip work whose result it kept (kernels/decoder_layer.py)."""
+    First pass (no gradients): `keep(name, t)` parks t with the layer's input (park=False:
+    leaves it on the device, for small tensors). Recompute in backward: `recompute` is True
+    and `kept` maps those names to the tensors again, so the layer may skip work whose
+    result it kept (kernels/decoder_layer.py)."""
 
-    def __init__(self, offloader: Offloader | None = None, idx: int = -1, kept: list | None = None):
+    def __init__(self, offloader: Offloader | None = None, idx: int = -1, kept: dict | None = None):
         self.offloader, self.idx = offloader, idx
         self.recompute = kept is not None
-        self.kept = kept or []
+        self.kept = kept or {}
 
-    def keep(self, t: torch.Tensor) -> None:
-        self.offloader.add(self.idx, t)
+    def keep(self, name: str, t, park: bool = True) -> None:
+        self.offloader.add(self.idx, name, t, park)
 
 
 _REPLAYS: list[LayerReplay] = []   # the layer running now (forward, or backward's recompute)
@@ -219,8 +227,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, *kept = ctx.offloader.load(ctx.idx)
-        hidden = hidden.detach().requires_grad_(True)
+        kept = ctx.offloader.load(ctx.idx)
+        hidden = kept.pop("input").detach().requires_grad_(True)
         with torch.enable_grad(), _replaying(LayerReplay(kept=kept)):
             out = ctx.run(hidden, *ctx.args)
         torch.autograd.backward(out, grad)

@@ -35,47 +35,58 @@ def swiglu_backward_reference(dh, e, u):
 
 
 if triton is not None:
+    # Rows of `cols` values; each operand has its own row stride, so e and u may be the two
+    # halves of one fused gate/up output (lora.py).
     @triton.jit
-    def _swiglu_fwd(e_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr):
+    def _swiglu_fwd(e_ptr, u_ptr, h_ptr, n, cols, lde, ldu, ldh, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0)
+        row, col = offs // cols, offs % cols
+        e = tl.load(e_ptr + row * lde + col, mask=mask, other=0).to(tl.float32)
+        u = tl.load(u_ptr + row * ldu + col, mask=mask, other=0)
         silu = (e * tl.sigmoid(e)).to(u.dtype)
-        tl.store(h_ptr + offs, (silu.to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=mask)
+        tl.store(h_ptr + row * ldh + col, (silu.to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd(dh_ptr, e_ptr, u_ptr, n, BLOCK: tl.constexpr):
+    def _swiglu_bwd(dh_ptr, e_ptr, u_ptr, n, cols, ldh, lde, ldu, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        dh = tl.load(dh_ptr + offs, mask=mask, other=0).to(tl.float32)
-        e = tl.load(e_ptr + offs, mask=mask, other=0).to(tl.float32)
-        u_raw = tl.load(u_ptr + offs, mask=mask, other=0)
+        row, col = offs // cols, offs % cols
+        dh = tl.load(dh_ptr + row * ldh + col, mask=mask, other=0).to(tl.float32)
+        e = tl.load(e_ptr + row * lde + col, mask=mask, other=0).to(tl.float32)
+        u_raw = tl.load(u_ptr + row * ldu + col, mask=mask, other=0)
         u = u_raw.to(tl.float32)
         sig = tl.sigmoid(e)
         silu = e * sig
         h = silu.to(u_raw.dtype).to(tl.float32) * u
         du = dh * silu
         de = dh * u * sig * (1.0 + e * (1.0 - sig))
-        tl.store(dh_ptr + offs, h.to(u_raw.dtype), mask=mask)
-        tl.store(e_ptr + offs, de.to(u_raw.dtype), mask=mask)
-        tl.store(u_ptr + offs, du.to(u_raw.dtype), mask=mask)
+        tl.store(dh_ptr + row * ldh + col, h.to(u_raw.dtype), mask=mask)
+        tl.store(e_ptr + row * lde + col, de.to(u_raw.dtype), mask=mask)
+        tl.store(u_ptr + row * ldu + col, du.to(u_raw.dtype), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as a 2-D (rows, cols) view with unit column stride (no copy when t is such a view)."""
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
 def swiglu_forward(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if not use_triton(e):
         return swiglu_forward_reference(e, u)
-    e, u = e.contiguous(), u.contiguous()
-    h = torch.empty_like(u)
-    n = e.numel()
-    _swiglu_fwd[(triton.cdiv(n, BLOCK),)](e, u, h, n, BLOCK=BLOCK)
-    return h
+    e2, u2 = _rows(e), _rows(u)
+    h = torch.empty(e2.shape, dtype=u.dtype, device=u.device)
+    n, cols = e2.numel(), e2.shape[1]
+    _swiglu_fwd[(triton.cdiv(n, BLOCK),)](e2, u2, h, n, cols, e2.stride(0), u2.stride(0), h.stride(0), BLOCK=BLOCK)
+    return h.view(e.shape)
 
 
 def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor):
+    """In place: dh becomes h, e becomes d(e), u becomes d(u). 2-D operands may be row-strided."""
     if not use_triton(e):
         return swiglu_backward_reference(dh, e, u)
-    assert dh.is_contiguous() and e.is_contiguous() and u.is_contiguous()
-    n = e.numel()
-    _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dh, e, u, n, BLOCK=BLOCK)
+    assert all(t.dim() == 2 and t.stride(1) == 1 for t in (dh, e, u)), "2-D row views with unit column stride"
+    n, cols = e.numel(), e.shape[1]
+    _swiglu_bwd[(triton.cdiv(n, BLOCK),)](dh, e, u, n, cols, dh.stride(0), e.stride(0), u.stride(0), BLOCK=BLOCK)
     return dh, e, u

@@ -1,0 +1,49 @@
+"""kernels/lora.py: gate and up folded into one GEMM give the unfolded MLP's output and gradients."""
+import pytest
+import torch
+
+from qlora_platform.kernels import lora
+from qlora_platform.kernels.lora import LoRAProj, lora_swiglu_mlp
+
+
+def _projs(hidden=64, inter=96, rank=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def proj(n_in, n_out, scaling):
+        base = torch.nn.Linear(n_in, n_out, bias=False)
+        base.weight.data = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
+        base.weight.requires_grad_(False)
+        A = torch.nn.Parameter(torch.randn(rank, n_in, generator=g) / n_in ** 0.5)
+        B = torch.nn.Parameter(torch.randn(n_out, rank, generator=g) / rank)
+        return LoRAProj(base, A, B, scaling, None)
+    return proj(hidden, inter, 2.0), proj(hidden, inter, 0.5), proj(inter, hidden, 1.0)
+
+
+@pytest.mark.parametrize("output", [True, False])
+def test_folded_gate_up_gives_the_unfolded_output_and_gradients(monkeypatch, output):
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for fold in (True, False):
+        projs = _projs()
+        monkeypatch.setattr(lora, "_foldable", lambda x2, ps, fold=fold: fold)
+        xi = x.clone().requires_grad_(True)
+        y = lora_swiglu_mlp(xi, *projs, output=output)
+        y.backward(g)
+        grads = [t.grad for p in projs for t in (p.A, p.B)]
+        results.append((y.detach() if output else None, xi.grad, grads))
+    (y_f, dx_f, g_f), (y_u, dx_u, g_u) = results
+    if output:
+        torch.testing.assert_close(y_f, y_u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx_f, dx_u, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_f, g_u):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_plans_and_biases_keep_the_unfolded_path():
+    gate, up, _ = _projs()
+    x2 = torch.randn(4, 64)
+    assert lora._foldable(x2, (gate, up))
+    gate.bias = torch.zeros(96)
+    assert not lora._foldable(x2, (gate, up))
+    assert not lora._foldable(x2.to(torch.bfloat16), (up, up))   # compute dtype differs from x
