@@ -32,10 +32,11 @@ def _step(model, ids):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])   # Triton kernels interpreted / references
-def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny_cfg, monkeypatch, dtype):
+@pytest.mark.parametrize("seq", [12, 40])   # 80 tokens >= hidden 64: the folded projections (lora.py)
+def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny_cfg, monkeypatch, dtype, seq):
     tiny_cfg.quantization.compute_dtype = dtype
     tiny_cfg.quantization.fp32_norms = False
-    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 1000, (2, seq), generator=torch.Generator().manual_seed(2))
     loss_plain, plain = _step(_model(tiny_cfg), ids)
 
     model = _model(tiny_cfg)
@@ -50,10 +51,20 @@ def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny
     # Per layer and step: 7 weights forward, 2 in the recompute (gate, up; q, k, v, o and
     # down are not recomputed), 7 for the input gradients. Stock checkpointing would take 21.
     assert len(calls) == 2 * 2 * (7 + 2 + 7)
-    assert loss_ckpt == loss_plain
+    # Unfolded, the same products in the same order. Folded q/k/v (first pass only) add the
+    # LoRA half inside the GEMM: another summation order, and in bf16 one rounding fewer.
+    folded = seq == 40
+    assert loss_ckpt == (pytest.approx(loss_plain, rel=1e-6 if dtype == "float32" else 1e-4) if folded else loss_plain)
     assert plain.keys() == ckpt.keys() and len(plain) == 2 * 7 * 2
+    if folded and dtype == "bfloat16":
+        # bf16 rounding noise of this tiny random model: folding gate/up alone moves its
+        # gradients by ~3% (relative norm), folding q/k/v too by up to ~7%.
+        for name, g in plain.items():
+            assert (ckpt[name].float() - g.float()).norm() < 0.12 * g.float().norm(), name
+        return
+    tol = dict(atol=2e-5, rtol=1e-3) if folded else dict(atol=1e-6, rtol=1e-5)
     for name, g in plain.items():
-        torch.testing.assert_close(ckpt[name], g, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ckpt[name], g, **tol)
 
 
 def test_generation_with_a_cache_uses_the_stock_layer_and_matches_peft(tiny_cfg):

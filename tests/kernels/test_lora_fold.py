@@ -40,10 +40,11 @@ def test_folded_gate_up_gives_the_unfolded_output_and_gradients(monkeypatch, out
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_fp8_plans_and_biases_keep_the_unfolded_path():
+def test_small_batches_fp8_plans_and_biases_keep_the_unfolded_path():
     gate, up, _ = _projs()
-    x2 = torch.randn(4, 64)
+    x2 = torch.randn(64, 64)
     assert lora._foldable(x2, (gate, up))
+    assert not lora._foldable(x2[:63], (gate, up))                 # fewer tokens than features
     gate.bias = torch.zeros(96)
     assert not lora._foldable(x2, (gate, up))
     assert not lora._foldable(x2.to(torch.bfloat16), (up, up))   # compute dtype differs from x

@@ -73,3 +73,23 @@ def test_swiglu_runs_on_the_two_halves_of_one_buffer():
     assert de.data_ptr() == eu.data_ptr()                 # written back into the shared buffer
     for got, ref in zip((h, de, du), want):
         torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
+def test_residual_rms_norm_adds_the_stream_gradient_in_the_kernel():
+    """(x, norm(x)) with x going on in the residual stream: x's gradient is the stream's plus the
+    norm's, as autograd would add them; dy may be a row-strided view (a folded MLP's dx)."""
+    from qlora_platform.kernels.rmsnorm import residual_rms_norm
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 64, generator=g) * 3).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(64, generator=g)).to(DEVICE)
+    wide = torch.randn(6, 64 + 16, generator=g).to(DEVICE)
+    dy, g_stream = wide[:, :64], torch.randn(6, 64, generator=g).to(DEVICE)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    stream, y = residual_rms_norm(x1, w, 1e-5)
+    assert "ResidualRMSNorm" in type(y.grad_fn).__name__
+    torch.autograd.backward([stream * 1.0, y], [g_stream, dy])
+    y_ref = rms_norm_reference(x2, w, 1e-5)
+    torch.autograd.backward([x2 * 1.0, y_ref], [g_stream, dy])
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    torch.testing.assert_close(x1.grad, x2.grad, **TOL[torch.float32])

@@ -32,13 +32,14 @@ import sys
 
 import torch
 
-from .lora import LoRAProj, lora_linear, lora_projections, lora_swiglu_mlp, placeholder
+from .lora import LoRAProj, fused_columns, lora_linear, lora_projections, lora_swiglu_mlp, placeholder
 from .offload import current_replay
+from .rmsnorm import RMSNORM_CLASSES, residual_rms_norm
 from .rope import rope_backward, rope_qk
 
 # What the first pass keeps for the recompute (by name); "attn", "lse" and "attn_aux" only when
 # attention ran as cuDNN's op directly (then the recompute skips attention's forward too).
-REQUIRED = {"q", "k", "v", "h2"}
+REQUIRED = ({"q", "k", "v", "h2"}, {"qkv", "h2"})   # either form of q, k, v
 
 ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 
@@ -79,13 +80,24 @@ class _KnownRotated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_placeholder, k_placeholder, v_placeholder, cos, sin, known):
         ctx.save_for_backward(cos, sin)
-        return known["q"], known["k"], known["v"]
+        return _kept_qkv(known, q_placeholder.shape[-1], k_placeholder.shape[-1], *q_placeholder.shape[:2])
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
         flat = [g.reshape(*g.shape[:2], -1) for g in (rope_backward(dq, cos, sin), rope_backward(dk, cos, sin), dv)]
         return (*flat, None, None, None)
+
+
+def _kept_qkv(known: dict, q_width: int, kv_width: int, b: int, s: int):
+    """The first pass's rotated q, k, v: kept one by one, or as the folded projections' single
+    (B, S, q + 2 kv) buffer whose column blocks they are."""
+    if "qkv" not in known:
+        return known["q"], known["k"], known["v"]
+    qkv = known["qkv"]
+    d = known["head_dim"]
+    q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+    return q.view(b, s, -1, d), k.view(b, s, -1, d), v.view(b, s, -1, d)
 
 
 class _Joined(torch.autograd.Function):
@@ -186,8 +198,13 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
         q, k = rope_qk(q.view(b, s, -1, d), k.view(b, s, -1, d), cos, sin)
         v = v.view(b, s, -1, d)
         if keep is not None:
-            for name, t in (("q", q), ("k", k), ("v", v)):
-                keep(name, t)
+            qkv = fused_columns(q.flatten(2), k.flatten(2), v.flatten(2))
+            if qkv is not None:      # folded projections: one buffer, one copy
+                keep("qkv", qkv)
+                keep("head_dim", d, park=False)
+            else:
+                for name, t in (("q", q), ("k", k), ("v", v)):
+                    keep(name, t)
             if _direct_attention_applies(attn, q, attention_mask, window):
                 a = _direct_attention(attn, q, k, v, keep)
                 if a is not None:
@@ -200,6 +217,14 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
     return out.reshape(b, s, -1)
 
 
+def _stream_and_norm(norm, x):
+    """(x, norm(x)) for a residual stream x; with the RMSNorm kernel, the stream's gradient is
+    added inside the norm's backward kernel (rmsnorm.residual_rms_norm)."""
+    if type(norm).__name__ in RMSNORM_CLASSES:
+        return residual_rms_norm(x, norm.weight, norm.variance_epsilon)
+    return x, norm(x)
+
+
 def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, attention_mask=None,
                           position_ids=None, position_embeddings=None, **kwargs):
     """What the stock decoder layer computes (no cache), recomputing only what backward needs."""
@@ -207,9 +232,10 @@ def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, atte
     kwargs.pop("past_key_values", None)
     replay = current_replay()
     # A recompute skips work only when its first pass kept everything (the same fast forward ran).
-    recompute = replay is not None and replay.recompute and REQUIRED <= replay.kept.keys()
+    recompute = replay is not None and replay.recompute and any(r <= replay.kept.keys() for r in REQUIRED)
     keep = replay.keep if replay is not None and not replay.recompute else None
-    a = attention_core(layer.self_attn, projs, layer.input_layernorm(hidden_states), position_embeddings,
+    hidden_states, n1 = _stream_and_norm(layer.input_layernorm, hidden_states)
+    a = attention_core(layer.self_attn, projs, n1, position_embeddings,
                        attention_mask, replay.kept if recompute else None, keep, position_ids=position_ids,
                        **kwargs)
     if recompute:
@@ -219,6 +245,6 @@ def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, atte
         h2 = hidden_states + lora_linear(a, projs["o_proj"])
         if keep is not None:
             keep("h2", h2)
-    n2 = layer.post_attention_layernorm(h2)
+    h2, n2 = _stream_and_norm(layer.post_attention_layernorm, h2)
     m = lora_swiglu_mlp(n2, projs["gate_proj"], projs["up_proj"], projs["down_proj"], output=not recompute)
     return _Joined.apply(h2, m) if recompute else h2 + m

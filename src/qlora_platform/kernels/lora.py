@@ -67,9 +67,14 @@ def base_weight(base: torch.nn.Module, out: torch.Tensor | None = None) -> torch
 
 
 def _foldable(x2: torch.Tensor, projs) -> bool:
-    """Whether these projections of x2 can run as one folded GEMM (`_folded_forward`): no bias,
-    no fp8 plan (fp8 products keep their own path), the compute dtype of x2."""
-    return all(p.bias is None and p.fp8 is None and compute_dtype(p) == x2.dtype for p in projs)
+    """Whether these projections of x2 run as one folded GEMM (`_folded_forward`): no bias, no
+    fp8 plan (fp8 products keep their own path), the compute dtype of x2, and at least as many
+    tokens as input features. The folded weight holds all the projections' dequantized weights
+    at once (one 7B MLP weight, 117 MB, more than one at a time), while what folding saves is a
+    pass over the outputs, which scale with the tokens: small batches, whose peak is mostly
+    weights, keep the separate products and their lower peak."""
+    return x2.shape[0] >= x2.shape[1] and all(
+        p.bias is None and p.fp8 is None and compute_dtype(p) == x2.dtype for p in projs)
 
 
 def _scaled_a(projs, dtype) -> torch.Tensor:
@@ -93,18 +98,40 @@ def _folded_weight(projs, dtype, device) -> torch.Tensor:
     return w
 
 
+def _folded_input(x2: torch.Tensor, projs) -> torch.Tensor:
+    """x' = [x | s_1 x A_1^T | s_2 x A_2^T | ...] (one GEMM for all the A products)."""
+    k = x2.shape[1]
+    a = _scaled_a(projs, x2.dtype)
+    xp = torch.empty(x2.shape[0], k + a.shape[0], dtype=x2.dtype, device=x2.device)
+    xp[:, :k].copy_(x2)
+    xp[:, k:].copy_(x2 @ a.t())
+    return xp
+
+
 def _folded_forward(x2: torch.Tensor, projs) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x' W'^T with x' = [x | s_1 x A_1^T | ...]: every projection's LoRA half rides in the
     base GEMM's K dimension, so y is written once instead of written and then updated by a
     rank-r GEMM per projection (on an H100 at 16k tokens, 0.55 ms less per gate/up pair,
     benchmarks/lora_fold_probe.py). Returns y (tokens x total out) and x' (kept for backward:
     its left block is x, its right block the scaled x A^T that dB needs)."""
-    k = x2.shape[1]
-    a = _scaled_a(projs, x2.dtype)
-    xp = torch.empty(x2.shape[0], k + a.shape[0], dtype=x2.dtype, device=x2.device)
-    xp[:, :k].copy_(x2)
-    xp[:, k:].copy_(x2 @ a.t())
+    xp = _folded_input(x2, projs)
     return xp @ _folded_weight(projs, x2.dtype, x2.device).t(), xp
+
+
+def fused_columns(*parts: torch.Tensor) -> torch.Tensor | None:
+    """The (..., total) tensor whose column blocks are `parts`, side by side in this order, if
+    they are such blocks of one buffer (the outputs of a folded `lora_projections`); else None."""
+    first = parts[0]
+    total = sum(p.shape[-1] for p in parts)
+    if first.stride(-1) != 1 or first.dim() < 2 or first.stride(-2) != total:
+        return None
+    offset = first.data_ptr()
+    for p in parts:
+        if p.data_ptr() != offset or p.stride() != first.stride() or p.shape[:-1] != first.shape[:-1]:
+            return None
+        offset += p.shape[-1] * p.element_size()
+    shape = (*first.shape[:-1], total)
+    return first.as_strided(shape, first.stride())
 
 
 def _folded_backward(gy: torch.Tensor, xp: torch.Tensor, projs, need_dx: bool):
@@ -248,8 +275,25 @@ class _LoRAProjections(torch.autograd.Function):
     """n projections of one input; args: x, then (A, B) of each so autograd tracks them."""
 
     @staticmethod
-    def forward(ctx, x, projs, output, *weights):
+    def forward(ctx, x, projs, output, graded, *weights):
         x2 = _as_compute(_flat(x), projs[0])
+        # Folded (one GEMM, LoRA halves in K) when the outputs need no gradient (`graded`: the
+        # caller's grad mode): with gradients their views of one buffer could not be modified in
+        # place (RoPE). The recompute (output=False) folds the input gradient: x' only.
+        ctx.folded = len(projs) > 1 and _foldable(x2, projs) and not (output and graded)
+        if ctx.folded:
+            ctx.projs, ctx.x_shape = projs, x.shape
+            if output:
+                y, xp = _folded_forward(x2, projs)
+                outs, col = [], 0
+                for p in projs:
+                    outs.append(y[:, col:col + p.B.shape[0]])
+                    col += p.B.shape[0]
+            else:
+                xp = _folded_input(x2, projs)
+                outs = [placeholder(x2, (x2.shape[0], p.B.shape[0])) for p in projs]
+            ctx.save_for_backward(xp)
+            return tuple(outs)
         x_fp8: dict = {}
         outs, saved = [], []
         for p in projs:
@@ -264,6 +308,12 @@ class _LoRAProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if ctx.folded:   # the outputs' gradients side by side, then one GEMM with W'
+            (xp,) = ctx.saved_tensors
+            gy = torch.cat([_flat(g) if g is not None else xp.new_zeros(xp.shape[0], p.B.shape[0])
+                            for g, p in zip(grads, ctx.projs)], dim=1)
+            dx, dweights = _folded_backward(gy, xp, ctx.projs, ctx.needs_input_grad[0])
+            return (dx.view(ctx.x_shape) if dx is not None else None, None, None, None, *dweights)
         x2, *saved = ctx.saved_tensors
         dx, dweights = None, []
         for i, (p, g) in enumerate(zip(ctx.projs, grads)):
@@ -274,13 +324,13 @@ class _LoRAProjections(torch.autograd.Function):
             dx, da, db = _backward(_flat(g), x2, xa, a, b, p, dx, ctx.needs_input_grad[0])
             dweights += [da, db]
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return (dx, None, None, *dweights)
+        return (dx, None, None, None, *dweights)
 
 
 def lora_projections(x: torch.Tensor, projs: list[LoRAProj], output: bool = True) -> tuple[torch.Tensor, ...]:
     """The projections of x; with output=False placeholders that still carry the gradient."""
     weights = [t for p in projs for t in (p.A, p.B)]
-    outs = _LoRAProjections.apply(x, projs, output, *weights)
+    outs = _LoRAProjections.apply(x, projs, output, torch.is_grad_enabled(), *weights)
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 

@@ -52,8 +52,11 @@ class Offloader:
     code then also runs inside a CUDA graph capture (train/cuda_graph.py), where memory
     freed this way is reused within the graph instead of held to the end of the capture."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, layers: int | None = None):
         self.device = torch.device(device)
+        # The last layer's entry stays on the device: its backward comes right after the loss,
+        # so a round trip would only leave the GPU waiting for the copy back at backward's start.
+        self.last = layers - 1 if layers else None
         self.on_gpu = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.on_gpu else None
         self.pool = _HostPool()
@@ -78,7 +81,7 @@ class Offloader:
     def add(self, idx: int, name: str, x, park: bool = True) -> None:
         """Park one more tensor of entry idx; the copy starts now, behind the work that made x.
         With park=False (small tensors, or anything else) x stays on the device as it is."""
-        if not self.on_gpu or not park:
+        if not self.on_gpu or not park or idx == self.last:
             self.saved[idx].append((name, x, False))
             return
         host = self.pool.take(x)
@@ -247,7 +250,9 @@ def enable_offloaded_checkpointing(model) -> Offloader | None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device.type != "cuda":
         return None
-    return use_offloader(model, Offloader(device))
+    layers = sum(1 for m in model.modules()
+                 if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"))
+    return use_offloader(model, Offloader(device, layers))
 
 
 def offloader_of(model) -> Offloader | None:

@@ -33,10 +33,8 @@ from torch import nn
 from .decoder_layer import ATTENTION_CLASSES, decoder_layer_forward
 from .fp8 import Fp8Plan
 from .lora import LoRAProj, cast_adapters, compute_dtype, lora_linear, lora_projections, lora_swiglu_mlp
-from .rmsnorm import rms_norm
+from .rmsnorm import RMSNORM_CLASSES, rms_norm
 
-# RMSNorms computing weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) (Gemma's 1 + weight is not this).
-RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
 SILU_CLASSES = {"SiLU", "SiLUActivation"}
 
 

@@ -81,11 +81,12 @@ def estimate_training_memory(mc, cfg: Config, processes: int = 1) -> dict[str, f
     if cfg.training.gradient_checkpointing:
         # Each block's input is kept (offloaded: only the one or two being copied back); one
         # block's internals are rebuilt at a time. The fast decoder layer also offloads the
-        # rotated q, k, v and the residual after attention; its recompute takes them back
-        # instead of materialising them (or the o_proj/down outputs, or the layer output).
+        # rotated q, k, v, the attention output and the residual after attention; its recompute
+        # takes them back instead of materialising them (or the o_proj/down outputs, or the
+        # layer output).
         per_layer = tokens * d["h"] * act_bytes
         if fast and offload:
-            per_layer += tokens * (d["h"] + d["q"] + 2 * d["kv"]) * act_bytes
+            per_layer += tokens * (d["h"] + 2 * d["q"] + 2 * d["kv"]) * act_bytes
             block_h -= 2
         kept = (2 if offload else layers) * per_layer
         block = tokens * (block_h * d["h"] + block_i * d["i"]) * act_bytes
