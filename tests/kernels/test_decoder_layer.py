@@ -31,8 +31,9 @@ def _step(model, ids):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])   # Triton kernels interpreted / references
-@pytest.mark.parametrize("seq", [12, 40])   # 80 tokens >= hidden 64: the folded projections (lora.py)
+# 80 tokens >= hidden 64: the folded projections (lora.py), in fp32 (in bf16 the fold's other
+# rounding moves this tiny random model's gradients by several percent; test_lora_fold.py).
+@pytest.mark.parametrize("dtype, seq", [("float32", 12), ("bfloat16", 12), ("float32", 40)])
 def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny_cfg, monkeypatch, dtype, seq):
     tiny_cfg.quantization.compute_dtype = dtype
     tiny_cfg.quantization.fp32_norms = False
@@ -51,17 +52,18 @@ def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny
     # Per layer and step: 7 weights forward, 2 in the recompute (gate, up; q, k, v, o and
     # down are not recomputed), 7 for the input gradients. Stock checkpointing would take 21.
     assert len(calls) == 2 * 2 * (7 + 2 + 7)
-    # Unfolded, the same products in the same order. Folded q/k/v (first pass only) add the
-    # LoRA half inside the GEMM: another summation order, and in bf16 one rounding fewer.
+    # fp32, unfolded: the same products in the same order. Folded q/k/v (first pass only) add
+    # the LoRA half inside the GEMM: another summation order. In bf16 the first pass also adds
+    # the residual inside the o/down GEMMs (one rounding fewer), which moves this tiny random
+    # model's loss by ~1e-5 and its gradients by bf16 noise (up to ~5%; fp32 holds the exact bar).
     folded = seq == 40
-    assert loss_ckpt == (pytest.approx(loss_plain, rel=1e-6 if dtype == "float32" else 1e-4) if folded else loss_plain)
     assert plain.keys() == ckpt.keys() and len(plain) == 2 * 7 * 2
-    if folded and dtype == "bfloat16":
-        # bf16 rounding noise of this tiny random model: folding gate/up alone moves its
-        # gradients by ~3% (relative norm), folding q/k/v too by up to ~7%.
+    if dtype == "bfloat16":
+        assert loss_ckpt == pytest.approx(loss_plain, rel=1e-4)
         for name, g in plain.items():
-            assert (ckpt[name].float() - g.float()).norm() < 0.12 * g.float().norm(), name
+            assert (ckpt[name].float() - g.float()).norm() < 0.1 * g.float().norm(), name
         return
+    assert loss_ckpt == (pytest.approx(loss_plain, rel=1e-6) if folded else loss_plain)
     tol = dict(atol=2e-5, rtol=1e-3) if folded else dict(atol=1e-6, rtol=1e-5)
     for name, g in plain.items():
         torch.testing.assert_close(ckpt[name], g, **tol)

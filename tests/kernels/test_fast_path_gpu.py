@@ -34,7 +34,13 @@ def _lora_grads(cfg, offload: bool):
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_offloaded_checkpointing_gives_plain_checkpointing_gradients(tiny_cfg):
+def test_offloaded_checkpointing_gives_plain_checkpointing_gradients(tiny_cfg, monkeypatch):
+    from qlora_platform.kernels import lora
+
+    # Unfolded products on both sides: the offloaded recompute folds other products than plain
+    # checkpointing's (lora.py), and in bf16 that rounding alone moves a tiny random model's
+    # gradients by percents (test_lora_fold.py holds the fold to its own bar).
+    monkeypatch.setattr(lora, "_foldable", lambda x2, projs: False)
     tiny_cfg.training.device = "cuda"
     tiny_cfg.quantization.compute_dtype = "bfloat16"
     tiny_cfg.training.gradient_checkpointing = True

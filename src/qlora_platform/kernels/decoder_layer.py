@@ -32,7 +32,8 @@ import sys
 
 import torch
 
-from .lora import LoRAProj, fused_columns, lora_linear, lora_projections, lora_swiglu_mlp, placeholder
+from .lora import (LoRAProj, fold_columns, fused_columns, lora_linear, lora_projections, lora_swiglu_mlp,
+                   placeholder)
 from .offload import current_replay
 from .rmsnorm import RMSNORM_CLASSES, residual_rms_norm
 from .rope import rope_backward, rope_qk
@@ -84,9 +85,17 @@ class _KnownRotated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
+        # Written side by side into one (B, S, q + 2 kv) buffer: the projections' backward then
+        # takes it whole (folded, lora.py) without concatenating.
         cos, sin = ctx.saved_tensors
-        flat = [g.reshape(*g.shape[:2], -1) for g in (rope_backward(dq, cos, sin), rope_backward(dk, cos, sin), dv)]
-        return (*flat, None, None, None)
+        b, s = dq.shape[:2]
+        widths = [g.shape[2] * g.shape[3] for g in (dq, dk, dv)]
+        both = torch.empty(b, s, sum(widths), dtype=dq.dtype, device=dq.device)
+        gq, gk, gv = (t.view(b, s, -1, dq.shape[3]) for t in both.split(widths, dim=-1))
+        rope_backward(dq, cos, sin, out=gq)
+        rope_backward(dk, cos, sin, out=gk)
+        gv.copy_(dv)
+        return (*(t.flatten(2) for t in (gq, gk, gv)), None, None, None)
 
 
 def _kept_qkv(known: dict, q_width: int, kv_width: int, b: int, s: int):
@@ -217,11 +226,12 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
     return out.reshape(b, s, -1)
 
 
-def _stream_and_norm(norm, x):
+def _stream_and_norm(norm, x, consumers=()):
     """(x, norm(x)) for a residual stream x; with the RMSNorm kernel, the stream's gradient is
-    added inside the norm's backward kernel (rmsnorm.residual_rms_norm)."""
+    added inside the norm's backward kernel (rmsnorm.residual_rms_norm), and the output leaves
+    room for the x A^T columns of the projections that consume it folded (lora.fold_columns)."""
     if type(norm).__name__ in RMSNORM_CLASSES:
-        return residual_rms_norm(x, norm.weight, norm.variance_epsilon)
+        return residual_rms_norm(x, norm.weight, norm.variance_epsilon, fold_columns(x, consumers))
     return x, norm(x)
 
 
@@ -234,7 +244,8 @@ def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, atte
     # A recompute skips work only when its first pass kept everything (the same fast forward ran).
     recompute = replay is not None and replay.recompute and any(r <= replay.kept.keys() for r in REQUIRED)
     keep = replay.keep if replay is not None and not replay.recompute else None
-    hidden_states, n1 = _stream_and_norm(layer.input_layernorm, hidden_states)
+    qkv = [projs["q_proj"], projs["k_proj"], projs["v_proj"]]
+    hidden_states, n1 = _stream_and_norm(layer.input_layernorm, hidden_states, qkv)
     a = attention_core(layer.self_attn, projs, n1, position_embeddings,
                        attention_mask, replay.kept if recompute else None, keep, position_ids=position_ids,
                        **kwargs)
@@ -242,9 +253,11 @@ def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, atte
         o = lora_linear(a, projs["o_proj"], output=False)
         h2 = _KnownResidual.apply(hidden_states, o, replay.kept)
     else:
-        h2 = hidden_states + lora_linear(a, projs["o_proj"])
+        h2 = lora_linear(a, projs["o_proj"], residual=hidden_states)
         if keep is not None:
             keep("h2", h2)
-    h2, n2 = _stream_and_norm(layer.post_attention_layernorm, h2)
-    m = lora_swiglu_mlp(n2, projs["gate_proj"], projs["up_proj"], projs["down_proj"], output=not recompute)
-    return _Joined.apply(h2, m) if recompute else h2 + m
+    h2, n2 = _stream_and_norm(layer.post_attention_layernorm, h2, [projs["gate_proj"], projs["up_proj"]])
+    if recompute:
+        m = lora_swiglu_mlp(n2, projs["gate_proj"], projs["up_proj"], projs["down_proj"], output=False)
+        return _Joined.apply(h2, m)
+    return lora_swiglu_mlp(n2, projs["gate_proj"], projs["up_proj"], projs["down_proj"], residual=h2)

@@ -30,6 +30,7 @@ import torch
 
 from .fp8 import Fp8Plan, fp8_fits, fp8_matmul, quantize_rows
 from .nf4 import dequantize_nf4
+from .rmsnorm import padded_buffer
 from .swiglu import swiglu_backward, swiglu_forward
 
 
@@ -64,6 +65,13 @@ def base_weight(base: torch.nn.Module, out: torch.Tensor | None = None) -> torch
     if state is None:
         return weight if out is None else out.copy_(weight)
     return dequantize_nf4(weight.data, state, out)
+
+
+def fold_columns(x: torch.Tensor, projs) -> int:
+    """How many columns beside x (tokens x features) `_folded_input` fills for these projections:
+    a producer of x that leaves them free (rmsnorm's `extra`) spares the fold a copy of x."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return sum(p.A.shape[0] for p in projs) if _foldable(x2, projs) else 0
 
 
 def _foldable(x2: torch.Tensor, projs) -> bool:
@@ -102,8 +110,10 @@ def _folded_input(x2: torch.Tensor, projs) -> torch.Tensor:
     """x' = [x | s_1 x A_1^T | s_2 x A_2^T | ...] (one GEMM for all the A products)."""
     k = x2.shape[1]
     a = _scaled_a(projs, x2.dtype)
-    xp = torch.empty(x2.shape[0], k + a.shape[0], dtype=x2.dtype, device=x2.device)
-    xp[:, :k].copy_(x2)
+    xp = padded_buffer(x2, k + a.shape[0])   # x already written with room beside it
+    if xp is None:
+        xp = torch.empty(x2.shape[0], k + a.shape[0], dtype=x2.dtype, device=x2.device)
+        xp[:, :k].copy_(x2)
     xp[:, k:].copy_(x2 @ a.t())
     return xp
 
@@ -160,8 +170,10 @@ def _use_fp8(x2: torch.Tensor, w: torch.Tensor, p: LoRAProj, backward: bool = Fa
             and fp8_fits(x2, w, plan.min_tokens))
 
 
-def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None, output: bool = True):
-    """y = x W^T + s (x A^T) B^T (+ bias); returns y, x A^T and the 16-bit A, B for backward.
+def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None, output: bool = True,
+             residual: torch.Tensor | None = None):
+    """y = x W^T + s (x A^T) B^T (+ bias) (+ residual, added by the GEMM as it writes y); returns
+    y, x A^T and the 16-bit A, B for backward.
     Projections sharing an input pass one `x_fp8` dict: x is quantized by the first of them
     that takes the fp8 path and reused by the others. With output=False (a checkpoint's
     recompute that already knows what y fed into) only x A^T is formed and y is None."""
@@ -175,6 +187,10 @@ def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None, output: b
         if "x" not in x_fp8:
             x_fp8["x"] = quantize_rows(x2)
         y = fp8_matmul(x2, w, x_fp8["x"])
+        if residual is not None:
+            y += residual
+    elif residual is not None:
+        y = torch.addmm(residual, x2, w.t())
     else:
         y = x2 @ w.t()
     del w
@@ -275,7 +291,7 @@ class _LoRAProjections(torch.autograd.Function):
     """n projections of one input; args: x, then (A, B) of each so autograd tracks them."""
 
     @staticmethod
-    def forward(ctx, x, projs, output, graded, *weights):
+    def forward(ctx, x, projs, output, graded, residual, *weights):
         x2 = _as_compute(_flat(x), projs[0])
         # Folded (one GEMM, LoRA halves in K) when the outputs need no gradient (`graded`: the
         # caller's grad mode): with gradients their views of one buffer could not be modified in
@@ -297,7 +313,7 @@ class _LoRAProjections(torch.autograd.Function):
         x_fp8: dict = {}
         outs, saved = [], []
         for p in projs:
-            y, xa, a, b = _forward(x2, p, x_fp8, output)
+            y, xa, a, b = _forward(x2, p, x_fp8, output, None if residual is None else _flat(residual))
             if y is None:
                 y = placeholder(x2, (x2.shape[0], p.B.shape[0]))
             outs.append(y)   # flat (T, out): callers' views of it may be modified in place (RoPE)
@@ -310,10 +326,12 @@ class _LoRAProjections(torch.autograd.Function):
     def backward(ctx, *grads):
         if ctx.folded:   # the outputs' gradients side by side, then one GEMM with W'
             (xp,) = ctx.saved_tensors
-            gy = torch.cat([_flat(g) if g is not None else xp.new_zeros(xp.shape[0], p.B.shape[0])
-                            for g, p in zip(grads, ctx.projs)], dim=1)
+            gy = fused_columns(*grads) if all(g is not None for g in grads) else None
+            gy = _flat(gy) if gy is not None else torch.cat(
+                [_flat(g) if g is not None else xp.new_zeros(xp.shape[0], p.B.shape[0])
+                 for g, p in zip(grads, ctx.projs)], dim=1)
             dx, dweights = _folded_backward(gy, xp, ctx.projs, ctx.needs_input_grad[0])
-            return (dx.view(ctx.x_shape) if dx is not None else None, None, None, None, *dweights)
+            return (dx.view(ctx.x_shape) if dx is not None else None, None, None, None, None, *dweights)
         x2, *saved = ctx.saved_tensors
         dx, dweights = None, []
         for i, (p, g) in enumerate(zip(ctx.projs, grads)):
@@ -324,18 +342,25 @@ class _LoRAProjections(torch.autograd.Function):
             dx, da, db = _backward(_flat(g), x2, xa, a, b, p, dx, ctx.needs_input_grad[0])
             dweights += [da, db]
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return (dx, None, None, None, *dweights)
+        return (dx, None, None, None, None, *dweights)
 
 
 def lora_projections(x: torch.Tensor, projs: list[LoRAProj], output: bool = True) -> tuple[torch.Tensor, ...]:
     """The projections of x; with output=False placeholders that still carry the gradient."""
     weights = [t for p in projs for t in (p.A, p.B)]
-    outs = _LoRAProjections.apply(x, projs, output, torch.is_grad_enabled(), *weights)
+    outs = _LoRAProjections.apply(x, projs, output, torch.is_grad_enabled(), None, *weights)
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 
-def lora_linear(x: torch.Tensor, proj: LoRAProj, output: bool = True) -> torch.Tensor:
-    return lora_projections(x, [proj], output)[0]
+def lora_linear(x: torch.Tensor, proj: LoRAProj, output: bool = True,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """proj(x), plus `residual` if given: added inside the product's GEMM when no gradient is
+    being recorded (a checkpoint's first pass), else by autograd's add."""
+    if residual is not None and torch.is_grad_enabled():
+        return lora_linear(x, proj, output) + residual
+    weights = (proj.A, proj.B)
+    y = _LoRAProjections.apply(x, [proj], output, torch.is_grad_enabled(), residual, *weights)[0]
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class _LoRASwiGLU(torch.autograd.Function):
@@ -344,7 +369,7 @@ class _LoRASwiGLU(torch.autograd.Function):
     formed in backward only, and the output is a placeholder that carries the gradient."""
 
     @staticmethod
-    def forward(ctx, x, projs, output, *weights):
+    def forward(ctx, x, projs, output, residual, *weights):
         gate, up, down = projs
         x2 = _as_compute(_flat(x), gate)
         ctx.folded = _foldable(x2, (gate, up))
@@ -360,7 +385,7 @@ class _LoRASwiGLU(torch.autograd.Function):
         a_down, b_down = down.compute_weights(x2.dtype)
         if output:
             h = swiglu_forward(e, u)
-            y, ha_down, _, _ = _forward(h, down)
+            y, ha_down, _, _ = _forward(h, down, residual=None if residual is None else _flat(residual))
             del h
         else:
             y, ha_down = placeholder(x2, (x2.shape[0], down.B.shape[0])), None
@@ -392,10 +417,13 @@ class _LoRASwiGLU(torch.autograd.Function):
             dx, da_gate, db_gate = _backward(de, x2, xa_gate, a_gate, b_gate, gate, None, need_dx)
             dx, da_up, db_up = _backward(du, x2, xa_up, a_up, b_up, up, dx, need_dx)
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return (dx, None, None, da_gate, db_gate, da_up, db_up, da_down, db_down)
+        return (dx, None, None, None, da_gate, db_gate, da_up, db_up, da_down, db_down)
 
 
 def lora_swiglu_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
-                    output: bool = True) -> torch.Tensor:
+                    output: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) (+ residual: inside down's GEMM when no gradient is recorded)."""
+    if residual is not None and (torch.is_grad_enabled() or not output):
+        return lora_swiglu_mlp(x, gate, up, down, output) + residual
     weights = [t for p in (gate, up, down) for t in (p.A, p.B)]
-    return _LoRASwiGLU.apply(x, (gate, up, down), output, *weights)
+    return _LoRASwiGLU.apply(x, (gate, up, down), output, residual, *weights)

@@ -10,6 +10,8 @@ the input gradient only (`patch.py` keeps trainable norms on the stock module).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ._triton import row_block, tl, triton, use_triton
@@ -62,10 +64,26 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+# Outputs written as the left block of a wider buffer (`extra` > 0), by the buffer's address:
+# lora.py's folded projections write their x A^T columns beside the normed x there.
+_PADDED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def padded_buffer(x2: torch.Tensor, width: int) -> torch.Tensor | None:
+    """The (rows, width) buffer a norm wrote x2 (rows, h) into as its left block, if it did."""
+    buf = _PADDED.get(x2.data_ptr())
+    if buf is None or tuple(buf.shape) != (x2.shape[0], width) or x2.stride() != (width, 1):
+        return None
+    return buf
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0):
     x2 = _rows(x)
     rows, h = x2.shape
-    y = torch.empty((rows, h), dtype=x.dtype, device=x.device)
+    buf = torch.empty((rows, h + extra), dtype=x.dtype, device=x.device)
+    y = buf[:, :h]
+    if extra:
+        _PADDED[buf.data_ptr()] = buf
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     block = row_block(h)
     _rms_fwd[(rows,)](x2, weight, y, rstd, h, eps, x2.stride(0), y.stride(0), BLOCK=block,
@@ -87,15 +105,15 @@ def _backward(dy: torch.Tensor, x2, weight, rstd, residual: torch.Tensor | None 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        x2, y, rstd = _forward(x, weight, eps)
+    def forward(ctx, x, weight, eps, extra):
+        x2, y, rstd = _forward(x, weight, eps, extra)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        return _backward(dy, x2, weight, rstd).view(dy.shape), None, None
+        return _backward(dy, x2, weight, rstd).view(dy.shape), None, None, None
 
 
 class _ResidualRMSNorm(torch.autograd.Function):
@@ -104,31 +122,34 @@ class _ResidualRMSNorm(torch.autograd.Function):
     the two afterwards (one pass over the activations less per norm)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        x2, y, rstd = _forward(x, weight, eps)
+    def forward(ctx, x, weight, eps, extra):
+        x2, y, rstd = _forward(x, weight, eps, extra)
         ctx.save_for_backward(x2, weight, rstd)
         return x.view_as(x), y.view(x.shape)
 
     @staticmethod
     def backward(ctx, g_stream, dy):
         if dy is None:
-            return g_stream, None, None
+            return g_stream, None, None, None
         x2, weight, rstd = ctx.saved_tensors
-        return _backward(dy, x2, weight, rstd, g_stream).view(dy.shape), None, None
+        return _backward(dy, x2, weight, rstd, g_stream).view(dy.shape), None, None, None
 
 
 def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return not weight.requires_grad and weight.dtype == x.dtype and use_triton(x)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0) -> torch.Tensor:
+    """With `extra` > 0 (kernel path) the output is the left block of a buffer `extra` columns
+    wider (`padded_buffer` finds it)."""
     if not _kernel_applies(x, weight):
         return rms_norm_reference(x, weight, eps)
-    return _RMSNorm.apply(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps, extra)
 
 
-def residual_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, rms_norm(x)) where x goes on in the residual stream too; see `_ResidualRMSNorm`."""
     if not _kernel_applies(x, weight) or not torch.is_grad_enabled():
-        return x, rms_norm(x, weight, eps)
-    return _ResidualRMSNorm.apply(x, weight, eps)
+        return x, rms_norm(x, weight, eps, extra)
+    return _ResidualRMSNorm.apply(x, weight, eps, extra)

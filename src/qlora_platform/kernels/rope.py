@@ -98,15 +98,18 @@ class _RoPE(torch.autograd.Function):
         return rope_backward(grad, cos, sin), None, None
 
 
-def rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The gradient before the rotation, from the gradient after it: (B, S, heads, D), contiguous."""
-    if not _kernel_runs(grad, cos, sin):
+def rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient before the rotation, from the gradient after it: (B, S, heads, D), contiguous
+    or written into `out` (any strides with a contiguous last dimension)."""
+    if not _kernel_runs(grad, cos, sin) or (out is not None and not _fits(out)):
         with torch.enable_grad():
             x = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
             y, _ = rope_reference(x, x[:, :, :0], cos, sin)
-            return torch.autograd.grad(y, x, grad)[0].contiguous()
+            result = torch.autograd.grad(y, x, grad)[0]
+            return result.contiguous() if out is None else out.copy_(result)
     grad = grad if _fits(grad) else grad.contiguous()
-    out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device) if out is None else out
     _launch(grad, out, cos.expand(grad.shape[0], -1, -1), sin.expand(grad.shape[0], -1, -1), backward=True)
     return out
 
