@@ -71,3 +71,26 @@ def test_small_batches_fp8_plans_and_biases_keep_the_unfolded_path():
     gate.bias = torch.zeros(96)
     assert not lora._foldable(x2, (gate, up))
     assert not lora._foldable(x2.to(torch.bfloat16), (up, up))   # compute dtype differs from x
+
+
+def test_a_residual_added_inside_the_gemm_gets_its_gradient():
+    """lora_linear / lora_swiglu_mlp with residual=r equal the product plus r, gradients included."""
+    from qlora_platform.kernels.lora import lora_linear
+
+    gate, up, down = _projs()
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
+    r = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4))
+    g = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(5))
+    for fn in (lambda x, res=None: lora_swiglu_mlp(x, gate, up, down, residual=res),
+               lambda x, res=None: lora_linear(torch.nn.functional.pad(x, (0, 32)), down, residual=res)):
+        got, want = [], []
+        for fused, out in ((True, got), (False, want)):
+            xi, ri = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+            y = fn(xi, ri) if fused else fn(xi) + ri
+            y.backward(g)
+            out += [y.detach(), xi.grad, ri.grad, down.A.grad.clone(), down.B.grad.clone()]
+            down.A.grad = down.B.grad = None
+            for p in (gate, up):
+                p.A.grad = p.B.grad = None
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -312,6 +312,7 @@ class _LoRAProjections(torch.autograd.Function):
             return tuple(outs)
         x_fp8: dict = {}
         outs, saved = [], []
+        ctx.residual_shape = residual.shape if residual is not None else None
         for p in projs:
             y, xa, a, b = _forward(x2, p, x_fp8, output, None if residual is None else _flat(residual))
             if y is None:
@@ -342,7 +343,9 @@ class _LoRAProjections(torch.autograd.Function):
             dx, da, db = _backward(_flat(g), x2, xa, a, b, p, dx, ctx.needs_input_grad[0])
             dweights += [da, db]
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return (dx, None, None, None, None, *dweights)
+        # A residual added inside the GEMM (one projection) gets the output's gradient as it is.
+        d_residual = grads[0].view(ctx.residual_shape) if ctx.needs_input_grad[4] else None
+        return (dx, None, None, None, d_residual, *dweights)
 
 
 def lora_projections(x: torch.Tensor, projs: list[LoRAProj], output: bool = True) -> tuple[torch.Tensor, ...]:
@@ -354,10 +357,10 @@ def lora_projections(x: torch.Tensor, projs: list[LoRAProj], output: bool = True
 
 def lora_linear(x: torch.Tensor, proj: LoRAProj, output: bool = True,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-    """proj(x), plus `residual` if given: added inside the product's GEMM when no gradient is
-    being recorded (a checkpoint's first pass), else by autograd's add."""
-    if residual is not None and torch.is_grad_enabled():
-        return lora_linear(x, proj, output) + residual
+    """proj(x), plus `residual` if given, added by the product's GEMM as it writes the output
+    (one pass over the activations less than adding afterwards)."""
+    if residual is not None and not output:
+        raise ValueError("a residual needs the output (output=True)")
     weights = (proj.A, proj.B)
     y = _LoRAProjections.apply(x, [proj], output, torch.is_grad_enabled(), residual, *weights)[0]
     return y.view(*x.shape[:-1], y.shape[-1])
@@ -417,13 +420,14 @@ class _LoRASwiGLU(torch.autograd.Function):
             dx, da_gate, db_gate = _backward(de, x2, xa_gate, a_gate, b_gate, gate, None, need_dx)
             dx, da_up, db_up = _backward(du, x2, xa_up, a_up, b_up, up, dx, need_dx)
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        return (dx, None, None, None, da_gate, db_gate, da_up, db_up, da_down, db_down)
+        d_residual = grad if ctx.needs_input_grad[3] else None   # added inside down's GEMM
+        return (dx, None, None, d_residual, da_gate, db_gate, da_up, db_up, da_down, db_down)
 
 
 def lora_swiglu_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
                     output: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) (+ residual: inside down's GEMM when no gradient is recorded)."""
-    if residual is not None and (torch.is_grad_enabled() or not output):
-        return lora_swiglu_mlp(x, gate, up, down, output) + residual
+    """down(silu(gate(x)) * up(x)) (+ residual, added inside down's GEMM)."""
+    if residual is not None and not output:
+        raise ValueError("a residual needs the output (output=True)")
     weights = [t for p in (gate, up, down) for t in (p.A, p.B)]
     return _LoRASwiGLU.apply(x, (gate, up, down), output, residual, *weights)

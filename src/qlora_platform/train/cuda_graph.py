@@ -58,6 +58,10 @@ class LossBackward:
         self.graphs: dict[tuple, _Graph | None] = {}   # None: this shape stays eager
         self.seen: dict[tuple, int] = {}               # eager runs per shape: bytes the step took
         self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        # Every step, eager or captured, runs on this one stream: cuBLAS keeps a workspace per
+        # stream (64 MiB on Hopper), so capturing on a stream of its own beside eager steps on the
+        # default one would hold two (benchmarks/memory_peak_probe.py measured the second).
+        self.stream = torch.cuda.Stream(self.device) if self.enabled else None
 
     def eager(self, batch: dict, scale: float) -> torch.Tensor:
         loss = self.loss_fn(**batch) * scale
@@ -65,7 +69,17 @@ class LossBackward:
         return loss.detach()
 
     def __call__(self, batch: dict, scale: float, graphable: bool = True) -> torch.Tensor:
-        if not (self.enabled and graphable):
+        if not self.enabled:
+            return self.eager(batch, scale)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            loss = self._step(batch, scale, graphable)
+        caller.wait_stream(self.stream)   # the optimizer and the caller's next work come after
+        return loss
+
+    def _step(self, batch: dict, scale: float, graphable: bool) -> torch.Tensor:
+        if not graphable:
             return self.eager(batch, scale)
         key = tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(batch.items()))
         graph = self.graphs.get(key)
@@ -86,12 +100,6 @@ class LossBackward:
     def _capture(self, key: tuple, batch: dict) -> _Graph | None:
         working = self.seen[key]
         torch.cuda.synchronize(self.device)
-        # cuBLAS keeps a workspace per stream (32 MiB each for cuBLAS and cuBLASLt on Hopper) and
-        # the capture runs on a stream of its own: the eager stream's, idle from now on, would
-        # stay allocated beside the graph's (+64 MiB on the 7B peak, benchmarks/memory_peak_probe.py).
-        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-        if clear_workspaces is not None:
-            clear_workspaces()
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         if free < 2 * working:   # the graph's pool and, beside it, one eager step of another shape
@@ -105,7 +113,7 @@ class LossBackward:
         graph = torch.cuda.CUDAGraph()
         parking = self.offloader.capturing(owned) if self.offloader is not None else contextlib.nullcontext()
         try:
-            with parking, self.capture_context(), torch.cuda.graph(graph, pool=self.pool,
+            with parking, self.capture_context(), torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
                                                                    capture_error_mode="thread_local"):
                 loss = self.loss_fn(**inputs) * scale
                 loss.backward()
