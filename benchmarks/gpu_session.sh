@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU work still owed, in sections that each fit one device call (600 s), results to $OUT.
 #   QLORA_COMMIT=$(git rev-parse --short HEAD) RUN_ID=h100-YYYYMMDD-x bash benchmarks/gpu_session.sh SECTION
-# SECTION: tests | train | train-small | train-large | fp8 | generate | serve | packing | multi-gpu
+# SECTION: tests | loss-ab | train | train-small | train-large | fp8 | generate | serve | packing | multi-gpu
 # (multi-gpu on nvidia-h100-x2: DDP, FSDP and one GPU with the same global batch)
 # (generate and serve take WEIGHTS="nf4 bf16" and generate VARIANTS="reference qlora_platform unsloth")
 # Carry .device-site (benchmarks/README.md says how to build it).
@@ -17,8 +17,16 @@ gen() {  # variant weights [batch]
 }
 case "${1:-}" in
   tests)   # every GPU test, and the kernel/infer/train suites on real CUDA tensors
-    QLORA_TEST_OUT=$OUT timeout 560 python -m pytest -q -p no:cacheprovider tests/kernels tests/infer/test_static_decode.py \
-      tests/infer/test_batcher.py tests/train/test_gpu.py tests/train/test_flat_params.py 2>&1 | tail -15 ;;
+    QLORA_TEST_OUT=$OUT timeout 560 python -m pytest -q -p no:cacheprovider -rf tests/kernels tests/infer/test_static_decode.py \
+      tests/infer/test_batcher.py tests/train/test_gpu.py tests/train/test_flat_params.py tests/train/test_cuda_graph.py \
+      2>&1 | grep -E "passed|failed|^FAILED|^E  " | head -30 ;;
+  loss-ab)   # b2 x s1024, the 11-step loss with and without CUDA graphs (run w's loss moved; README)
+    python -c "from benchmarks.train_throughput import checkpoint; checkpoint('mistral-7b')"
+    for g in true false; do
+      timeout 200 python benchmarks/train_throughput.py --shape mistral-7b --batch 2 --seq 1024 --variant qlora_platform \
+        --set training.cuda_graphs=$g --run-id "$RUN_ID" --commit "$QLORA_COMMIT" 2> "$OUT/err-ab-$g.log" | tail -1 \
+        | tee -a "$OUT/train_throughput.jsonl" &
+    done; wait ;;
   train)   # the three shapes, the platform and Unsloth, one process each over all shapes
     bash benchmarks/train_throughput.sh "2x1024 1x2048 4x4096" "qlora_platform unsloth" ;;
   train-small)   # both small shapes, the two stacks alternating twice (the host moves these figures)
