@@ -132,3 +132,17 @@ def test_out_of_memory_saves_the_finished_steps_and_says_what_to_change(tiny_cfg
     assert [s for s, _ in list_checkpoints(tiny_cfg.output.dir)] == [2]
     resumed = Trainer(tiny_cfg, resume=True, log=lambda *_: None)
     assert resumed.step == 2
+
+
+def test_batches_without_padding_drop_the_mask_and_may_replay_from_a_cuda_graph(tiny_cfg):
+    trainer = Trainer(tiny_cfg, log=lambda *_: None)
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(trainer.lengths):
+        by_length.setdefault(n, []).append(i)
+    same = next(ix for ix in by_length.values() if len(ix) >= 2)[:2]
+    a, b = (ix[0] for ix in list(by_length.values())[:2])
+    inputs, _, _, graphable = trainer._batch([[same[0]], [same[1]]])
+    assert graphable and "attention_mask" not in inputs           # causal mask alone: capturable
+    inputs, _, _, graphable = trainer._batch([[a], [b]])
+    assert not graphable and inputs["attention_mask"].min() == 0  # padding: a mask, eager
+    assert not trainer.run_batch.enabled                           # CPU: always eager

@@ -1,6 +1,6 @@
 """LoRA on frozen (4-bit) linear layers as hand-written autograd functions.
 
-    y = lora_linear(x, proj)                    # one projection (o_proj)
+    y = lora_linear(x, proj, residual=r)        # one projection (o_proj), + r inside its GEMM
     q, k, v = lora_projections(x, [q, k, v])    # several sharing one input (QKV)
     y = lora_swiglu_mlp(x, gate, up, down)      # down(silu(gate(x)) * up(x))
 
@@ -16,7 +16,11 @@ Mistral-7B shape (benchmarks/profile_train_step.py):
 - the MLP keeps gate and up outputs only and rebuilds silu(g) * u in backward;
 - with an `Fp8Plan`, the base weight's forward products (and, if the plan says so, its
   input-gradient product) run on fp8 tensor cores (fp8.py) once a batch has enough
-  tokens; LoRA products stay 16-bit.
+  tokens; LoRA products stay 16-bit;
+- from as many tokens as input features, projections sharing an input (gate/up; q/k/v
+  when no gradient is recorded, and their input gradient in a recompute) run as one GEMM
+  with the LoRA halves folded into K (`_folded_forward`): the output is written once, not
+  written and then updated by a rank-r GEMM per projection.
 
 Gradients for A and B come out in the master weights' dtype straight from the GEMM on
 CUDA (in the compute dtype elsewhere; autograd then casts them). Works on any device
