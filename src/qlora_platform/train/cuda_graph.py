@@ -7,7 +7,7 @@
 
 Why: a 7B QLoRA step at b2 x s1024 launches about 4,800 kernels for 0.16 s of GPU work, but
 Python and the launches take 0.28-0.43 s of host time (benchmarks/results/
-profile_qlora_platform_b2s1024_h100.txt): the GPU waits on the host. Replaying the recorded
+profile_qlora_platform_b2s1024_h100_3a210c1.txt): the GPU waits on the host. Replaying the recorded
 kernels costs the host almost nothing, so small batches run at the GPU's speed.
 
 How: the first batch of a shape runs eagerly (it compiles kernels, builds cuBLAS/cuDNN plans
