@@ -33,6 +33,13 @@ def faithful_triton(t) -> bool:
     return use_triton(t) and (t.is_cuda or t.dtype == torch.float32)
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, last dim) with a unit column stride; a copy only when it has no such view
+    (a row-strided view, e.g. the left block of a wider buffer, stays a view)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
 def row_block(n: int) -> int:
     """Power-of-two block that holds a whole row of n elements."""
     return 1 << max(4, (n - 1).bit_length())

@@ -52,11 +52,12 @@ class Offloader:
     code then also runs inside a CUDA graph capture (train/cuda_graph.py), where memory
     freed this way is reused within the graph instead of held to the end of the capture."""
 
-    def __init__(self, device: torch.device, layers: int | None = None):
+    def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        # The last layer's entry stays on the device: its backward comes right after the loss,
-        # so a round trip would only leave the GPU waiting for the copy back at backward's start.
-        self.last = layers - 1 if layers else None
+        # The last layer's entry stays on the device (`use_offloader` sets which that is): its
+        # backward comes right after the loss, so a round trip would only leave the GPU waiting
+        # for the copy back at backward's start.
+        self.last: int | None = None
         self.on_gpu = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.on_gpu else None
         self.pool = _HostPool()
@@ -250,9 +251,7 @@ def enable_offloaded_checkpointing(model) -> Offloader | None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device.type != "cuda":
         return None
-    layers = sum(1 for m in model.modules()
-                 if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"))
-    return use_offloader(model, Offloader(device, layers))
+    return use_offloader(model, Offloader(device))
 
 
 def offloader_of(model) -> Offloader | None:
@@ -267,7 +266,10 @@ def offloader_of(model) -> Offloader | None:
 def use_offloader(model, offloader: Offloader) -> Offloader:
     """Route the model's gradient checkpointing (already enabled) through `offloader`."""
     func = functools.partial(offloaded_checkpoint, offloader)
+    layers = 0
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
             module._gradient_checkpointing_func = func
+            layers += 1
+    offloader.last = layers - 1 if layers else None   # its entry stays on the device
     return offloader

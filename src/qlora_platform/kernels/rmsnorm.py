@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ._triton import row_block, tl, triton, use_triton
+from ._triton import as_rows, row_block, tl, triton, use_triton
 
 # RMSNorms computing weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) (Gemma's 1 + weight is not this).
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
@@ -58,12 +58,6 @@ if triton is not None:
         tl.store(dx_ptr + row * lddx + cols, dx.to(dy_raw.dtype), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(rows, H) view with unit column stride; a copy only when t has no such view."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
-
-
 # Outputs written as the left block of a wider buffer (`extra` > 0), by the buffer's address:
 # lora.py's folded projections write their x A^T columns beside the normed x there.
 _PADDED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
@@ -78,7 +72,7 @@ def padded_buffer(x2: torch.Tensor, width: int) -> torch.Tensor | None:
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0):
-    x2 = _rows(x)
+    x2 = as_rows(x)
     rows, h = x2.shape
     buf = torch.empty((rows, h + extra), dtype=x.dtype, device=x.device)
     y = buf[:, :h]
@@ -93,8 +87,8 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0):
 
 def _backward(dy: torch.Tensor, x2, weight, rstd, residual: torch.Tensor | None = None) -> torch.Tensor:
     """dx of the norm (dy may be row-strided), plus `residual` when given, in one kernel."""
-    dy2 = _rows(dy)
-    res = _rows(residual) if residual is not None else dy2
+    dy2 = as_rows(dy)
+    res = as_rows(residual) if residual is not None else dy2
     dx = torch.empty(x2.shape, dtype=dy.dtype, device=dy.device)
     block = row_block(x2.shape[-1])
     _rms_bwd[(x2.shape[0],)](dy2, x2, weight, rstd, dx, res, x2.shape[-1], dy2.stride(0), x2.stride(0),

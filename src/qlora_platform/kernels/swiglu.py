@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton, use_triton
+from ._triton import as_rows, tl, triton, use_triton
 
 BLOCK = 1024
 
@@ -66,16 +66,10 @@ if triton is not None:
         tl.store(u_ptr + row * ldu + col, du.to(u_raw.dtype), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as a 2-D (rows, cols) view with unit column stride (no copy when t is such a view)."""
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    return t2 if t2.stride(1) == 1 else t2.contiguous()
-
-
 def swiglu_forward(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if not use_triton(e):
         return swiglu_forward_reference(e, u)
-    e2, u2 = _rows(e), _rows(u)
+    e2, u2 = as_rows(e), as_rows(u)
     h = torch.empty(e2.shape, dtype=u.dtype, device=u.device)
     n, cols = e2.numel(), e2.shape[1]
     _swiglu_fwd[(triton.cdiv(n, BLOCK),)](e2, u2, h, n, cols, e2.stride(0), u2.stride(0), h.stride(0), BLOCK=BLOCK)
