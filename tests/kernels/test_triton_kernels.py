@@ -75,6 +75,18 @@ def test_swiglu_runs_on_the_two_halves_of_one_buffer():
         torch.testing.assert_close(got, ref, **TOL[torch.float32])
 
 
+def test_swiglu_writes_h_with_room_beside_it_for_the_down_fold():
+    """extra=8: h is the left block of a buffer 8 columns wider, which padded_buffer finds."""
+    g = torch.Generator().manual_seed(3)
+    e, u = torch.randn(5, 48, generator=g).to(DEVICE), torch.randn(5, 48, generator=g).to(DEVICE)
+    h = swiglu_forward(e, u, extra=8)
+    torch.testing.assert_close(h, swiglu_forward_reference(e, u), **TOL[torch.float32])
+    if _triton.use_triton(e):   # the reference path allocates no padding
+        buf = _triton.padded_buffer(h, 56)
+        assert buf is not None and buf.data_ptr() == h.data_ptr() and h.stride() == (56, 1)
+        assert _triton.padded_buffer(h, 57) is None
+
+
 def test_residual_rms_norm_adds_the_stream_gradient_in_the_kernel():
     """(x, norm(x)) with x going on in the residual stream: x's gradient is the stream's plus the
     norm's, as autograd would add them; dy may be a row-strided view (a folded MLP's dx)."""

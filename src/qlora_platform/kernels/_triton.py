@@ -9,6 +9,7 @@ Everywhere else the reference runs.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -38,6 +39,29 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     (a row-strided view, e.g. the left block of a wider buffer, stays a view)."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+# Outputs written as the left block of a wider buffer, by the buffer's address: lora.py's
+# folded projections write their x A^T columns beside such an x (the normed x of rmsnorm.py,
+# the h of swiglu.py) instead of copying x into a buffer of their own.
+_PADDED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def padded_empty(rows: int, cols: int, extra: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (rows, cols) tensor in like's dtype and device; with `extra` > 0 the left
+    block of a (rows, cols + extra) buffer that `padded_buffer` finds."""
+    buf = torch.empty((rows, cols + extra), dtype=like.dtype, device=like.device)
+    if extra:
+        _PADDED[buf.data_ptr()] = buf
+    return buf[:, :cols]
+
+
+def padded_buffer(x2: torch.Tensor, width: int) -> torch.Tensor | None:
+    """The (rows, width) buffer x2 (rows, cols) was written into as its left block, if it was."""
+    buf = _PADDED.get(x2.data_ptr())
+    if buf is None or tuple(buf.shape) != (x2.shape[0], width) or x2.stride() != (width, 1):
+        return None
+    return buf
 
 
 def row_block(n: int) -> int:

@@ -10,11 +10,9 @@ the input gradient only (`patch.py` keeps trainable norms on the stock module).
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from ._triton import as_rows, row_block, tl, triton, use_triton
+from ._triton import as_rows, padded_empty, row_block, tl, triton, use_triton
 
 # RMSNorms computing weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) (Gemma's 1 + weight is not this).
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
@@ -58,26 +56,10 @@ if triton is not None:
         tl.store(dx_ptr + row * lddx + cols, dx.to(dy_raw.dtype), mask=mask)
 
 
-# Outputs written as the left block of a wider buffer (`extra` > 0), by the buffer's address:
-# lora.py's folded projections write their x A^T columns beside the normed x there.
-_PADDED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
-
-
-def padded_buffer(x2: torch.Tensor, width: int) -> torch.Tensor | None:
-    """The (rows, width) buffer a norm wrote x2 (rows, h) into as its left block, if it did."""
-    buf = _PADDED.get(x2.data_ptr())
-    if buf is None or tuple(buf.shape) != (x2.shape[0], width) or x2.stride() != (width, 1):
-        return None
-    return buf
-
-
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0):
     x2 = as_rows(x)
     rows, h = x2.shape
-    buf = torch.empty((rows, h + extra), dtype=x.dtype, device=x.device)
-    y = buf[:, :h]
-    if extra:
-        _PADDED[buf.data_ptr()] = buf
+    y = padded_empty(rows, h, extra, x)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     block = row_block(h)
     _rms_fwd[(rows,)](x2, weight, y, rstd, h, eps, x2.stride(0), y.stride(0), BLOCK=block,
@@ -135,7 +117,7 @@ def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0) -> torch.Tensor:
     """With `extra` > 0 (kernel path) the output is the left block of a buffer `extra` columns
-    wider (`padded_buffer` finds it)."""
+    wider (`_triton.padded_buffer` finds it)."""
     if not _kernel_applies(x, weight):
         return rms_norm_reference(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps, extra)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import as_rows, tl, triton, use_triton
+from ._triton import as_rows, padded_empty, tl, triton, use_triton
 
 BLOCK = 1024
 
@@ -66,14 +66,16 @@ if triton is not None:
         tl.store(u_ptr + row * ldu + col, du.to(u_raw.dtype), mask=mask)
 
 
-def swiglu_forward(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def swiglu_forward(e: torch.Tensor, u: torch.Tensor, extra: int = 0) -> torch.Tensor:
+    """silu(e) * u; with `extra` > 0 (kernel path) written as the left block of a buffer `extra`
+    columns wider, where the down projection's fold puts h A^T (lora.py)."""
     if not use_triton(e):
         return swiglu_forward_reference(e, u)
     e2, u2 = as_rows(e), as_rows(u)
-    h = torch.empty(e2.shape, dtype=u.dtype, device=u.device)
+    h = padded_empty(e2.shape[0], e2.shape[1], extra, u)
     n, cols = e2.numel(), e2.shape[1]
     _swiglu_fwd[(triton.cdiv(n, BLOCK),)](e2, u2, h, n, cols, e2.stride(0), u2.stride(0), h.stride(0), BLOCK=BLOCK)
-    return h.view(e.shape)
+    return h if e.dim() == 2 else h.view(e.shape)
 
 
 def swiglu_backward(dh: torch.Tensor, e: torch.Tensor, u: torch.Tensor):
