@@ -9,6 +9,10 @@ Times, for the Mistral-7B MLP (hidden 4096, intermediate 14336, rank 16) and QKV
   and one GEMM y = x' W'^T with W' = [W | B] block-diagonal in the extra columns;
 - the same for the input gradient of gate/up: today g_e W_g + s (g_e B_g) A_g (and up),
   folded: one GEMM [g_e | g_u] W' whose extra columns are s g B, then one rank-32 update.
+- with a residual r (o: 4096 -> 4096, down: 14336 -> 4096; `--residual`): r added first
+  (addmm(r, x, W^T), then the LoRA update: run w's order, which rounds a young adapter away),
+  added last (one more pass over y), or folded with r as the GEMM's C, x copied into x' (o)
+  or already written there by its producer (down: swiglu's padded h).
 Prints one JSON line per case (median ms over 20 runs, CUDA events).
 """
 from __future__ import annotations
@@ -96,11 +100,54 @@ def case(tokens: int, outs: list[int], k: int = 4096, r: int = 16, s: float = 2.
             "dgrad_in_place": dxp_ptr_same == dx_fold.data_ptr(), "device": torch.cuda.get_device_name()}
 
 
+def residual_case(tokens: int, k: int, n: int = 4096, r: int = 16, s: float = 2.0) -> dict:
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(tokens, k, device=dev, dtype=dt)
+    res = torch.randn(tokens, n, device=dev, dtype=dt)
+    w = torch.randn(n, k, device=dev, dtype=dt) / 64
+    A, B = torch.randn(r, k, device=dev, dtype=dt) / 64, torch.randn(n, r, device=dev, dtype=dt) / 4
+    xp = torch.empty(tokens, k + r, device=dev, dtype=dt)
+    xp[:, :k] = x
+    wp = torch.empty(n, k + r, device=dev, dtype=dt)
+
+    def first():
+        y = torch.addmm(res, x, w.t())
+        y.addmm_(x @ A.t(), B.t(), alpha=s)
+
+    def last():
+        y = x @ w.t()
+        y.addmm_(x @ A.t(), B.t(), alpha=s)
+        y.add_(res)
+
+    def fold(copy: bool):
+        if copy:
+            buf = torch.empty(tokens, k + r, device=dev, dtype=dt)
+            buf[:, :k].copy_(x)
+        else:
+            buf = xp
+        buf[:, k:].copy_(buf[:, :k] @ A.t())
+        wp[:, :k].copy_(w)          # stands in for the dequantization every variant does
+        torch.mul(B, s, out=wp[:, k:])
+        return torch.addmm(res, buf, wp.t())
+
+    def dequant_stand_in():
+        wp[:, :k].copy_(w)
+    return {"tokens": tokens, "k": k, "n": n, "residual_first_ms": round(timed(first), 3),
+            "residual_last_ms": round(timed(last), 3), "fold_copy_ms": round(timed(lambda: fold(True)), 3),
+            "fold_padded_ms": round(timed(lambda: fold(False)), 3),
+            "weight_copy_ms": round(timed(dequant_stand_in), 3), "device": torch.cuda.get_device_name()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[16384, 2048])
+    p.add_argument("--residual", action="store_true", help="the o/down residual cases only")
     args = p.parse_args()
     for t in args.tokens:
+        if args.residual:
+            for k in (4096, 14336):
+                print(json.dumps(residual_case(t, k)), flush=True)
+            continue
         for outs in ([14336, 14336], [4096, 1024, 1024]):
             print(json.dumps(case(t, outs)), flush=True)
 
