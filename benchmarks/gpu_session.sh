@@ -20,7 +20,7 @@ case "${1:-}" in
     QLORA_TEST_OUT=$OUT timeout 560 python -m pytest -q -p no:cacheprovider -rf tests/kernels tests/infer/test_static_decode.py \
       tests/infer/test_batcher.py tests/train/test_gpu.py tests/train/test_flat_params.py tests/train/test_cuda_graph.py \
       2>&1 | grep -E "passed|failed|^FAILED|^E  " | head -30 ;;
-  loss-ab)   # b2 x s1024, the 11-step loss with and without CUDA graphs (run w's loss moved; README)
+  loss-ab)   # b2 x s1024, the 11-step loss with and without CUDA graphs (README: Fifth change)
     python -c "from benchmarks.train_throughput import checkpoint; checkpoint('mistral-7b')"
     for g in true false; do
       timeout 200 python benchmarks/train_throughput.py --shape mistral-7b --batch 2 --seq 1024 --variant qlora_platform \
