@@ -96,9 +96,10 @@ def _scaled_a(projs, dtype) -> torch.Tensor:
     return torch.cat([p.compute_weights(dtype)[0] * p.scaling for p in projs])
 
 
-def _folded_weight(projs, dtype, device) -> torch.Tensor:
+def _folded_weight(projs, dtype, device, scale_b: bool = False) -> torch.Tensor:
     """W' = [W_1 B_1 0; W_2 0 B_2; ...]: the base weights stacked by rows, each followed by its
-    LoRA B in columns of its own (total out x (in + sum of ranks)), dequantized in place."""
+    LoRA B in columns of its own (total out x (in + sum of ranks)), dequantized in place; with
+    `scale_b` each B carries its scaling (for an x' whose x A^T columns are unscaled)."""
     k = projs[0].A.shape[1]
     ranks = [p.A.shape[0] for p in projs]
     w = torch.empty(sum(p.B.shape[0] for p in projs), k + sum(ranks), dtype=dtype, device=device)
@@ -107,15 +108,16 @@ def _folded_weight(projs, dtype, device) -> torch.Tensor:
     for p, r in zip(projs, ranks):
         n = p.B.shape[0]
         base_weight(p.base, w[row:row + n, :k])
-        w[row:row + n, col:col + r].copy_(p.compute_weights(dtype)[1])
+        torch.mul(p.compute_weights(dtype)[1], p.scaling if scale_b else 1.0, out=w[row:row + n, col:col + r])
         row, col = row + n, col + r
     return w
 
 
-def _folded_input(x2: torch.Tensor, projs) -> torch.Tensor:
-    """x' = [x | s_1 x A_1^T | s_2 x A_2^T | ...] (one GEMM for all the A products)."""
+def _folded_input(x2: torch.Tensor, projs, scale_a: bool = True) -> torch.Tensor:
+    """x' = [x | s_1 x A_1^T | s_2 x A_2^T | ...] (one GEMM for all the A products); without
+    `scale_a` the x A^T columns are left unscaled."""
     k = x2.shape[1]
-    a = _scaled_a(projs, x2.dtype)
+    a = _scaled_a(projs, x2.dtype) if scale_a else torch.cat([p.compute_weights(x2.dtype)[0] for p in projs])
     xp = padded_buffer(x2, k + a.shape[0])   # x already written with room beside it
     if xp is None:
         xp = torch.empty(x2.shape[0], k + a.shape[0], dtype=x2.dtype, device=x2.device)
@@ -214,16 +216,10 @@ def _residual_forward(x2: torch.Tensor, p: LoRAProj, residual: torch.Tensor, x_f
         y, xa, a, b = _forward(x2, p, x_fp8)
         return y.add_(residual), x2, xa, a, b
     a, b = p.compute_weights(x2.dtype)
-    k, r = x2.shape[1], a.shape[0]
-    xp = padded_buffer(x2, k + r)   # x written with room beside it (swiglu's h)
-    if xp is None:
-        xp = torch.empty(x2.shape[0], k + r, dtype=x2.dtype, device=x2.device)
-        xp[:, :k].copy_(x2)
-    xp[:, k:].copy_(x2 @ a.t())     # unscaled x A^T: what backward's dB takes
-    w = torch.empty(b.shape[0], k + r, dtype=x2.dtype, device=x2.device)
-    base_weight(p.base, w[:, :k])
-    torch.mul(b, p.scaling, out=w[:, k:])
-    return torch.addmm(residual, xp, w.t()), xp[:, :k], xp[:, k:], a, b
+    k = x2.shape[1]
+    xp = _folded_input(x2, [p], scale_a=False)   # unscaled x A^T: what backward's dB takes
+    y = torch.addmm(residual, xp, _folded_weight([p], x2.dtype, x2.device, scale_b=True).t())
+    return y, xp[:, :k], xp[:, k:], a, b
 
 
 def placeholder(ref: torch.Tensor, shape) -> torch.Tensor:
