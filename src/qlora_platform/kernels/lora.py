@@ -91,9 +91,9 @@ def _foldable(x2: torch.Tensor, projs) -> bool:
         p.bias is None and p.fp8 is None and compute_dtype(p) == x2.dtype for p in projs)
 
 
-def _scaled_a(projs, dtype) -> torch.Tensor:
-    """[s_1 A_1; s_2 A_2; ...]: (sum of ranks, in)."""
-    return torch.cat([p.compute_weights(dtype)[0] * p.scaling for p in projs])
+def _scaled_a(projs, dtype, scaled: bool = True) -> torch.Tensor:
+    """[s_1 A_1; s_2 A_2; ...]: (sum of ranks, in); the A's alone without `scaled`."""
+    return torch.cat([p.compute_weights(dtype)[0] * (p.scaling if scaled else 1.0) for p in projs])
 
 
 def _folded_weight(projs, dtype, device, scale_b: bool = False) -> torch.Tensor:
@@ -117,7 +117,7 @@ def _folded_input(x2: torch.Tensor, projs, scale_a: bool = True) -> torch.Tensor
     """x' = [x | s_1 x A_1^T | s_2 x A_2^T | ...] (one GEMM for all the A products); without
     `scale_a` the x A^T columns are left unscaled."""
     k = x2.shape[1]
-    a = _scaled_a(projs, x2.dtype) if scale_a else torch.cat([p.compute_weights(x2.dtype)[0] for p in projs])
+    a = _scaled_a(projs, x2.dtype, scale_a)
     xp = padded_buffer(x2, k + a.shape[0])   # x already written with room beside it
     if xp is None:
         xp = torch.empty(x2.shape[0], k + a.shape[0], dtype=x2.dtype, device=x2.device)
