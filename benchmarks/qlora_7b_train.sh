@@ -12,6 +12,6 @@ $Q prepare --sample --out-dir /tmp/data
 common="--config configs/mistral-7b.yaml --model.name /tmp/m7b --train_file /tmp/data/train.jsonl --eval_file /tmp/data/eval.jsonl"
 $Q train $common --dry-run --packing true | tail -11
 # packing fills every row to 1024 tokens: the b2 x s1024 shape of the anchors (grad_accum 4 as in the preset)
-$Q train $common --max_steps 20 --packing true --logging_steps 5 --output.dir /tmp/run7b 2>&1 | grep -v 'it/s]'
+$Q train $common --max_steps 20 --packing true --logging_steps 5 --output.dir /tmp/run7b --overwrite 2>&1 | grep -v 'it/s]'
 cp /tmp/run7b/train_summary.json "$OUT/train_summary_7b.json"; cp /tmp/run7b/train_log.jsonl "$OUT/train_log_7b.jsonl"
 python -m pytest -q -m gpu tests/train/test_gpu.py 2>&1 | tail -3

@@ -74,25 +74,34 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
-@pytest.fixture
-def small_data(tmp_path) -> tuple[Path, Path]:
+def toy_task(folder: Path) -> tuple[Path, Path]:
     """A learnable toy task: each answer repeats a fixed pattern tied to its question."""
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     train = [chat(f"Spell the word {w} number {i}.", " ".join([w] * 12) + f" done {i}.")
              for i in range(24) for w in words[i % 8: i % 8 + 1]]
     held = [chat(f"Spell the word {w} please.", " ".join([w] * 12) + " done.") for w in words[:4]]
-    return write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "eval.jsonl", held)
+    return write_jsonl(folder / "train.jsonl", train), write_jsonl(folder / "eval.jsonl", held)
 
 
-@pytest.fixture
-def tiny_cfg(tiny_model_dir, small_data, tmp_path):
+def tiny_run_config(model_dir: Path, train: Path, held: Path, out: Path, **overrides):
+    """A seconds-long QLoRA run of the tiny model on the CPU; `overrides` as --key values."""
     from qlora_platform.config import load_config
 
-    train, held = small_data
     return load_config(None, {
-        "model.name": str(tiny_model_dir), "data.train_file": str(train), "data.eval_file": str(held),
+        "model.name": str(model_dir), "data.train_file": str(train), "data.eval_file": str(held),
         "data.max_seq_len": 96, "training.batch_size": 4, "training.max_steps": 6,
         "training.learning_rate": 5e-3, "training.warmup_ratio": 0.0, "training.logging_steps": 1,
         "training.save_steps": 3, "training.device": "cpu", "training.gradient_checkpointing": False,
         "training.report_to": "[]", "lora.r": 8, "lora.dropout": 0.0,
-        "quantization.compute_dtype": "float32", "output.dir": str(tmp_path / "run")})
+        "quantization.compute_dtype": "float32", "output.dir": str(out), **overrides})
+
+
+@pytest.fixture
+def small_data(tmp_path) -> tuple[Path, Path]:
+    return toy_task(tmp_path)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir, small_data, tmp_path):
+    train, held = small_data
+    return tiny_run_config(tiny_model_dir, train, held, tmp_path / "run")

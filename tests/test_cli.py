@@ -88,3 +88,54 @@ def test_doctor_passes_here(capsys):
 def test_num_processes_below_one_is_one_clear_line(capsys):
     code, _, err = run(capsys, "train", "--num-processes", "0")
     assert code == 2 and "--num-processes must be at least 1" in one_error_line(err)
+
+
+def test_short_prefixes_are_config_keys_not_flags(capsys):
+    """--r is lora.r (argparse used to read it as --resume), and practitioners' names are aliases."""
+    from qlora_platform.cli import build_parser
+    from qlora_platform.config import load_config
+
+    args, extra = build_parser().parse_known_args(["train", "--r", "8", "--lr", "1e-4"])
+    assert not args.resume and extra == ["--r", "8", "--lr", "1e-4"]
+    cfg = load_config(None, parse_overrides(extra + ["--num_train_epochs", "2", "--per_device_train_batch_size",
+                                                    "3", "--gradient_accumulation_steps", "5", "--lora_r", "4",
+                                                    "--lora_alpha", "8", "--output_dir", "o"]))
+    assert (cfg.lora.r, cfg.training.learning_rate, cfg.training.epochs) == (4, 1e-4, 2)
+    assert (cfg.training.batch_size, cfg.training.grad_accum, cfg.lora.alpha, cfg.output.dir) == (3, 5, 8, "o")
+
+
+def test_an_override_error_names_the_flag_not_the_yaml(capsys):
+    code, _, err = run(capsys, "train", "--dry-run", "--config", "configs/smollm2-135m.yaml", "--lr", "-1")
+    line = one_error_line(err)
+    assert code == 2 and line.startswith("error: --lr:") and "smollm2-135m.yaml" not in line
+
+
+def test_version_and_help_with_defaults(capsys):
+    from qlora_platform import __version__
+
+    with pytest.raises(SystemExit) as ended:
+        main(["--version"])
+    assert ended.value.code == 0 and __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "(default: 3)" in capsys.readouterr().out
+    code, out, _ = run(capsys, "train", "--help-config")
+    assert code == 0 and "peak learning rate" in out and "[cosine | linear | constant]" in out
+
+
+def test_run_paths_are_stored_absolute(tmp_path, monkeypatch):
+    """A run's config names its files absolutely, so its commands work from any folder."""
+    from qlora_platform.cli import _load_cfg, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    args, extra = build_parser().parse_known_args(["train", "--train_file", "d/t.jsonl", "--output.dir", "r"])
+    cfg = _load_cfg(args, extra)
+    assert cfg.data.train_file == str(tmp_path / "d/t.jsonl") and cfg.output.dir == str(tmp_path / "r")
+    assert cfg.data.eval_file == str(tmp_path / "data/eval.jsonl")
+
+
+def test_eval_prompts_ship_with_the_package(tmp_path, monkeypatch):
+    from qlora_platform.eval.keywords import DEFAULT_PROMPTS, load_prompt_file
+
+    monkeypatch.chdir(tmp_path)
+    assert len(load_prompt_file(DEFAULT_PROMPTS).prompts) == 26

@@ -3,7 +3,7 @@
     qlora doctor                       environment check
     qlora prepare --sample             raw data -> data/train.jsonl + data/eval.jsonl
     qlora validate data/train.jsonl    find problems before training
-    qlora train --config FILE [--resume] [--dry-run] [--section.key VALUE ...]
+    qlora train --config FILE [--resume | --overwrite] [--dry-run] [--section.key VALUE ...]
     qlora eval --adapter DIR           base vs tuned: perplexity, keyword benchmark, speed
     qlora compare RUN_DIR...           one table across runs
     qlora chat --adapter DIR           streaming multi-turn chat
@@ -52,8 +52,10 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
 def _load_cfg(args, extra):
     from .config import load_config
 
+    from .config import absolute_paths
+
     path = args.config if args.config else (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
-    return load_config(path, parse_overrides(extra))
+    return absolute_paths(load_config(path, parse_overrides(extra)))
 
 
 def cmd_prepare(args, extra) -> int:
@@ -70,8 +72,11 @@ def cmd_prepare(args, extra) -> int:
 
 
 def cmd_validate(args, extra) -> int:
-    from .data.validate import validate_file
+    from .data.validate import check_jsonl_input, validate_file
 
+    check_jsonl_input(args.file)  # a CSV or a folder is told what to run, before the tokenizer loads
+    if args.eval:
+        check_jsonl_input(args.eval, "--eval")
     cfg = _load_cfg(args, extra)
     tokenizer = None
     if not args.no_tokenizer:
@@ -112,21 +117,37 @@ def cmd_train(args, extra) -> int:
                 raise UserError(f"--num-processes {args.num_processes} needs as many GPUs; this machine has "
                                 f"{torch.cuda.device_count()} (use --num-processes "
                                 f"{torch.cuda.device_count()}, or --training.device cpu)")
+        from .train.trainer import claim_output_dir
+        claim_output_dir(Path(cfg.output.dir), args.resume, args.overwrite, clear=False)   # before N processes start
         return launch(_train_argv(args, extra), args.num_processes)
-    from .train.trainer import Trainer
+    from contextlib import redirect_stderr, redirect_stdout
 
-    trainer = Trainer(cfg, resume=args.resume)
-    summary = trainer.train()
-    if not summary:   # a process other than the first of a multi-process run
+    from .train.trainer import GuardedStream, Trainer, flush_quietly, plural, say
+
+    # Output goes out guarded: with stdout or stderr a pipe whose reader is gone (| tee stopped by
+    # the same Ctrl-C), the checkpoint is still saved and the exit code still says what happened.
+    try:
+        with redirect_stdout(GuardedStream(sys.stdout)), redirect_stderr(GuardedStream(sys.stderr)):
+            trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+            summary = trainer.train()
+        if trainer.finished or not summary:   # nothing left to train, or not the first of several processes
+            return 0
+        ppl = summary["eval_perplexity"]
+        say(f"done: {plural(summary['steps'], 'step')} in {summary['train_seconds']} s, "
+            f"{summary['tokens_per_s']} tokens/s, "
+            f"{'no holdout' if ppl is None else f'eval perplexity {ppl:.3f}'}", sys.stdout)
         return 0
-    print(f"done: {summary['steps']} steps in {summary['train_seconds']} s, "
-          f"{summary['tokens_per_s']} tokens/s, eval perplexity {summary['eval_perplexity']}")
-    return 0
+    except UserError as err:
+        say(f"error: {err}", sys.stderr)
+        return err.exit_code
+    finally:
+        flush_quietly(sys.stdout)
 
 
 def _train_argv(args, extra) -> list[str]:
     """The train command line each process of a multi-process run gets."""
-    return ([f"--config={args.config}"] if args.config else []) + (["--resume"] if args.resume else []) + list(extra)
+    return ([f"--config={args.config}"] if args.config else []) + (["--resume"] if args.resume else []) + \
+        (["--overwrite"] if args.overwrite else []) + list(extra)
 
 
 def cmd_eval(args, extra) -> int:
@@ -136,7 +157,7 @@ def cmd_eval(args, extra) -> int:
         raise UserError(f"unexpected argument(s) for eval: {' '.join(extra)}")
     run_eval(args.adapter, prompts=args.prompts, out=args.out, eval_file=args.eval_file, device=args.device,
              speed_runs=args.speed_runs, speed_tokens=args.speed_tokens, samples=args.samples,
-             batch_size=args.batch_size)
+             batch_size=args.batch_size, trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -164,11 +185,14 @@ def _engine(args):
     if args.gguf:
         if args.adapter or args.model:
             raise UserError("--gguf runs a GGUF file on its own; leave out --adapter and --model")
+        from .export.gguf import stream_completion
+        from .export.llama_cpp import ensure_llama_cpp
         from .infer.gguf_engine import GgufEngine
-        return GgufEngine(args.gguf)
+        return GgufEngine(args.gguf, ensure_llama_cpp, stream_completion)
     from .infer.load import load_for_inference
 
-    return load_for_inference(adapter=args.adapter, model=args.model, device=args.device).engine
+    return load_for_inference(adapter=args.adapter, model=args.model, device=args.device,
+                              trust_remote_code=args.trust_remote_code).engine
 
 
 def cmd_chat(args, extra) -> int:
@@ -176,8 +200,14 @@ def cmd_chat(args, extra) -> int:
 
     if extra:
         raise UserError(f"unexpected argument(s) for chat: {' '.join(extra)}")
+    from .infer.chat import line_editing
+    from .models.bundled import cache_dir
+
     params = _sampling(args)
-    return chat_repl(_engine(args), params, system=args.system)
+    engine = _engine(args)
+    line_editing(cache_dir() / "chat_history")
+    label = f"the adapter {args.adapter}" if args.adapter else args.gguf or args.model
+    return chat_repl(engine, params, system=args.system, label=label)
 
 
 def cmd_generate(args, extra) -> int:
@@ -191,22 +221,30 @@ def cmd_generate(args, extra) -> int:
 
 def cmd_serve(args, extra) -> int:
     from .infer.auth import ApiKeys
-    from .infer.chat import serve
-    from .infer.server import ServerSettings
+    from .infer.server import ServerSettings, serve
 
     if extra:
         raise UserError(f"unexpected argument(s) for serve: {' '.join(extra)}")
     if bool(args.adapter) == bool(args.model):
         raise UserError("give either --adapter DIR or --model NAME")
-    for name in ("max_concurrent", "max_queue", "max_body_kb", "default_max_tokens"):
+    for name in ("max_concurrent", "max_queue", "max_body_kb", "default_max_tokens", "max_connections"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("body_timeout", "max_model_len"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    keys = ApiKeys.gather(args.api_key, args.api_key_file)
+    if args.api_key:
+        print("warning: --api-key is visible to every user of this machine (ps, /proc); "
+              "prefer $QLORA_API_KEYS or --api-key-file", file=sys.stderr)
     settings = ServerSettings(adapter=args.adapter, model=args.model, device=args.device, served_name=args.name,
-                              keys=ApiKeys.gather(args.api_key, args.api_key_file), cors_origins=args.cors_origin or [],
+                              keys=keys, cors_origins=args.cors_origin or [],
                               max_active=args.max_concurrent, max_queue=args.max_queue,
                               queue_timeout=args.queue_timeout, max_body_bytes=args.max_body_kb * 1024,
-                              default_max_tokens=args.default_max_tokens)
-    return serve(settings, args.host, args.port, args.drain_timeout, args.log_level)
+                              body_timeout=args.body_timeout, default_max_tokens=args.default_max_tokens,
+                              max_model_len=args.max_model_len)
+    return serve(settings, args.host, args.port, args.drain_timeout, args.log_level, access_log=args.access_log,
+                 max_connections=args.max_connections)
 
 
 def cmd_setup(args, extra) -> int:
@@ -251,7 +289,11 @@ def cmd_demo(args, extra) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from raw data to a served model.")
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from raw data to a served model.",
+                                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"qlora-platform {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("doctor", help="check Python, torch, CUDA, bitsandbytes, llama.cpp, disk, HF token")
@@ -259,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("prepare", help="raw data -> chat JSONL train/holdout files")
-    s.add_argument("--input", action="append", help="JSONL/JSON/CSV/PDF/HTML/TXT/MD file or HF dataset (repeatable)")
+    s.add_argument("--input", action="append",
+                   help="JSONL/JSON/CSV/PDF/HTML/TXT/MD file, a folder of them, or HF dataset (repeatable)")
     s.add_argument("--sample", action="store_true", help="build the offline Python-stdlib assistant data set")
     s.add_argument("--format", default="auto", help="auto, hf, messages, sharegpt, alpaca, prompt_completion, text")
     s.add_argument("--columns", help="field=column mapping for CSV/HF, e.g. instruction=question,output=answer")
@@ -271,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-invalid", action="store_true", help="drop (and count) bad records instead of stopping")
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("validate", help="check a chat JSONL file before training")
+    s = sub.add_parser("validate", help="check a prepared chat JSONL file before training (after qlora prepare)")
     s.add_argument("file")
     s.add_argument("--eval", help="holdout file to check for train/holdout leakage")
     s.add_argument("--config", help="model and max_seq_len to check against (default: the SmolLM2 preset)")
@@ -281,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="QLoRA training; config overrides as --section.key VALUE")
     s.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG})")
     s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    s.add_argument("--overwrite", action="store_true",
+                   help="start again in an output.dir that holds a run (deletes its checkpoints, log, adapter)")
     s.add_argument("--dry-run", action="store_true", help="validate and print the memory estimate only")
     s.add_argument("--help-config", action="store_true", help="list every config key with its default")
     s.add_argument("--num-processes", type=int, default=1,
@@ -291,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="base vs tuned: holdout perplexity, keyword benchmark, speed -> report")
     s.add_argument("--adapter", required=True, help="<run>/final_adapter or <run>/checkpoint-N")
-    s.add_argument("--prompts", help="benchmark prompt file (default configs/benchmark_prompts.json)")
+    s.add_argument("--prompts", help="benchmark prompt file (default: the sample domain's, shipped with the package)")
     s.add_argument("--out", help="report folder (default <run>/eval)")
     s.add_argument("--eval-file", help="holdout JSONL (default: the run's data.eval_file)")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -299,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speed-tokens", type=int, default=64, help="new tokens per timed generation")
     s.add_argument("--samples", type=int, default=6, help="answers shown side by side in eval.md (at least 5)")
     s.add_argument("--batch-size", type=int, default=8, help="benchmark prompts generated together")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="let the base model's own Python code run (never taken from the run's config)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("compare", help="one table across run folders (markdown + JSON)")
@@ -312,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="auto", help="auto, cpu or cuda")
         if s.prog.split()[-1] != "serve":
             s.add_argument("--gguf", help="a .gguf file, run on the CPU by llama.cpp")
+            s.add_argument("--trust-remote-code", action="store_true",
+                           help="let the model's own Python code run (never taken from an adapter's config)")
 
     def sampling_args(s, max_tokens=256):
         s.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -340,16 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", help="model id clients use (default: the adapter or model path)")
-    s.add_argument("--api-key", action="append", help="accepted key (repeatable; also $QLORA_API_KEYS)")
+    s.add_argument("--api-key", action="append",
+                   help="accepted key (repeatable; visible in ps: prefer $QLORA_API_KEYS or --api-key-file)")
     s.add_argument("--api-key-file", help="file with one accepted key per line")
     s.add_argument("--cors-origin", action="append", help="allowed browser origin (repeatable; default none)")
     s.add_argument("--max-concurrent", type=int, default=1, help="generations running at once")
     s.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond those; more get 429")
     s.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait (then 503)")
     s.add_argument("--max-body-kb", type=int, default=1024, help="largest request body")
+    s.add_argument("--body-timeout", type=float, default=10.0, help="seconds a request body may take to arrive (408)")
+    s.add_argument("--max-connections", type=int, default=128, help="open connections; more get 503 at once")
+    s.add_argument("--max-model-len", type=int, help="largest prompt + max_tokens (default: the model's context)")
     s.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("setup", help="setup llama-cpp: obtain and build the pinned llama.cpp (cached)")
@@ -380,12 +434,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML config (default: configs/demo.yaml)")
     s.add_argument("--data-dir", default="data")
     s.set_defaults(func=cmd_demo)
+    # Exact option names only: a prefix such as --r must reach the config overrides (lora.r),
+    # not argparse's guess (--resume). Every --help shows the defaults.
+    for parser in (p, *sub.choices.values()):
+        parser.allow_abbrev = False
+        parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return p
 
 
+def quiet_library_noise() -> None:
+    """Drop library log lines that are no use to a user of the CLI.
+
+    bitsandbytes on CPUs with AVX512-BF16 warns on every model load that the optional
+    `kernels` package (a Hub download) is missing; its own CPU kernels run instead.
+    """
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_noise()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if getattr(args, "adapter", None):
+        from .infer.load import resolve_adapter_dir
+        args.adapter = str(resolve_adapter_dir(args.adapter))
     if args.verb == "demo" and not args.config and os.path.exists("configs/demo.yaml"):
         args.config = "configs/demo.yaml"
     try:

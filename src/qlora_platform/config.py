@@ -27,88 +27,98 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = "bundled:smollm2-135m-instruct"  # hub id, local folder, .gguf file or bundled:NAME
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
+    name: str = Field("bundled:smollm2-135m-instruct",
+                      description="base model: hub id, local folder, .gguf file or bundled:NAME")
+    revision: Optional[str] = Field(None, description="hub branch, tag or commit of the base model")
+    trust_remote_code: bool = Field(False, description="run the model repository's own Python code (only for "
+                                                       "models you trust; never read from an adapter folder)")
     # flex_attention (GPU) or flash_attention_2 (needs flash-attn) turn packed rows into
     # variable-length attention; sdpa and eager get a dense block-diagonal mask.
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="attention kernel; flex_attention or flash_attention_2 give packed rows "
+                            "variable-length attention")
 
 
 class QuantizationConfig(_Section):
-    load_in_4bit: bool = True
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    load_in_4bit: bool = Field(True, description="load the base weights in 4 bits (QLoRA); false: 16-bit LoRA")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base weights")
+    double_quant: bool = Field(True, description="quantize the quantization constants too (saves ~0.4 bit/weight)")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of the matmuls; auto: bf16 where the hardware has it, else fp16 (GPU) "
+                            "or fp32 (CPU)")
     # peft's prepare_model_for_kbit_training keeps norms, embeddings and head in fp32, which makes
-    # every activation fp32. None: that on the CPU (where the demo was measured), 16-bit on GPUs
-    # (H100, 7B, b4 x s4096: 3.1x the tokens/s at a third of the memory; benchmarks/README.md).
-    fp32_norms: Optional[bool] = None
+    # every activation fp32: cheap on the CPU, slow and large on GPUs.
+    fp32_norms: Optional[bool] = Field(
+        None, description="keep norms, embeddings and head in fp32 (peft's way); null: on the CPU only")
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input; 0 keeps the GPU fast "
+                                                         "kernels on every layer")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="layers that get adapters: all-linear or a list such as [q_proj, v_proj]")
 
 
 class DataConfig(_Section):
-    train_file: str = "data/train.jsonl"
-    eval_file: Optional[str] = "data/eval.jsonl"
-    max_seq_len: int = Field(384, ge=16, le=131072)
-    packing: bool = False  # padding-free packing; no attention across samples
+    train_file: str = Field("data/train.jsonl", description="training JSONL written by qlora prepare")
+    eval_file: Optional[str] = Field("data/eval.jsonl", description="holdout JSONL; null: no holdout")
+    max_seq_len: int = Field(384, ge=16, le=131072, description="tokens per example; longer ones are truncated")
+    packing: bool = Field(False, description="padding-free packing of several examples into a row; no "
+                                             "attention across examples")
 
 
 class TrainingConfig(_Section):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: Optional[int] = Field(None, ge=1)  # overrides epochs when set
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = "auto"
-    gradient_checkpointing: bool = True
-    # The fused LoRA / SwiGLU / RMSNorm kernels and the logits-free loss (qlora_platform.kernels).
-    # None: on for CUDA, off on the CPU (where PEFT's own path is what the demo measured).
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (fractions allowed)")
+    max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    batch_size: int = Field(4, ge=1, description="rows per micro-batch (per process)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="peak learning rate")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of the steps spent warming up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm; 0 turns clipping off")
+    optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = Field(
+        "auto", description="auto: AdamW on the CPU, paged AdamW 8-bit on a GPU")
+    gradient_checkpointing: bool = Field(True, description="recompute activations in backward to save memory")
     # With several processes (qlora train --num-processes N): accelerate's engine. batch_size is
     # per process; the global batch is batch_size x processes x grad_accum.
-    strategy: Literal["ddp", "fsdp", "deepspeed-zero3"] = "ddp"
-    fast_kernels: Optional[bool] = None
-    # With fast_kernels: the frozen base weights' products in fp8 (e4m3, per-row scales) on GPUs
-    # with fp8 tensor cores (RTX 40, H100), for batches of at least fp8_min_tokens tokens (below
-    # that the quantization passes cost more than they save). Off by default: faster, but it
-    # learns more slowly (benchmarks/README.md).
-    fp8: bool = False
-    fp8_min_tokens: int = Field(8192, ge=16)
-    # Which base products go through fp8: the forward ones (forward and recompute; they change
-    # the function the model computes, and on the 7B shape that slowed learning) and/or the
-    # input gradient's (g W; the loss stays exact, only the gradient carries fp8 rounding).
-    fp8_forward: bool = True
-    fp8_input_grad: bool = False
-    # Checkpointed layer inputs parked in pinned CPU memory during forward. None: on for CUDA
-    # whenever gradient_checkpointing is; no effect on the CPU.
-    offload_checkpoints: Optional[bool] = None
-    # With fast_kernels on CUDA: a batch shape seen before replays its forward and backward from a
-    # CUDA graph (train/cuda_graph.py), so small batches are not held back by Python and kernel
-    # launches. Batches that need an attention mask or packing positions run eagerly.
-    cuda_graphs: bool = True
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: Optional[int] = Field(None, ge=1)  # None: evaluate at the end only
-    save_steps: int = Field(100, ge=1)
-    save_total_limit: int = Field(3, ge=1)
-    report_to: list[Literal["tensorboard", "wandb"]] = ["tensorboard"]
-    wandb_project: str = "qlora-platform"
-    num_threads: Optional[int] = Field(None, ge=1)  # CPU threads; None: torch's default
+    strategy: Literal["ddp", "fsdp", "deepspeed-zero3"] = Field(
+        "ddp", description="engine with --num-processes N: ddp, fsdp (sharded FSDP-QLoRA) or deepspeed-zero3")
+    # The fused LoRA / SwiGLU / RMSNorm kernels and the logits-free loss (qlora_platform.kernels).
+    fast_kernels: Optional[bool] = Field(
+        None, description="the platform's fused training kernels; null: on for CUDA, off on the CPU")
+    # fp8 (e4m3, per-row scales) needs fp8 tensor cores (RTX 40, H100); below fp8_min_tokens the
+    # quantization passes cost more than they save. Off by default: faster, but it learns more slowly.
+    fp8: bool = Field(False, description="frozen base products in fp8 with fast_kernels (faster, learns "
+                                         "more slowly; see docs)")
+    fp8_min_tokens: int = Field(8192, ge=16, description="smallest batch (tokens) that uses fp8")
+    # The forward products change the function the model computes; the input gradient's product
+    # (g W) only adds fp8 rounding to the gradient.
+    fp8_forward: bool = Field(True, description="with fp8: forward and recompute products in fp8")
+    fp8_input_grad: bool = Field(False, description="with fp8: the input-gradient product in fp8")
+    offload_checkpoints: Optional[bool] = Field(
+        None, description="park checkpointed layer inputs in pinned CPU memory; null: on for CUDA with "
+                          "gradient_checkpointing")
+    # Batches that need an attention mask or packing positions run eagerly.
+    cuda_graphs: bool = Field(True, description="with fast_kernels on CUDA: replay repeated batch shapes "
+                                                "from CUDA graphs")
+    seed: int = Field(42, description="seed of data order, LoRA initialisation and dropout")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is present")
+    logging_steps: int = Field(10, ge=1, description="steps between loss log lines")
+    eval_steps: Optional[int] = Field(None, ge=1, description="steps between holdout evaluations; null: at "
+                                                              "the end only")
+    save_steps: int = Field(100, ge=1, description="steps between checkpoints")
+    save_total_limit: int = Field(3, ge=1, description="checkpoints kept (the newest)")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        ["tensorboard"], description="trackers: tensorboard and/or wandb")
+    wandb_project: str = Field("qlora-platform", description="W&B project name")
+    num_threads: Optional[int] = Field(None, ge=1, description="CPU threads; null: torch's default")
 
 
 class OutputConfig(_Section):
-    dir: str = "runs/default"
+    dir: str = Field("runs/default", description="run folder: checkpoints, final_adapter, logs, summary")
 
 
 class Config(_Section):
@@ -142,8 +152,25 @@ def _leaf_index() -> dict[str, list[str]]:
     return index
 
 
+# Names that users of Hugging Face's Trainer, Axolotl and LLaMA-Factory type for our keys.
+ALIASES = {
+    "lr": "training.learning_rate",
+    "num_train_epochs": "training.epochs", "num_epochs": "training.epochs",
+    "per_device_train_batch_size": "training.batch_size", "micro_batch_size": "training.batch_size",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "lr_scheduler_type": "training.lr_scheduler", "optim": "training.optimizer",
+    "lora_r": "lora.r", "rank": "lora.r", "lora_rank": "lora.r", "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout", "lora_target": "lora.target_modules",
+    "lora_target_modules": "lora.target_modules",
+    "output_dir": "output.dir",
+    "model_name_or_path": "model.name", "base_model": "model.name",
+    "max_seq_length": "data.max_seq_len", "sequence_len": "data.max_seq_len", "cutoff_len": "data.max_seq_len",
+    "max_length": "data.max_seq_len",
+}
+
+
 def resolve_key(key: str) -> str:
-    """Turn 'learning_rate' or 'training.learning_rate' into the dotted path, or fail clearly."""
+    """Turn 'learning_rate', 'training.learning_rate' or an alias ('lr') into the dotted path, or fail clearly."""
     key = key.replace("-", "_") if "." not in key else key
     if "." in key:
         section, _, leaf = key.partition(".")
@@ -155,9 +182,11 @@ def resolve_key(key: str) -> str:
             raise UserError(f"unknown config key '{key}'{did_you_mean(leaf, fields)}; "
                             f"keys of '{section}' are: {', '.join(fields)}")
         return key
+    if key in ALIASES:
+        return ALIASES[key]
     paths = _leaf_index().get(key)
     if not paths:
-        hint = did_you_mean(key, _leaf_index())
+        hint = did_you_mean(key, [*_leaf_index(), *ALIASES])
         raise UserError(f"unknown config key '{key}'{hint}; run 'qlora train --help-config' for all keys")
     if len(paths) > 1:
         raise UserError(f"config key '{key}' is ambiguous: write one of {', '.join(paths)}")
@@ -174,19 +203,25 @@ def _parse_value(text: Any) -> Any:
         return text
 
 
-def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict[str, str]:
+    """Patch `raw` in place; returns dotted key -> the name the user typed, for error messages."""
+    typed = {}
     for key, value in overrides.items():
-        section, _, leaf = resolve_key(key).partition(".")
+        dotted = resolve_key(key)
+        section, _, leaf = dotted.partition(".")
         node = raw.setdefault(section, {})
         if not isinstance(node, dict):
             raise UserError(f"config section '{section}' must be a mapping, got {type(node).__name__}")
         node[leaf] = _parse_value(value)
-    return raw
+        typed[dotted] = key
+    return typed
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _format_validation_error(err: ValidationError, source: str, typed: dict[str, str] | None = None) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
+    if typed and loc in typed:     # the bad value came from the command line, not the file
+        source = f"--{typed[loc]}"
     if first["type"] == "extra_forbidden":
         parts = [str(p) for p in first["loc"]]
         model = Config if len(parts) == 1 else SECTIONS.get(parts[0], Config)
@@ -198,11 +233,29 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {where}: {first['msg']}{shown}{more}"
 
 
-def validate_config(raw: dict, source: str = "config") -> Config:
+def validate_config(raw: dict, source: str = "config", typed: dict[str, str] | None = None) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise UserError(_format_validation_error(err, source)) from None
+        raise UserError(_format_validation_error(err, source, typed)) from None
+
+
+# Paths in a config are relative to the folder the command runs in; a run stores them
+# absolute, so its config.yaml and the commands printed for it work from anywhere.
+PATH_KEYS = (("data", "train_file"), ("data", "eval_file"), ("output", "dir"))
+
+
+def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
+    """A copy of `cfg` whose file and folder keys are absolute (relative ones taken from `base`, the cwd)."""
+    base = Path.cwd() if base is None else base
+    out = cfg.model_copy(deep=True)
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(out, section), key)
+        if value and not Path(value).expanduser().is_absolute():
+            setattr(getattr(out, section), key, str((base / Path(value).expanduser()).resolve()))
+        elif value:
+            setattr(getattr(out, section), key, str(Path(value).expanduser()))
+    return out
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None) -> Config:
@@ -224,19 +277,32 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[dict[str,
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections "
                             f"({', '.join(SECTIONS)}), got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or {})
-    return validate_config(raw, source)
+    typed = apply_overrides(raw, overrides or {})
+    return validate_config(raw, source, typed)
 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
 
 
+def _allowed(field) -> str:
+    """'one of a, b, c' for Literal keys, '' otherwise."""
+    from typing import get_args, get_origin
+    choices = []
+    for arg in (field.annotation, *get_args(field.annotation)):
+        if get_origin(arg) is Literal:
+            choices += [str(c) for c in get_args(arg)]
+    return f" [{' | '.join(choices)}]" if choices else ""
+
+
 def describe_keys() -> str:
-    """Every key with its default, for `qlora train --help-config`."""
-    lines = []
+    """Every key with its default, allowed values and meaning, for `qlora train --help-config`."""
+    lines = ["Override any key with --section.key VALUE (or --key VALUE when the name is unique).", ""]
     for section, model in SECTIONS.items():
         lines.append(f"{section}:")
         for key, field in model.model_fields.items():
-            lines.append(f"  {key}: {field.default!r}")
+            lines.append(f"  {key}: {field.default!r}{_allowed(field)}")
+            lines.append(f"      {field.description}")
+    aliases = ", ".join(f"{a} -> {d}" for a, d in ALIASES.items())
+    lines += ["", f"aliases: {aliases}"]
     return "\n".join(lines)

@@ -32,7 +32,7 @@ def run_demo(cfg: Config, data_dir: str = "data") -> int:
     cfg.data.eval_file = report["eval_file"]
 
     print(f"\n== 2/3 QLoRA training of {cfg.model.name} (4-bit NF4, LoRA r={cfg.lora.r})")
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)   # the demo's run folder is the demo's own
     summary = trainer.train()
     out = Path(cfg.output.dir)
     del trainer

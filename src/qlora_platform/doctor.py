@@ -98,6 +98,7 @@ def checks(cfg=None) -> list[tuple[str, str, str, str]]:
             token = None
     rows.append(("ok" if token else "warn", "hf token", "configured" if token else
                  "none (needed for gated models such as Llama 3)", "export HF_TOKEN=... or huggingface-cli login"))
+    rows.append(hub_row())
     need_gb = 1.0
     name = cfg.model.name if cfg else BUNDLED_PREFIX + "smollm2-135m-instruct"
     if not name.startswith(BUNDLED_PREFIX):
@@ -108,6 +109,20 @@ def checks(cfg=None) -> list[tuple[str, str, str, str]]:
     rows.append(("ok" if free_gb >= need_gb else "FAIL", "disk", f"{free_gb:.1f} GB free at {target} "
                  f"(about {need_gb:g} GB needed for {name})", "free disk space or set QLORA_CACHE elsewhere"))
     return rows
+
+
+def hub_row() -> tuple[str, str, str, str]:
+    from huggingface_hub import constants
+
+    from .models.loader import hub_reachable
+
+    if constants.HF_HUB_OFFLINE:
+        return ("warn", "hub", "offline mode (HF_HUB_OFFLINE): only cached models, folders and bundled ones load",
+                "unset HF_HUB_OFFLINE to download models")
+    if hub_reachable():
+        return ("ok", "hub", f"{constants.ENDPOINT} reachable", "")
+    return ("warn", "hub", f"{constants.ENDPOINT} unreachable: only cached models, local folders and the "
+            f"bundled model load", "connect to the network (or a proxy: HTTPS_PROXY) to download models")
 
 
 def run_doctor(cfg=None) -> int:

@@ -96,3 +96,46 @@ def test_bad_documents(tmp_path):
     empty.write_text("too short")
     with pytest.raises(UserError, match="no section with at least"):
         document_records(empty)
+
+
+def test_markdown_heading_is_linear_on_a_1mb_line(tmp_path):
+    import time
+
+    path = tmp_path / "big.md"
+    # A heading with a long inner run of spaces, and one with a long run of #s: both made the old
+    # pattern's lazy group retry the optional closing #s at every position (quadratic).
+    path.write_text("# Big document\n\n" + "# a" + " " * 1_000_000 + "b\n\n" + "## c" + "#" * 1_000_000 + "d\n\n"
+                    + BODY + "\n")
+    start = time.perf_counter()
+    title, sections = document_sections(path)
+    assert time.perf_counter() - start < 0.5
+    assert title == "Big document"
+    assert sections[-1][0].startswith("c#") and sections[-1][1] == BODY
+
+
+def test_markdown_headings_strip_only_a_closing_hash_run(tmp_path):
+    path = tmp_path / "langs.md"
+    path.write_text(f"## C# basics ##\n\n{BODY}\n\n## Learn C#\n\n{BODY}\n")
+    assert [h for h, _ in document_sections(path)[1]] == ["C# basics", "Learn C#"]
+
+
+def test_markdown_title_is_the_first_level_one_heading(tmp_path):
+    path = tmp_path / "install_notes.md"
+    path.write_text(f"```sh\n# not a title: a shell comment\n```\n\n# Widget Guide\n\n{BODY}\n\n"
+                    f"## Install\n\n{BODY}\n")
+    title, _ = document_sections(path)
+    assert title == "Widget Guide"
+    records = [r for _, r in document_records(path, mode="qa")]
+    assert records[-1]["instruction"] == "Widget Guide: explain 'Install'."
+    assert records[-2]["instruction"] == "Summarise the introduction of Widget Guide."   # its own section
+    untitled = tmp_path / "plain_notes.md"
+    untitled.write_text(f"## Install\n\n{BODY}\n")
+    assert document_sections(untitled)[0] == "plain notes"                               # no '# ': file name
+
+
+def test_hf_dataset_with_unknown_columns_gets_the_columns_hint(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "a?", "response": "b."}]).save_to_disk(tmp_path / "ds")
+    with pytest.raises(UserError, match=r"columns \(prompt, response\) .*--columns instruction=prompt,output=response"):
+        hf_dataset_to_jsonl(str(tmp_path / "ds"))

@@ -49,3 +49,35 @@ def test_template_without_eos_gets_one_appended_and_labelled(tokenizer):
     labelled = [lab for lab in ex["labels"] if lab != IGNORE]
     assert labelled[-1] == tok.eos_token_id
     assert tok.decode(labelled[:-1]).strip() == "Hello."
+
+
+def test_long_records_do_not_print_the_sequence_length_warning(tokenizer):
+    import copy
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    tok = copy.deepcopy(tokenizer)
+    tok.model_max_length = 16
+    tok.deprecation_warnings = {}
+    seen = Collect()
+    logger = logging.getLogger("transformers")   # transformers' loggers stop propagating here
+    logger.addHandler(seen)
+    try:
+        ex = encode_record(tok, {"text": "word " * 100}, 32)
+        ex2 = encode_record(tok, {"messages": [{"role": "user", "content": "q"},
+                                               {"role": "assistant", "content": "word " * 100}]}, 32)
+        quiet = list(seen.messages)
+        tok.deprecation_warnings = {}
+        tok("word " * 100, add_special_tokens=False)                       # the check itself is live
+    finally:
+        logger.removeHandler(seen)
+    assert ex["truncated"] and ex2["truncated"]
+    assert not [m for m in quiet if "Token indices sequence length" in m]
+    assert [m for m in seen.messages if "Token indices sequence length" in m]

@@ -29,3 +29,33 @@ def test_findings_name_lines(tmp_path, tokenizer):
     assert "1 duplicate record(s)" in text and "repeats line 1" in text
     assert "under 50" in text
     assert "exceed max_seq_len 64" in text
+
+
+def test_a_csv_or_a_folder_is_sent_to_prepare_in_one_line(tmp_path, capsys):
+    import pytest
+
+    from qlora_platform.cli import main
+    from qlora_platform.errors import UserError
+
+    csv = tmp_path / "faq.csv"
+    csv.write_text("question,answer\n" + "".join(f"q{i},a{i}\n" for i in range(30)))
+    with pytest.raises(UserError, match=rf"'{csv}' is a CSV file; .*run 'qlora prepare --input {csv}' first"):
+        validate_file(csv)
+    assert main(["validate", str(csv), "--no-tokenizer"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed JSON" not in err and "qlora prepare --input" in err
+
+    listed = tmp_path / "records.json"
+    listed.write_text(json.dumps([chat("q", "a")]))
+    with pytest.raises(UserError, match="is a JSON list; .*qlora prepare --input"):
+        validate_file(listed)
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pytest.raises(UserError, match=rf"'{folder}' is a folder; .*pass a .jsonl file, or run 'qlora prepare"):
+        validate_file(folder)
+    write_jsonl(folder / "train.jsonl", [chat("q", LONG)])
+    with pytest.raises(UserError, match=rf"is a folder; .*pass {folder / 'train.jsonl'}"):
+        validate_file(folder)
+    assert main(["validate", str(folder), "--no-tokenizer"]) == 2
+    assert "does not exist" not in capsys.readouterr().err

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qlora_platform.errors import UserError
-from qlora_platform.eval.keywords import BenchmarkPrompt, keyword_hit, load_prompt_file, score_answer
+from qlora_platform.eval.keywords import DEFAULT_PROMPTS, BenchmarkPrompt, keyword_hit, load_prompt_file, score_answer
 
 
 def test_keywords_match_case_insensitive_whole_words_and_alternatives():
@@ -29,7 +29,7 @@ def test_score_counts_hits_against_the_needed_number():
 
 
 def test_the_shipped_prompt_file_is_valid_and_large_enough():
-    bench = load_prompt_file("configs/benchmark_prompts.json")
+    bench = load_prompt_file(DEFAULT_PROMPTS)
     assert len(bench.prompts) >= 20 and len({p.id for p in bench.prompts}) == len(bench.prompts)
     assert bench.system and bench.generation.max_new_tokens > 0
 
@@ -58,7 +58,7 @@ def test_bad_prompt_files_name_the_problem(tmp_path, content, message):
 
 
 def test_missing_prompt_file_names_the_default(tmp_path):
-    with pytest.raises(UserError, match="does not exist; the sample domain's is configs/benchmark_prompts.json"):
+    with pytest.raises(UserError, match="does not exist; pass --prompts FILE"):
         load_prompt_file(tmp_path / "nope.json")
 
 

@@ -85,3 +85,22 @@ def test_eval_cli_errors_are_one_line(tmp_path, capsys):
     # The prompt file is checked before any model is loaded.
     assert main(["eval", "--adapter", str(tmp_path), "--prompts", str(bad)]) == 2
     assert "at least 1 item" in capsys.readouterr().err
+
+
+def test_train_and_eval_report_the_same_holdout_perplexity(tmp_path, tiny_model_dir):
+    """The run's last holdout perplexity and `qlora eval`'s agree for the same adapter, with the
+    default precision (bf16 compute, fp32 norms on the CPU) and LoRA dropout on."""
+    from qlora_platform.train.trainer import Trainer
+    from tests.conftest import tiny_run_config, toy_task
+
+    train, held = toy_task(tmp_path)
+    cfg = tiny_run_config(tiny_model_dir, train, held, tmp_path / "run", **{
+        "training.max_steps": 3, "training.warmup_ratio": 0.05, "training.save_steps": 100,
+        "training.gradient_checkpointing": True, "lora.dropout": 0.05, "quantization.compute_dtype": "bfloat16"})
+    summary = Trainer(cfg, log=lambda *a: None).train()
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"name": "spell", "generation": {"max_new_tokens": 2},
+                                   "prompts": [{"id": "p", "prompt": "Spell alpha.", "keywords": ["alpha"]}]}))
+    report = run_eval(str(tmp_path / "run" / "final_adapter"), prompts=str(prompts), speed_runs=1,
+                      speed_tokens=2, samples=1, log=lambda *a: None)
+    assert report["perplexity"]["tuned"] == pytest.approx(summary["eval_perplexity"], rel=1e-3)

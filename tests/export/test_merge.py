@@ -69,3 +69,51 @@ def test_merge_errors_are_clear(adapter_dir, tmp_path):
     (busy / "precious.txt").write_text("x")
     with pytest.raises(UserError, match="exists and is not an earlier merge"):
         merge_adapter(str(adapter_dir), str(busy))
+
+
+def test_bf16_rounding_is_judged_against_a_stated_tolerance(adapter_dir, tmp_path):
+    from qlora_platform.export.report import render
+
+    lines = []
+    report = merge_adapter(str(adapter_dir), str(tmp_path / "m16"), dtype="bf16", log=lines.append)
+    verdict = next(line for line in lines if "after rounding to bf16" in line)
+    assert "ok, tolerance" in verdict and f"{report['rounding_tolerance']:.3g}" in verdict
+    assert report["rounding_ok"] and 0 < report["max_logit_diff_after_bf16"] <= report["rounding_tolerance"]
+    assert report["rounding_tolerance"] < 0.1 * report["logit_scale"]   # a bound, not anything goes
+    saved = json.loads((tmp_path / "m16" / "merge_report.json").read_text())
+    assert saved["rounding_ok"] is True
+    md = render({"model": "m", "files": [], "merge": saved})
+    assert "ok: tolerance" in md and "after rounding to bf16" in md
+
+
+def test_rounding_past_the_tolerance_fails_and_saves_nothing(adapter_dir, tmp_path, monkeypatch):
+    from qlora_platform.export import merge
+
+    monkeypatch.setitem(merge.ROUNDING_TOLERANCE, "bf16", 1e-9)
+    lines = []
+    with pytest.raises(UserError, match="after rounding to bf16 differ .* nothing was saved"):
+        merge_adapter(str(adapter_dir), str(tmp_path / "m16"), dtype="bf16", log=lines.append)
+    assert any("FAILED" in line for line in lines)
+    assert not (tmp_path / "m16").exists() and not list(tmp_path.iterdir())
+
+
+def test_a_new_merge_replaces_an_earlier_one_and_leaves_no_temporary_folder(adapter_dir, tmp_path):
+    out = tmp_path / "merged"
+    merge_adapter(str(adapter_dir), str(out), dtype="fp32", log=lambda *a: None)
+    (out / "stale.bin").write_text("from the earlier merge")
+    merge_adapter(str(adapter_dir), str(out), dtype="fp32", log=lambda *a: None)
+    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_export_never_deletes_a_merged_folder_it_did_not_write(adapter_dir, tmp_path, monkeypatch):
+    from qlora_platform.export.run import export_gguf
+
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path / "no-llama-cpp"))   # nothing slow runs if the check is missing
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    precious = tmp_path / "out" / "merged" / "notes.txt"
+    precious.parent.mkdir(parents=True)
+    precious.write_text("mine")
+    with pytest.raises(UserError, match="exists and is not an earlier merge"):
+        export_gguf(adapter=str(adapter_dir), out=str(tmp_path / "out"), quality=False)
+    assert precious.read_text() == "mine"

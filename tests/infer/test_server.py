@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +29,13 @@ def gauge(server, name: str) -> float:
 
 
 def test_health_is_public_and_keyed_routes_need_a_key(server):
-    assert server.ready["status"] == "ok" and server.ready["model"] == "smollm2"
-    assert requests.get(server.url + "/health", timeout=5).status_code == 200
-    for method, path in [("get", "/v1/models"), ("get", "/metrics"), ("post", "/v1/chat/completions"),
-                         ("post", "/v1/completions"), ("post", "/generate")]:
+    assert server.ready["status"] == "ok"
+    health = requests.get(server.url + "/health", timeout=5)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}      # nothing more in public
+    status = requests.get(server.url + "/status", headers=AUTH, timeout=5).json()
+    assert status["model"] == "smollm2" and status["load_error"] is None
+    for method, path in [("get", "/v1/models"), ("get", "/metrics"), ("get", "/status"),
+                         ("post", "/v1/chat/completions"), ("post", "/v1/completions"), ("post", "/generate")]:
         r = getattr(requests, method)(server.url + path, timeout=5)
         assert r.status_code == 401, path
         assert set(r.json()["error"]) == {"message", "type", "code"} and "API key" in r.json()["error"]["message"]
@@ -147,6 +151,22 @@ def test_a_disconnecting_client_frees_its_slot(server):
         time.sleep(0.2)
 
 
+def test_a_disconnecting_non_streaming_client_frees_its_slot(server):
+    body = json.dumps({"messages": HI, "max_tokens": 4000, "temperature": 0.8}).encode()
+    conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    conn.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    deadline = time.time() + 30
+    while gauge(server, "qlora_active_generations") != 1:
+        assert time.time() < deadline, "the generation never started"
+        time.sleep(0.1)
+    conn.close()
+    deadline = time.time() + 15
+    while gauge(server, "qlora_active_generations") != 0:
+        assert time.time() < deadline, "the generation kept its slot after the client left"
+        time.sleep(0.2)
+
+
 def test_sigterm_lets_in_flight_requests_finish():
     srv = ServerProcess("--drain-timeout", "60")
     try:
@@ -161,7 +181,7 @@ def test_sigterm_lets_in_flight_requests_finish():
         thread = threading.Thread(target=call)
         thread.start()
         deadline = time.time() + 30
-        while requests.get(srv.url + "/health", timeout=5).json().get("active", 0) == 0:
+        while requests.get(srv.url + "/status", timeout=5).json()["active"] == 0:
             assert time.time() < deadline
             time.sleep(0.05)
         srv.proc.send_signal(signal.SIGTERM)

@@ -40,3 +40,28 @@ def test_hub_ids_pass_through():
 ])
 def test_hub_errors_become_one_actionable_line(err, message):
     assert message in str(hub_error("meta-llama/Meta-Llama-3-8B-Instruct", err))
+
+
+def test_an_unreachable_hub_switches_to_offline_at_once(monkeypatch):
+    """Without a network, hub ids resolve in offline mode instead of retrying for tens of seconds."""
+    from huggingface_hub import constants
+
+    from qlora_platform.models import loader
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loader, "hub_reachable", lambda timeout=2.0: False)
+    assert loader.resolve_model_source("someone/some-model") == "someone/some-model"
+    assert constants.HF_HUB_OFFLINE is True
+
+
+def test_library_noise_is_filtered(caplog):
+    import logging
+
+    from qlora_platform.cli import quiet_library_noise
+
+    quiet_library_noise()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "x")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

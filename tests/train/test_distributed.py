@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -68,6 +69,7 @@ def test_two_process_run_resumes_from_its_checkpoint(cfg, tmp_path, strategy):
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_step"] == 3 and state["strategy"] == strategy
     straight = _adapter(run)
+    shutil.rmtree(run / "checkpoint-6")                 # the final step's: resume from checkpoint-3
     (run / "train_log.jsonl").unlink()
     resumed = _train(cfg, run, "--resume", processes=2)   # steps 4-6 again, from checkpoint-3
     assert len(resumed) == 3

@@ -87,6 +87,8 @@ def test_checkpoint_then_resume_continues_at_the_same_step_and_order(tiny_cfg, t
         if "lora_" in name:
             assert torch.allclose(p, a[name], atol=1e-5), name
     state = json.loads((latest_checkpoint(tiny_cfg.output.dir) / "trainer_state.json").read_text())
+    assert state["global_step"] == 6      # the final step is checkpointed too
+    state = json.loads((interrupted.out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
 
 

@@ -40,6 +40,8 @@ def parse_jsonl_line(line: str, where: str) -> dict:
 def iter_jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, text) for each non-blank line of an existing file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder, not a JSONL data file; pass a file such as {path / 'train.jsonl'}")
     if not path.is_file():
         raise UserError(f"data file '{path}' does not exist")
     with path.open(encoding="utf-8") as fh:
@@ -181,3 +183,15 @@ def answer_of(record: dict) -> str:
 
 def normalise_key(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def load_records(path: str | None, what: str) -> list[dict]:
+    """The chat records of a prepared JSONL file (`what` names its config key); [] when no path is set."""
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise UserError(f"{what} '{path}' does not exist; run 'qlora prepare' first or set data.{what}")
+    records = [to_chat_record(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
+    if not records:
+        raise UserError(f"{what} '{path}' has no records")
+    return records

@@ -5,11 +5,14 @@
     qlora prepare --input notes.jsonl --input manual.pdf --doc-mode qa
     qlora prepare --input tatsu-lab/alpaca --format hf
 
-Inputs are read by their type (JSONL/JSON, CSV, PDF/HTML/Markdown/text, or a
-Hugging Face dataset), normalised to chat records, checked, deduplicated and
-split into a seeded holdout with no prompt on both sides. A bad record stops the
-run with its file and line, unless `--skip-invalid` is given; then it is
-dropped and counted. Every dropped record is reported.
+Inputs are read by their type (JSONL/JSON, CSV, PDF/HTML/Markdown/text, a
+folder of such files, or a Hugging Face dataset), normalised to chat records,
+checked, deduplicated and split into a seeded holdout with no prompt on both
+sides. A bad record (a malformed JSON line included) stops the run with its
+file and line, unless `--skip-invalid` is given; then it is dropped and counted.
+Every dropped record is reported. The output folder holds this run's files
+only: an `eval.jsonl` left by an earlier run is removed when this run has no
+holdout.
 """
 from __future__ import annotations
 
@@ -18,25 +21,46 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import UserError
-from .formats import FORMATS, answer_of, iter_jsonl, normalise_key, prompt_of, to_chat_record, write_jsonl
+from .formats import (FORMATS, answer_of, detect_format, iter_jsonl_lines, normalise_key, parse_jsonl_line,
+                      prompt_of, to_chat_record, write_jsonl)
 from .sample import build_sample_records
-from .sources import DOC_SUFFIXES, csv_to_jsonl, document_records, hf_dataset_to_jsonl
+from .sources import DOC_SUFFIXES, columns_hint, csv_to_jsonl, document_records, hf_dataset_to_jsonl
 from .split import split_holdout
+
+RECORD_SUFFIXES = {".jsonl", ".json", ".csv"}
+HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def folder_inputs(path: Path) -> list[Path]:
+    """The readable files of a folder (records and documents, hidden ones left out), in a stable order."""
+    wanted = RECORD_SUFFIXES | DOC_SUFFIXES
+    return sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in wanted
+                  and not any(part.startswith(".") for part in f.relative_to(path).parts))
 
 
 def read_source(source: str, fmt: str = "auto", mapping: dict | None = None, doc_mode: str = "qa",
-                split: str = "train") -> list[tuple[str, dict]]:
-    """(where, raw record) pairs from one input."""
+                split: str = "train") -> list[tuple[str, dict | UserError]]:
+    """(where, raw record) pairs from one input; a JSONL line that is not a JSON object comes as the
+    UserError that describes it, so the caller can stop or skip and count it."""
     path = Path(source)
     suffix = path.suffix.lower()
-    if fmt == "hf" or (not path.exists() and "/" in source and suffix not in (".jsonl", ".json", ".csv")):
+    if fmt == "hf" or (not path.exists() and "/" in source and suffix not in RECORD_SUFFIXES):
         return hf_dataset_to_jsonl(source, split=split, mapping=mapping)
     if path.is_dir():
-        return hf_dataset_to_jsonl(source, split=split, mapping=mapping)
+        files = [] if any((path / m).is_file() for m in HF_DISK_MARKERS) else folder_inputs(path)
+        if not files:  # a `save_to_disk` folder, or data files only the datasets library reads (parquet)
+            return hf_dataset_to_jsonl(source, split=split, mapping=mapping)
+        # Every file by its own type, so a folder mixing CSV, JSONL and documents uses all of them.
+        return [row for f in files for row in read_source(str(f), fmt, mapping, doc_mode, split)]
     if not path.exists():
         raise UserError(f"input '{source}' does not exist")
     if suffix == ".jsonl":
-        rows = [(f"{path}:{n}", obj) for n, obj in iter_jsonl(path)]
+        rows = []
+        for n, line in iter_jsonl_lines(path):
+            try:
+                rows.append((f"{path}:{n}", parse_jsonl_line(line, f"{path}:{n}")))
+            except UserError as err:
+                rows.append((f"{path}:{n}", err))
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -53,8 +77,38 @@ def read_source(source: str, fmt: str = "auto", mapping: dict | None = None, doc
         raise UserError(f"{path}: unsupported input type '{suffix}'; use .jsonl, .json, .csv, "
                         f"{', '.join(sorted(DOC_SUFFIXES))} or a Hugging Face dataset (--format hf)")
     if mapping:
-        rows = [(w, {field: obj.get(col) for field, col in mapping.items()}) for w, obj in rows]
+        rows = [(w, obj if isinstance(obj, UserError) else {field: obj.get(col) for field, col in mapping.items()})
+                for w, obj in rows]
     return rows
+
+
+def _check_record(raw, where: str, record_fmt: str, mapped: bool) -> dict:
+    """One raw record as a chat record, or the UserError that says what is wrong with it."""
+    if isinstance(raw, UserError):
+        raise raw
+    if not mapped and isinstance(raw, dict) and record_fmt == "auto" and detect_format(raw) is None:
+        keys = ", ".join(sorted(raw)) or "none"
+        raise UserError(f"{where}: unknown record format (keys: {keys}); map its fields with "
+                        f"{columns_hint(list(raw))}, or use messages, conversations, instruction/output, "
+                        f"prompt/completion or text records")
+    return to_chat_record(raw, where, record_fmt)
+
+
+def _stale_eval(out_dir: Path) -> Path | None:
+    """`eval.jsonl` in the output folder, when an earlier `qlora prepare` wrote it (its report says so)."""
+    eval_file = out_dir / "eval.jsonl"
+    if not eval_file.exists():
+        return None
+    try:
+        earlier = json.loads((out_dir / "prepare_report.json").read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    # prepare writes its report and eval.jsonl into the same folder, so a report there that names an eval
+    # file (relative paths differ between working directories) means an earlier run wrote this one.
+    if not isinstance(earlier, dict) or Path(str(earlier.get("eval_file") or "")).name != eval_file.name:
+        raise UserError(f"this run writes no holdout, and '{eval_file}' (not written by qlora prepare) would be read "
+                        f"as one by the default config; move it away, or give --out-dir a folder without it")
+    return eval_file
 
 
 def prepare(inputs: list[str], out_dir: str | Path = "data", fmt: str = "auto", mapping: dict | None = None,
@@ -79,7 +133,7 @@ def prepare(inputs: list[str], out_dir: str | Path = "data", fmt: str = "auto", 
         for where, raw in read_source(source, fmt, mapping, doc_mode, split):
             raw_count += 1
             try:
-                records.append(to_chat_record(raw, where, record_fmt))
+                records.append(_check_record(raw, where, record_fmt, bool(mapping)))
             except UserError as err:
                 if not skip_invalid:
                     raise UserError(f"{err} (or pass --skip-invalid to drop and count such records)") from None
@@ -97,23 +151,30 @@ def prepare(inputs: list[str], out_dir: str | Path = "data", fmt: str = "auto", 
         seen.add(key)
         unique.append(rec)
     if not unique:
-        raise UserError("no valid record left to write; see the errors above")
+        if not raw_count:
+            raise UserError(f"no record to write: the input(s) {', '.join(inputs)} hold no records")
+        raise UserError(f"no valid record left to write: all {raw_count} records were invalid, e.g. "
+                        f"{' | '.join(first_invalid[:3])}")
     train, holdout = split_holdout(unique, eval_ratio, seed)
     out_dir = Path(out_dir)
+    stale = None if holdout else _stale_eval(out_dir)
     write_jsonl(out_dir / "train.jsonl", train)
     if holdout:
         write_jsonl(out_dir / "eval.jsonl", holdout)
+    elif stale:
+        stale.unlink()
     words = [len(answer_of(r).split()) for r in unique]
     report = {
         "inputs": (["sample:python-stdlib"] if sample else []) + list(inputs),
         "records_read": raw_count, "invalid_dropped": sum(invalid.values()),
         "invalid_reasons": dict(invalid), "invalid_examples": first_invalid,
         "duplicates_dropped": duplicates, "written": len(unique),
-        "train": len(train), "eval": len(holdout),
+        "train": len(train), "eval": len(holdout), "eval_ratio": eval_ratio,
         "avg_answer_words": round(sum(words) / len(words), 1),
         "categories": dict(Counter(str(r.get("category", "")) for r in unique)),
         "train_file": str(out_dir / "train.jsonl"),
         "eval_file": str(out_dir / "eval.jsonl") if holdout else None,
+        "removed_stale": [str(stale)] if stale else [],
     }
     (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -127,6 +188,11 @@ def format_report(report: dict) -> str:
              f"average answer length: {report['avg_answer_words']} words"]
     for reason, n in report["invalid_reasons"].items():
         lines.append(f"  invalid x{n}: {reason}")
+    for example in report.get("invalid_examples", [])[:3]:
+        lines.append(f"  e.g. {example}")
+    for stale in report.get("removed_stale", []):
+        lines.append(f"removed {stale}: an earlier run's holdout; this run has none (--eval-ratio "
+                     f"{report.get('eval_ratio', 0)}), so no stale file is read as one")
     if report["avg_answer_words"] < 50:
         lines.append("warning: answers average under 50 words; short answers teach little "
                      "(see 'qlora validate')")

@@ -9,7 +9,8 @@ Each returns a list of (where, record) pairs, `where` being "file:line" or
 Documents are split at headings (HTML h1-h6, Markdown #, numbered or
 underlined headings in text/PDF); `qa` mode turns each section into a question
 about its heading with the section as the answer, `text` mode keeps plain text
-records for continued pre-training.
+records for continued pre-training. A document's title is its HTML <title> or
+its first Markdown `# ` heading, else its file name.
 """
 from __future__ import annotations
 
@@ -39,6 +40,19 @@ def parse_mapping(text: str | None) -> dict[str, str]:
     return mapping
 
 
+# Column names that commonly hold the prompt and the answer, for the --columns hint.
+_PROMPT_NAMES = ("instruction", "prompt", "question", "query", "input", "user", "q")
+_ANSWER_NAMES = ("output", "response", "answer", "completion", "reply", "assistant", "target", "a")
+
+
+def columns_hint(columns: list[str]) -> str:
+    """'--columns instruction=COL,output=COL', filled in with the columns that look like a prompt and an answer."""
+    lower = {c.lower(): c for c in columns}
+    prompt = next((lower[n] for n in _PROMPT_NAMES if n in lower), "COL")
+    answer = next((lower[n] for n in _ANSWER_NAMES if n in lower and lower[n] != prompt), "COL")
+    return f"--columns instruction={prompt},output={answer}"
+
+
 def _apply_mapping(row: dict, mapping: dict[str, str]) -> dict:
     if not mapping:
         return dict(row)
@@ -58,8 +72,7 @@ def csv_to_jsonl(path: str | Path, mapping: dict[str, str] | None = None) -> lis
         missing = [col for col in wanted.values() if col not in header]
         if missing or not wanted:
             raise UserError(f"{path}: column(s) {', '.join(missing) or 'instruction/output'} not in the CSV "
-                            f"header ({', '.join(header) or 'empty'}); map them with "
-                            f"--columns instruction=COL,output=COL")
+                            f"header ({', '.join(header) or 'empty'}); map them with {columns_hint(header)}")
         out = []
         for i, row in enumerate(reader, 2):  # line 1 is the header
             out.append((f"{path}:{i}", _apply_mapping(row, wanted)))
@@ -97,6 +110,11 @@ def hf_dataset_to_jsonl(name_or_path: str, split: str = "train",
         if missing:
             raise UserError(f"dataset '{name_or_path}' has no column(s) {', '.join(missing)}; "
                             f"columns: {', '.join(ds.column_names)}")
+    else:
+        from .formats import detect_format
+        if detect_format(dict.fromkeys(ds.column_names)) is None:
+            raise UserError(f"dataset '{name_or_path}': its columns ({', '.join(ds.column_names) or 'none'}) are "
+                            f"no known record format; map them with {columns_hint(ds.column_names)}")
     return [(f"{name_or_path}[{i}]", _apply_mapping(row, mapping or {})) for i, row in enumerate(ds)]
 
 
@@ -148,10 +166,35 @@ class _HTMLSections(HTMLParser):
             self.sections[-1][1] += data
 
 
-_HEADING_PATTERNS = [
-    re.compile(r"^#{1,6}\s+(.+?)\s*#*$"),                       # Markdown
-    re.compile(r"^(?:\d+(?:\.\d+)*\.?|[IVX]+\.)\s+([A-Z][^.!?]{2,80})$"),  # 1.2 Numbered heading
-]
+_MARKDOWN_HEADING = re.compile(r"(#{1,6})\s")
+_NUMBERED_HEADING = re.compile(r"^(?:\d+(?:\.\d+)*\.?|[IVX]+\.)\s+([A-Z][^.!?]{2,80})$")  # 1.2 Numbered heading
+
+
+def _markdown_heading(line: str) -> tuple[int, str] | None:
+    """(level, text) of an ATX heading ('## Text ##'), or None. Plain string operations keep it linear in
+    the line length (a backtracking pattern for the optional closing #s is quadratic on long lines)."""
+    m = _MARKDOWN_HEADING.match(line)
+    if not m:
+        return None
+    text = line[m.end():].strip()
+    closed = text.rstrip("#")
+    if not closed or closed[-1].isspace():  # a closing run of #s counts only after a space
+        text = closed.rstrip()
+    return len(m.group(1)), text
+
+
+def _markdown_title(text: str) -> str | None:
+    """The first level-1 heading ('# Title') outside fenced code blocks."""
+    fenced = False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced:
+            found = _markdown_heading(stripped)
+            if found and found[0] == 1 and found[1]:
+                return found[1]
+    return None
 
 
 def _text_sections(text: str) -> list[tuple[str, str]]:
@@ -161,12 +204,11 @@ def _text_sections(text: str) -> list[tuple[str, str]]:
     while i < len(lines):
         line = lines[i].rstrip()
         nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
-        heading = None
-        for pat in _HEADING_PATTERNS:
-            m = pat.match(line.strip())
-            if m:
-                heading = m.group(1)
-                break
+        found = _markdown_heading(line.strip())
+        heading = found[1] if found else None
+        if heading is None:
+            m = _NUMBERED_HEADING.match(line.strip())
+            heading = m.group(1) if m else None
         if heading is None and line.strip() and re.fullmatch(r"[=\-~^]{3,}", nxt) and len(nxt) >= len(line.strip()) - 2:
             heading, i = line.strip(), i + 1                  # underlined (reST / setext)
         if heading:
@@ -211,6 +253,8 @@ def document_sections(path: str | Path) -> tuple[str, list[tuple[str, str]]]:
         sections = [(h, t) for h, t in parser.sections]
     else:
         text = _pdf_text(path) if suffix == ".pdf" else path.read_text(encoding="utf-8", errors="replace")
+        if suffix in (".md", ".markdown"):
+            title = _markdown_title(text) or title
         sections = _text_sections(text)
     cleaned = [(h, _clean(t)) for h, t in sections]
     return title, [(h, t) for h, t in cleaned if t]
@@ -228,7 +272,7 @@ def document_records(path: str | Path, mode: str = "qa", min_words: int = 20) ->
         where = f"{path}:section {n}"
         if mode == "text":
             out.append((where, {"text": f"{heading}\n\n{body}" if heading else body, "source": str(path)}))
-        elif heading:
+        elif heading and heading != title:
             out.append((where, {"instruction": f"{title}: explain '{heading}'.", "output": body,
                                 "category": Path(path).name}))
         else:

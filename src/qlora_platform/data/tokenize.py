@@ -43,12 +43,14 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
 def encode_record(tokenizer, record: dict, max_seq_len: int) -> dict:
     """{'input_ids', 'labels', 'length', 'truncated'} for one chat or text record."""
     eos_id = tokenizer.eos_token_id
+    # Records longer than the model's context are tokenized whole on purpose (to report their full
+    # length before truncating): verbose=False keeps transformers' sequence-length warning out of it.
     if "text" in record:
-        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"] + [eos_id]
+        ids = tokenizer(record["text"], add_special_tokens=False, verbose=False)["input_ids"] + [eos_id]
         labels = list(ids)
     else:
         text, spans = assistant_spans(tokenizer, record["messages"])
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [IGNORE] * len(ids)
         for start, end in spans:

@@ -8,6 +8,9 @@ a chat template that fails to render, labels that do not end with EOS,
 prompts that also appear in the holdout file (leakage).
 Warnings (exit 0): duplicates, answers averaging under 50 words, examples
 longer than max_seq_len (and how many would be truncated).
+
+It checks prepared chat JSONL: a CSV, a JSON list, a document or a folder is
+sent to `qlora prepare` first, in one line.
 """
 from __future__ import annotations
 
@@ -57,11 +60,33 @@ def _read_lines(path: Path, report: ValidationReport) -> list[tuple[int, dict]]:
     return out
 
 
-def validate_file(path: str | Path, tokenizer=None, max_seq_len: int | None = None,
-                  eval_path: str | Path | None = None) -> ValidationReport:
+def check_jsonl_input(path: str | Path, what: str = "qlora validate") -> Path:
+    """The path of a prepared JSONL file, or one line that says what this input is and what to run instead."""
+    from .sources import DOC_SUFFIXES
+
     path = Path(path)
+    prepare = f"run 'qlora prepare --input {path}' first (it writes data/train.jsonl and data/eval.jsonl)"
+    if path.is_dir():
+        inside = next((f for f in (path / "train.jsonl", path / "eval.jsonl") if f.is_file()), None)
+        raise UserError(f"'{path}' is a folder; {what} checks one prepared JSONL file: "
+                        + (f"pass {inside}" if inside else f"pass a .jsonl file, or {prepare}"))
     if not path.is_file():
         raise UserError(f"data file '{path}' does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            is_list = fh.read(4096).lstrip().startswith("[")
+    else:
+        is_list = False
+    if suffix in DOC_SUFFIXES or suffix in (".csv", ".tsv", ".parquet", ".arrow") or is_list:
+        kind = "a JSON list" if is_list else f"a {suffix.lstrip('.').upper()} file"
+        raise UserError(f"'{path}' is {kind}; {what} checks prepared chat JSONL: {prepare}")
+    return path
+
+
+def validate_file(path: str | Path, tokenizer=None, max_seq_len: int | None = None,
+                  eval_path: str | Path | None = None) -> ValidationReport:
+    path = check_jsonl_input(path)
     report = ValidationReport(str(path))
     records = _read_lines(path, report)
     report.records = len(records) + len(report.errors)

@@ -1,6 +1,6 @@
 """The keyword benchmark: a prompt file users bring for their domain, and how answers are scored.
 
-    bench = load_prompt_file("configs/benchmark_prompts.json")   # UserError on a bad file
+    bench = load_prompt_file(DEFAULT_PROMPTS)   # UserError on a bad file
     score = score_answer(answer_text, bench.prompts[0])          # hits, missed, passed
 
 File schema (JSON): `{"name", "description"?, "system"?, "generation"?: {"max_new_tokens",
@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import UserError
 
-DEFAULT_PROMPTS = "configs/benchmark_prompts.json"
+# The sample domain's prompt file ships inside the package, so `qlora eval` works from any folder.
+DEFAULT_PROMPTS = str(Path(__file__).with_name("benchmark_prompts.json"))
 
 
 class _Strict(BaseModel):
@@ -100,8 +101,8 @@ def _explain(err: ValidationError, path: str) -> str:
 def load_prompt_file(path: str | Path) -> PromptFile:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"benchmark prompt file '{path}' does not exist; the sample domain's is "
-                        f"{DEFAULT_PROMPTS}, or pass --prompts FILE")
+        raise UserError(f"benchmark prompt file '{path}' does not exist; pass --prompts FILE (or leave "
+                        f"--prompts out for the sample domain's prompts)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

@@ -3,7 +3,8 @@
     paths = write_plots(out_dir, history, report)   # ["loss.png", "perplexity.png", ...]
 
 Matplotlib with the Agg backend (files only, no display). `history` is the run's
-`train_log.jsonl` (after `--resume` a step may appear twice: the last record wins).
+`train_log.jsonl` (a resumed run cuts its log back to the resumed step; where a step still
+appears twice, as in logs of older runs, the last record wins).
 """
 from __future__ import annotations
 

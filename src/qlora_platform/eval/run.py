@@ -16,18 +16,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..data.formats import iter_jsonl
+from ..data.formats import iter_jsonl, load_records
 from ..data.tokenize import encode_records
 from ..errors import UserError
-from ..infer.engine import single_turn
+from ..infer.generation import single_turn
 from ..infer.load import load_for_inference
 from ..infer.sampling import SamplingParams
-from ..train.trainer import load_records
+from ..models.loader import training_numerics
+from ..models.scoring import holdout_perplexity
 from .keywords import DEFAULT_PROMPTS, label, load_prompt_file, score_answer
-from .perplexity import holdout_perplexity
 from .plots import write_plots
 from .report import SCHEMA_VERSION, write_report
-from .speed import measure_speed
+from ..infer.speed import measure_speed
 
 
 def _answers(loaded, bench, prompts: list[list[int]], batch_size: int) -> list:
@@ -58,11 +58,12 @@ def _read_history(run_dir: Path) -> list[dict]:
 
 def run_eval(adapter: str, prompts: str | None = None, out: str | None = None, eval_file: str | None = None,
              device: str = "auto", speed_runs: int = 3, speed_tokens: int = 64, samples: int = 6,
-             batch_size: int = 8, log=print) -> dict:
+             batch_size: int = 8, trust_remote_code: bool = False, log=print) -> dict:
     start = time.time()
     bench_path = prompts or DEFAULT_PROMPTS
     bench = load_prompt_file(bench_path)
-    loaded = load_for_inference(adapter=adapter, device=device)
+    loaded = load_for_inference(adapter=adapter, device=device, trust_remote_code=trust_remote_code, log=log,
+                                warm_up=False)
     cfg, tok = loaded.cfg, loaded.tokenizer
     run_dir = Path(adapter).parent
     out_dir = Path(out) if out else run_dir / "eval"
@@ -77,10 +78,13 @@ def run_eval(adapter: str, prompts: str | None = None, out: str | None = None, e
     log(f"eval: {loaded.model_name} + {adapter} on {loaded.device}; {len(examples)} holdout examples, "
         f"{len(bench.prompts)} benchmark prompts")
 
+    # Scored as training scored it (the same batch size and 4-bit numerics), before any generation.
     ppl_batch = max(1, cfg.training.batch_size)
-    with loaded.base_only():
-        base_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
-    tuned_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
+    with training_numerics(loaded.model):
+        with loaded.base_only():
+            base_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
+        tuned_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
+    loaded.engine.warm_up()
     log(f"holdout perplexity: base {base_ppl['perplexity']:.3f} -> tuned {tuned_ppl['perplexity']:.3f}")
 
     prompt_ids = [loaded.engine.encode_chat(single_turn(p.prompt, bench.system)) for p in bench.prompts]

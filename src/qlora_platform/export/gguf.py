@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -53,59 +54,116 @@ def check_architecture(model_dir: Path) -> str:
     return archs[0]
 
 
-def convert_to_f16(tools: LlamaCpp, model_dir: Path, out_file: Path) -> Path:
-    _run([sys.executable, tools.script("convert_hf_to_gguf.py"), model_dir, "--outfile", out_file, "--outtype", "f16"],
-         "convert_hf_to_gguf.py", env=tools.python_env())
+def _written(out_file: Path, step) -> Path:
+    """Run `step`, which writes `out_file`; when it fails, remove what it left so no broken file remains."""
+    try:
+        step()
+    except BaseException:
+        Path(out_file).unlink(missing_ok=True)
+        raise
     return out_file
+
+
+def convert_to_f16(tools: LlamaCpp, model_dir: Path, out_file: Path) -> Path:
+    return _written(out_file, lambda: _run(
+        [sys.executable, tools.script("convert_hf_to_gguf.py"), model_dir, "--outfile", out_file, "--outtype", "f16"],
+        "convert_hf_to_gguf.py", env=tools.python_env()))
 
 
 def convert_lora(tools: LlamaCpp, adapter: Path, base_dir: Path, out_file: Path) -> Path:
-    _run([sys.executable, tools.script("convert_lora_to_gguf.py"), adapter, "--base", base_dir, "--outfile", out_file,
-          "--outtype", "f16"], "convert_lora_to_gguf.py", env=tools.python_env())
-    return out_file
+    return _written(out_file, lambda: _run(
+        [sys.executable, tools.script("convert_lora_to_gguf.py"), adapter, "--base", base_dir, "--outfile", out_file,
+         "--outtype", "f16"], "convert_lora_to_gguf.py", env=tools.python_env()))
 
 
 def quantize(tools: LlamaCpp, f16: Path, out_file: Path, qtype: str) -> Path:
-    _run([tools.binary("llama-quantize"), f16, out_file, qtype], f"llama-quantize to {qtype}")
-    return out_file
+    return _written(out_file, lambda: _run([tools.binary("llama-quantize"), f16, out_file, qtype],
+                                           f"llama-quantize to {qtype}"))
+
+
+def _last(pattern: str, log: str):
+    # llama.cpp prints its timings last; the last match is theirs even if the text before held look-alikes.
+    found = list(re.finditer(pattern, log))
+    return found[-1] if found else None
+
+
+def _rate(match) -> float | None:
+    # 'inf' tokens per second: llama.cpp measured no time for that step
+    return float(match.group(2)) if match and match.group(2) != "inf" else None
+
+
+def parse_generation_stats(log: str, eos: bool, produced_text: bool = True) -> dict:
+    """Generated tokens (EOS not counted) and speeds from llama.cpp's closing timings.
+
+    The sampler chain counts every token it accepts: the prompt's, then each sampled one, so the sampled
+    tokens are that count less the prompt tokens. The 'eval' runs are no count of them: they are the
+    single-token decodes, which leave out the last token sampled (never evaluated) and take in a
+    one-token prompt. A prompt of exactly k*n_batch+1 tokens (k >= 1) still reads one token long."""
+    speed = _last(r"\beval time =.*?/\s*(\d+) runs.*?([\d.]+|inf) tokens per second", log)
+    prompt = _last(r"prompt eval time =.*?/\s*(\d+) tokens.*?([\d.]+|inf) tokens per second", log)
+    sampled = _last(r"samplers time =.*?/\s*(\d+) tokens", log)
+    runs = int(speed.group(1)) if speed else None
+    if sampled and prompt:
+        tokens = int(sampled.group(1)) - int(prompt.group(1)) - (1 if eos else 0)
+    elif runs is not None:
+        tokens = runs + (0 if eos else 1)
+    else:
+        tokens = None
+    if eos and not produced_text:
+        tokens = 0  # EOS came first
+    return {"tokens": max(tokens, 0) if tokens is not None else None, "eos": eos, "eval_runs": runs,
+            "tokens_per_s": _rate(speed), "prompt_tokens_per_s": _rate(prompt)}
 
 
 def stream_completion(tools: LlamaCpp, gguf: Path, prompt: str, stats: dict, n_predict: int = 64,
                       temperature: float = 0.0, threads: int | None = None, extra: list | None = None) -> Iterator[str]:
     """Raw-prompt completion through llama-completion, yielding text as it comes; when done, `stats`
-    holds the tokens and tokens/s measured by llama.cpp's own timers."""
-    cmd = [tools.binary("llama-completion"), "-m", gguf, "-p", prompt, "-n", str(n_predict), "-no-cnv",
-           "--no-display-prompt", "--temp", str(temperature), "--simple-io", "-t", str(threads or os.cpu_count() or 2),
-           "--no-warmup", *(extra or [])]
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""  # held back while it could be the start of llama.cpp's end-of-text marker
-    try:
-        for chunk in iter(lambda: proc.stdout.read1(256), b""):
-            pending += decoder.decode(chunk)
-            if END_MARKER in pending:
-                pending = pending[:pending.index(END_MARKER)].rstrip(" ")
-                break
-            safe = len(pending) - len(END_MARKER)
-            if safe > 0:
-                yield pending[:safe]
-                pending = pending[safe:]
-        if pending:
-            yield pending
-        proc.stdout.read()
-    finally:
-        if proc.poll() is None and proc.stdout and not proc.stdout.closed:
-            proc.terminate()  # the caller stopped early (a stop string, Ctrl-C)
-        err = proc.stderr.read().decode(errors="replace")
-        code = proc.wait()
+    holds the tokens generated (EOS not counted), whether EOS ended it, and tokens/s by llama.cpp's timers.
+
+    The prompt goes through a file read verbatim (`--binary-file`, no escape processing), as an argument
+    it would be limited to 128 KiB by the OS; stderr goes to a file, so a chatty log never fills a pipe
+    that nobody reads while stdout is streamed."""
+    with tempfile.TemporaryDirectory(prefix="qlora-gguf-") as tmp:
+        prompt_file = Path(tmp) / "prompt.txt"
+        prompt_file.write_bytes(prompt.encode("utf-8"))
+        cmd = [tools.binary("llama-completion"), "-m", gguf, "--binary-file", prompt_file, "--no-escape",
+               "-n", str(n_predict), "-no-cnv", "--no-display-prompt", "--temp", str(temperature), "--simple-io",
+               "-t", str(threads or os.cpu_count() or 2), "--no-warmup", *(extra or [])]
+        with open(Path(tmp) / "stderr.log", "w+b") as err_file:
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=err_file,
+                                    stdin=subprocess.DEVNULL)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            pending = ""  # held back while it could be the start of llama.cpp's end-of-text marker
+            eos = produced = finished = False
+            try:
+                for chunk in iter(lambda: proc.stdout.read1(256), b""):
+                    pending += decoder.decode(chunk)
+                    if END_MARKER in pending:
+                        pending = pending[:pending.index(END_MARKER)].rstrip(" ")
+                        eos = True
+                        break
+                    safe = len(pending) - len(END_MARKER)
+                    if safe > 0:
+                        produced = True
+                        yield pending[:safe]
+                        pending = pending[safe:]
+                if not eos and pending.endswith("\n\n"):
+                    pending = pending[:-2]  # llama-completion ends its output with a blank line of its own
+                if pending:
+                    produced = True
+                    yield pending
+                proc.stdout.read()
+                finished = True
+            finally:
+                if not finished and proc.poll() is None:
+                    proc.terminate()  # the caller stopped early (a stop string, Ctrl-C)
+                code = proc.wait()
+                proc.stdout.close()
+                err_file.seek(0)
+                err = err_file.read().decode(errors="replace")
     if code != 0:
         raise UserError(f"llama.cpp could not run '{gguf}': {' / '.join(err.strip().splitlines()[-3:])}")
-    speed = re.search(r"\beval time =.*?/\s*(\d+) runs.*?([\d.]+) tokens per second", err)
-    prompt_speed = re.search(r"prompt eval time =.*?([\d.]+) tokens per second", err)
-    stats.update({"tokens": int(speed.group(1)) if speed else None,
-                  "tokens_per_s": float(speed.group(2)) if speed else None,
-                  "prompt_tokens_per_s": float(prompt_speed.group(1)) if prompt_speed else None})
+    stats.update(parse_generation_stats(err, eos, produced))
 
 
 def run_completion(tools: LlamaCpp, gguf: Path, prompt: str, **kw) -> dict:

@@ -6,7 +6,9 @@
 
 Source, in order: `$LLAMA_CPP_DIR` (a user's checkout), else the pinned PyPI sdist of
 `llama-cpp-python`, which carries llama.cpp under `vendor/llama.cpp` (downloaded with
-pip, unpacked into the cache), else a shallow `git clone` where the network allows.
+pip, unpacked into the cache), else, where the network allows, a shallow git fetch of
+exactly the commit that sdist vendors (`LLAMA_CPP_COMMIT`), checked out and verified,
+so both routes build the same llama.cpp.
 The build goes to `<cache>/llama.cpp/build-<version>` (cache: `$QLORA_CACHE` or
 `~/.cache/qlora-platform`), outside any repository, and is reused while its stamp says
 the same source and targets. A missing cmake or compiler, or a failed build, is one
@@ -27,6 +29,9 @@ from ..errors import UserError
 from ..models.bundled import cache_dir
 
 PINNED_SDIST = "llama-cpp-python==0.3.36"
+# The llama.cpp commit vendored by that sdist (its .git/modules/vendor/llama.cpp/HEAD; CHANGELOG 0.3.36:
+# "update llama.cpp to ggml-org/llama.cpp@0c1e57098"). Change both together.
+LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 TARGETS = ["llama-quantize", "llama-cli", "llama-server", "llama-perplexity", "llama-completion", "llama-bench"]
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
@@ -87,18 +92,48 @@ def obtain_source(log=print) -> Path:
         archives[0].unlink()
         if _valid_source(vendored):
             return vendored
+    git_said = ""
     if shutil.which("git"):
-        clone = _root() / "src-git"
-        if not _valid_source(clone):
-            log("llama.cpp: PyPI download failed; trying a shallow git clone")
-            cloned = subprocess.run(["git", "clone", "--depth", "1", GIT_URL, str(clone)], capture_output=True, text=True)
-            if cloned.returncode == 0 and _valid_source(clone):
-                return clone
-        else:
+        clone = _root() / f"src-git-{LLAMA_CPP_COMMIT[:12]}"
+        if _valid_source(clone) and _checked_out(clone) == LLAMA_CPP_COMMIT:
+            return clone
+        log(f"llama.cpp: PyPI download failed; fetching commit {LLAMA_CPP_COMMIT[:12]} with git")
+        git_said = _git_fetch_commit(GIT_URL, LLAMA_CPP_COMMIT, clone)
+        if not git_said:
             return clone
     said = [ln.strip() for ln in (got.stderr or got.stdout).splitlines() if "error" in ln.lower()][:2]
     raise UserError(f"cannot obtain llama.cpp: 'pip download {PINNED_SDIST}' failed ({' / '.join(said) or 'no output'}) "
-                    f"and git clone did too; connect to PyPI or set LLAMA_CPP_DIR to a llama.cpp checkout")
+                    f"and git did too ({git_said or 'git is not installed'}); connect to PyPI or GitHub, or set "
+                    f"LLAMA_CPP_DIR to a llama.cpp checkout")
+
+
+def _checked_out(repo: Path) -> str | None:
+    done = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _git_fetch_commit(url: str, commit: str, dest: Path) -> str:
+    """Check out exactly `commit` of `url` into `dest` (only that commit is fetched); '' when done, else
+    what went wrong. `dest` is this cache's own folder for that commit, so a failed try is redone afresh."""
+    if dest.exists():
+        if not (dest / ".git").is_dir():
+            return f"'{dest}' exists and is not a git checkout; remove it"
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    steps = [["git", "init", "-q"], ["git", "remote", "add", "origin", url],
+             ["git", "fetch", "-q", "--depth", "1", "origin", commit],
+             ["git", "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"]]
+    for cmd in steps:
+        done = subprocess.run(cmd, cwd=dest, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = " / ".join((done.stderr or done.stdout).strip().splitlines()[-2:])
+            return f"'{' '.join(cmd[:3])}' failed: {tail or 'no output'}"
+    head = _checked_out(dest)
+    if head != commit:
+        return f"checked out {head}, not the pinned {commit}"
+    if not _valid_source(dest):
+        return f"commit {commit[:12]} has no CMakeLists.txt and convert_hf_to_gguf.py"
+    return ""
 
 
 def _check_toolchain() -> None:

@@ -25,7 +25,9 @@ def holdout_text(records: list[dict]) -> str:
 @torch.no_grad()
 def chunked_perplexity(model, tokenizer, text: str, n_ctx: int = 512) -> dict:
     add_bos = bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_token_id is not None
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The whole holdout is tokenized at once on purpose and then cut into n_ctx chunks: verbose=False keeps
+    # transformers' warning about sequences longer than the model's maximum out of the export log.
+    tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if add_bos:
         tokens = [tokenizer.bos_token_id] + tokens
     n_chunks = len(tokens) // n_ctx

@@ -12,8 +12,14 @@ def render(report: dict) -> str:
     merge = report.get("merge")
     if merge:
         rounded = merge["max_logit_diff_after_" + merge["dtype"]]
+        verdict = ""
+        if "rounding_ok" in merge:
+            verdict = (f"; {'ok' if merge['rounding_ok'] else 'FAILED'}: tolerance {merge['tolerance']:.2g} in fp32 "
+                       f"(the merge itself) and {merge['rounding_tolerance']:.3g} after rounding to {merge['dtype']} "
+                       f"(the rounding of every weight, added up over the layers)")
         lines += [f"Merge: largest logit difference merged vs base+adapter {merge['max_logit_diff_fp32']:.2e} in fp32, "
-                  f"{rounded:.3g} after rounding to {merge['dtype']} (logits up to {merge['logit_scale']:.1f}).", ""]
+                  f"{rounded:.3g} after rounding to {merge['dtype']} (logits up to {merge['logit_scale']:.1f})"
+                  f"{verdict}.", ""]
     hf = report.get("hf")
     if hf:
         lines += [f"Perplexity: llama-perplexity's method (chunks of {hf['n_ctx']} tokens, second half of each "

@@ -5,21 +5,30 @@
 Writes into `out`: `merged/` (when given an adapter), `model-F16.gguf`,
 `model-<QUANT>.gguf` for each type, `Modelfile`, `holdout.txt` (the scored text),
 `export_report.json` and `export_report.md`.
+
+Nothing is deleted that the export did not make: `merged/` is replaced only when it
+is an earlier merge (see `export.merge`), else the export stops before any work.
+GGUF files are written into a staging folder inside `out` and get their final
+names only once llama.cpp has loaded them and generated text; a failed export
+leaves no half-written or unchecked file under a final name.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from ..config import load_config
 from ..errors import UserError
-from ..infer.engine import single_turn
+from ..infer.generation import single_turn
 from ..infer.load import adapter_run_config, run_config_for
 from .gguf import (QUANT_TYPES, check_architecture, convert_lora, convert_to_f16, llama_bench, llama_perplexity,
                    quantize, run_completion, size_mib, timed)
 from .llama_cpp import ensure_llama_cpp
-from .ollama import modelfile
+from .merge import check_merge_target
+from .ollama import modelfile, system_command
 
 SMOKE_PROMPT = "What does `json.dumps` do in Python?"
 
@@ -39,7 +48,7 @@ def _source_dir(model: str) -> Path:
 
 
 def _holdout_records(eval_file: str | None) -> list[dict]:
-    from ..train.trainer import load_records
+    from ..data.formats import load_records
 
     if not eval_file or not Path(eval_file).is_file():
         raise UserError(f"holdout file '{eval_file}' not found; pass --eval-file FILE (or --no-quality to skip "
@@ -51,7 +60,7 @@ def _hf_quality(model_dir: Path, text: str, n_ctx: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..eval.speed import measure_speed
+    from ..infer.speed import measure_speed
     from ..infer.engine import Engine
     from .quality import chunked_perplexity
 
@@ -65,11 +74,45 @@ def _hf_quality(model_dir: Path, text: str, n_ctx: int) -> dict:
             "prefill_tokens_per_s": speed["prefill_tokens_per_s"], "dtype": "fp32 (transformers, CPU)"}
 
 
+def _convert_and_check(tools, source: Path, staging: Path, out_dir: Path, quants: list[str], adapter: str | None,
+                       lora_only: bool, system: str | None, log) -> tuple[list[dict], object]:
+    """F16 and quantized GGUFs, made in `staging` and moved to `out_dir` once each has loaded and answered;
+    returns their report entries and the tokenizer."""
+    from transformers import AutoTokenizer
+
+    log(f"export: {source} -> GGUF F16")
+    f16, seconds = timed(convert_to_f16, tools, source, staging / "model-F16.gguf")
+    files = [{"name": f16.name, "type": "F16", "size_mib": size_mib(f16), "seconds": seconds}]
+    if lora_only:
+        lora_file = staging / "adapter-F16.gguf"
+        convert_lora(tools, Path(adapter), source, lora_file)
+        files.append({"name": lora_file.name, "type": "LoRA F16", "size_mib": size_mib(lora_file)})
+    for q in quants:
+        log(f"export: quantize -> {q}")
+        path, seconds = timed(quantize, tools, f16, staging / f"model-{q}.gguf", q)
+        files.append({"name": path.name, "type": q, "size_mib": size_mib(path), "seconds": seconds})
+
+    tok = AutoTokenizer.from_pretrained(source if not lora_only else adapter)
+    prompt = tok.apply_chat_template(single_turn(SMOKE_PROMPT, system), tokenize=False, add_generation_prompt=True)
+    for entry in files:
+        path = staging / entry["name"]
+        if entry["type"] == "LoRA F16":
+            continue
+        extra = ["--lora", str(staging / "adapter-F16.gguf")] if lora_only else None
+        smoke = run_completion(tools, path, prompt, n_predict=48, extra=extra)
+        if not smoke["text"]:
+            raise UserError(f"{path.name} loaded but generated nothing; the export is broken (the earlier files "
+                            f"in {out_dir} are left as they were)")
+        entry["sample"] = smoke["text"]
+        log(f"export: {entry['name']} loads and answers: {smoke['text'][:80]!r}")
+    for entry in files:  # every file has passed: only now do they take their final names
+        os.replace(staging / entry["name"], out_dir / entry["name"])
+    return files, tok
+
+
 def export_gguf(adapter: str | None = None, model: str | None = None, quants: list[str] | None = None,
                 out: str = "export", lora_only: bool = False, eval_file: str | None = None, n_ctx: int = 512,
                 dtype: str = "bf16", quality: bool = True, log=print) -> dict:
-    from transformers import AutoTokenizer
-
     start = time.time()
     if bool(adapter) == bool(model):
         raise UserError("give either --adapter DIR (merged first) or --model DIR (a Hugging Face model folder)")
@@ -79,11 +122,19 @@ def export_gguf(adapter: str | None = None, model: str | None = None, quants: li
         raise UserError(f"unknown --quant {', '.join(unknown)}; choose from {', '.join(QUANT_TYPES)}")
     quants = list(dict.fromkeys(q.upper() for q in quants))
     out_dir = Path(out)
+    if adapter and not lora_only:
+        check_merge_target(out_dir / "merged")  # before any work: a folder we did not write is never deleted
     out_dir.mkdir(parents=True, exist_ok=True)
     run_cfg = run_config_for(Path(adapter)) if adapter else None
     cfg = load_config(run_cfg) if run_cfg else None
     eval_file = eval_file or (cfg.data.eval_file if cfg else None)
     records = _holdout_records(eval_file) if quality else []
+    system = next((m["content"] for r in records[:1] for m in r.get("messages", []) if m["role"] == "system"), None)
+    if system:
+        try:
+            system_command(system)  # the Modelfile's SYSTEM line, checked before hours of work
+        except UserError as err:
+            raise UserError(f"{eval_file}: {err}") from None
     tools = ensure_llama_cpp(log)
 
     report = {"adapter": adapter, "model": model or (cfg.model.name if cfg else None), "llama_cpp": str(tools.source),
@@ -94,38 +145,16 @@ def export_gguf(adapter: str | None = None, model: str | None = None, quants: li
         if lora_only:
             source = _source_dir(adapter_run_config(Path(adapter)).model.name)
         else:
-            if source.exists():
-                shutil.rmtree(source)
             report["merge"] = merge_adapter(adapter, str(source), dtype=dtype, log=log)
     else:
         source = _source_dir(model)
     report["architecture"] = check_architecture(source)
 
-    log(f"export: {source} -> GGUF F16")
-    f16, seconds = timed(convert_to_f16, tools, source, out_dir / "model-F16.gguf")
-    files = [{"name": f16.name, "type": "F16", "size_mib": size_mib(f16), "seconds": seconds}]
-    if lora_only:
-        lora_file = out_dir / "adapter-F16.gguf"
-        convert_lora(tools, Path(adapter), source, lora_file)
-        files.append({"name": lora_file.name, "type": "LoRA F16", "size_mib": size_mib(lora_file)})
-    for q in quants:
-        log(f"export: quantize -> {q}")
-        path, seconds = timed(quantize, tools, f16, out_dir / f"model-{q}.gguf", q)
-        files.append({"name": path.name, "type": q, "size_mib": size_mib(path), "seconds": seconds})
-
-    tok = AutoTokenizer.from_pretrained(source if not lora_only else adapter)
-    system = next((m["content"] for r in records[:1] for m in r.get("messages", []) if m["role"] == "system"), None)
-    prompt = tok.apply_chat_template(single_turn(SMOKE_PROMPT, system), tokenize=False, add_generation_prompt=True)
-    for entry in files:
-        path = out_dir / entry["name"]
-        if entry["type"] == "LoRA F16":
-            continue
-        extra = ["--lora", str(out_dir / "adapter-F16.gguf")] if lora_only else None
-        smoke = run_completion(tools, path, prompt, n_predict=48, extra=extra)
-        if not smoke["text"]:
-            raise UserError(f"{path.name} loaded but generated nothing; the export is broken")
-        entry["sample"] = smoke["text"]
-        log(f"export: {entry['name']} loads and answers: {smoke['text'][:80]!r}")
+    staging = Path(tempfile.mkdtemp(prefix=".export-partial-", dir=out_dir))
+    try:
+        files, tok = _convert_and_check(tools, source, staging, out_dir, quants, adapter, lora_only, system, log)
+    finally:
+        shutil.rmtree(staging)  # this run's own folder: what is left in it did not pass
 
     if quality and not lora_only:
         from .quality import holdout_text

@@ -7,6 +7,10 @@ Only SHA-256 digests are kept in memory. A presented key is hashed and compared 
 `hmac.compare_digest` against every stored digest, without stopping at the first
 match, so neither the comparison nor the number of keys leaks through timing.
 A key file holds one key per line; blank lines and `#` comments are skipped.
+
+A key source that is given but holds no key (`--api-key "$KEY"` with KEY unset, an
+empty or comment-only key file, QLORA_API_KEYS set to nothing) is a startup error:
+serving without keys must be a choice (no key source at all), never an accident.
 """
 from __future__ import annotations
 
@@ -33,16 +37,35 @@ class ApiKeys:
         self._digests = [_digest(k) for k in dict.fromkeys(cleaned)]
 
     @classmethod
-    def gather(cls, cli_keys: list[str] | None = None, key_file: str | None = None) -> "ApiKeys":
-        keys = list(cli_keys or [])
-        keys += [k for k in os.environ.get(ENV_KEYS[0], "").split(",")]
-        keys.append(os.environ.get(ENV_KEYS[1], ""))
+    def gather(cls, cli_keys: list[str] | None = None, key_file: str | None = None,
+               environ: dict | None = None) -> "ApiKeys":
+        """Keys from --api-key (each), $QLORA_API_KEYS (comma-separated), $QLORA_API_KEY and a key
+        file; UserError when any of these is given yet yields no key."""
+        environ = os.environ if environ is None else environ
+        sources: list[tuple[str, list[str], str]] = []
+        for given in cli_keys or []:
+            sources.append(("--api-key", [given],
+                            "the value is empty (an unset shell variable?); pass the key itself, or use "
+                            "$QLORA_API_KEYS or --api-key-file"))
+        if ENV_KEYS[0] in environ:
+            sources.append((f"${ENV_KEYS[0]}", environ[ENV_KEYS[0]].split(","),
+                            "it is set but holds no key; set it to comma-separated keys or unset it"))
+        if ENV_KEYS[1] in environ:
+            sources.append((f"${ENV_KEYS[1]}", [environ[ENV_KEYS[1]]],
+                            "it is set but empty; set it to a key or unset it"))
         if key_file:
             path = Path(key_file)
             if not path.is_file():
                 raise UserError(f"API key file '{path}' does not exist")
-            keys += [line.strip() for line in path.read_text().splitlines()
-                     if line.strip() and not line.lstrip().startswith("#")]
+            sources.append((f"API key file '{path}'",
+                            [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")],
+                            "it holds no key (only blank lines or # comments); put one key per line"))
+        keys = []
+        for name, found, fix in sources:
+            found = [k.strip() for k in found if k.strip()]
+            if not found:
+                raise UserError(f"{name} gives no API key: {fix}")
+            keys += found
         return cls(keys)
 
     @property

@@ -14,6 +14,12 @@ batch 1 a 7B decode step is bound by reading the weights, so 16 rows cost about 
 does: that is where the server's throughput comes from (the generation issue asks 1,500
 tokens/s from 16 streams). Greedy rows take one batched argmax; others sample row by row
 with their own settings and seed. Results equal running each request alone (tests).
+
+Failures stay with the request they belong to: a row whose token choice or text handling
+raises ends with that error alone, its row freed, while the others go on; an error of a
+whole step (the model's forward) ends every request in flight, those being admitted too.
+Every request gets either its result or an error, so no caller waits forever and the
+server's generation slot it holds is released.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Generation, TextRow, left_padded
+from .generation import Generation, TextRow, left_padded
 from .sampling import SamplingParams, choose_next
 from .static_decode import StaticDecoder, failure_reason
 
@@ -95,24 +101,29 @@ class Batcher:
                 self._fail(self.waiting.get(), Unbatched(self.broken))
         self.next_tokens = [eng.pad_id] * self.slots      # on the host: one copy per step
         eng.model.eval()
+        admitting: list[_Request] = []
         while True:
             try:
-                self._turn()
+                self._turn(admitting)
             except Exception as err:  # noqa: BLE001 - fail the requests in flight, keep serving
-                for req in list(self.active.values()):
-                    self._fail(req, err)
+                for req in admitting + list(self.active.values()):
+                    if not req.done.is_set():
+                        self._fail(req, err)
                 self.active.clear()
+                self.next_tokens = [eng.pad_id] * self.slots
+            admitting.clear()
 
-    def _turn(self) -> None:
+    def _turn(self, admitting: list[_Request]) -> None:
+        """One admission and decode step; `admitting` holds the requests taken from the queue
+        this turn, so the loop can fail them too when the turn breaks before they are active."""
         free = [r for r in range(self.slots) if r not in self.active]
-        arrivals = []
-        while len(arrivals) < len(free):
+        while len(admitting) < len(free):
             try:   # wait for work only when nothing runs
-                arrivals.append(self.waiting.get(block=not self.active and not arrivals))
+                admitting.append(self.waiting.get(block=not self.active and not admitting))
             except queue.Empty:
                 break
-        if arrivals:
-            self._admit(free[:len(arrivals)], arrivals)
+        if admitting:
+            self._admit(free[:len(admitting)], admitting)
         if not self.active:
             return
         with torch.no_grad():
@@ -129,31 +140,48 @@ class Batcher:
             for req in reqs:
                 self._fail(req, Unbatched(failure_reason(err)))
             return
-        chosen = self._choose(logits, list(range(len(reqs))), reqs)
         now = time.perf_counter()
-        for i, (row, req) in enumerate(zip(rows, reqs)):
+        for row, req in zip(rows, reqs):
             req.first_token_at = now
             self.active[row] = req
-            self._take(row, req, chosen[i])
+        chosen = self._choose(logits, list(range(len(reqs))), reqs)
+        for i, (row, req) in enumerate(zip(rows, reqs)):
+            self._settle(row, req, chosen[i])
 
     def _advance(self, logits: torch.Tensor) -> None:
         rows = sorted(self.active)
         chosen = self._choose(logits, rows, [self.active[r] for r in rows])
         for r in rows:
-            self._take(r, self.active[r], chosen[r])
+            self._settle(r, self.active[r], chosen[r])
+
+    def _settle(self, row: int, req: _Request, chosen) -> None:
+        """Take the row's token, or end its request alone when choosing or taking it failed."""
+        try:
+            if isinstance(chosen, BaseException):
+                raise chosen
+            self._take(row, req, chosen)
+        except Exception as err:  # noqa: BLE001 - this request's failure, not the batch's
+            self.active.pop(row, None)
+            self.next_tokens[row] = self.engine.pad_id
+            if not req.done.is_set():
+                self._fail(req, err)
 
     @staticmethod
-    def _choose(logits: torch.Tensor, rows: list[int], reqs: list[_Request]) -> dict[int, int]:
+    def _choose(logits: torch.Tensor, rows: list[int], reqs: list[_Request]) -> dict[int, int | Exception]:
         """Next token of each listed row of logits: one argmax (one device sync) for the greedy
-        rows, each other row sampled with its own settings and seed."""
-        plain = [r.params.temperature == 0 and r.params.repetition_penalty == 1.0 for r in reqs]
+        rows, each other row sampled with its own settings and seed; a row whose sampling
+        raises gets the error instead of a token."""
+        plain = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in reqs]
         best = logits.argmax(-1).tolist() if any(plain) else None
         chosen = {}
         for row, req, is_plain in zip(rows, reqs, plain):
             if is_plain:
                 chosen[row] = best[row]
-            else:
+                continue
+            try:
                 chosen[row] = int(choose_next(logits[row:row + 1], req.params, req.history, req.generator)[0])
+            except Exception as err:  # noqa: BLE001 - ends this row's request only
+                chosen[row] = err
         return chosen
 
     def _take(self, row: int, req: _Request, token: int) -> None:

@@ -1,8 +1,7 @@
-"""`qlora chat` (a streaming multi-turn REPL), `qlora generate` (one prompt) and `qlora serve`.
+"""`qlora chat` (a streaming multi-turn REPL) and `qlora generate` (one prompt).
 
     qlora chat --adapter runs/demo/final_adapter [--temperature 0.7 --top-p 0.9 --max-tokens 256]
     qlora generate --adapter runs/demo/final_adapter --prompt "What does json.dumps do?"
-    qlora serve --adapter runs/demo/final_adapter --port 8000 --api-key KEY
 
 In the REPL: `/reset` forgets the conversation, `/system TEXT` sets the system
 prompt (and resets), `/exit` (or Ctrl-D) leaves; Ctrl-C stops the answer being
@@ -13,9 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import sys
+from pathlib import Path
 
 from ..errors import UserError
-from .engine import single_turn
+from .generation import single_turn
 from .sampling import SamplingParams
 
 HELP = "commands: /reset  /system TEXT  /exit"
@@ -39,12 +39,44 @@ def _trim_history(engine, messages: list[dict], params: SamplingParams) -> list[
         del messages[first_turn:first_turn + 2]
 
 
+def line_editing(history_file: Path | None) -> None:
+    """Arrow keys, line editing and a history kept across sessions for the REPL's input() (a
+    terminal only; readline is missing on some platforms, where input stays plain)."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import atexit
+        import readline
+    except ImportError:
+        return
+    if history_file is None:
+        return
+    try:
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+        if history_file.is_file():
+            readline.read_history_file(history_file)
+    except OSError:
+        return
+    readline.set_history_length(1000)
+    atexit.register(lambda: _save_history(readline, history_file))
+
+
+def _save_history(readline, history_file: Path) -> None:
+    try:
+        readline.write_history_file(history_file)
+    except OSError:
+        pass
+
+
 def chat_repl(engine, params: SamplingParams, system: str | None = None, read=input, write=None,
-              err=None) -> int:
+              err=None, label: str | None = None) -> int:
+    """`label` names what is answering (the adapter folder, or the model) in the banner."""
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     err = err or (lambda s: print(s, file=sys.stderr))
     messages = [{"role": "system", "content": system}] if system else []
-    err(f"chat with {engine.model.config.name_or_path if hasattr(engine.model, 'config') else 'the model'}; {HELP}")
+    if label is None:
+        label = engine.model.config.name_or_path if hasattr(engine.model, "config") else "the model"
+    err(f"chat with {label}; {HELP}")
     while True:
         try:
             line = read("\n> ")
@@ -118,21 +150,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def serve(settings, host: str, port: int, drain_timeout: float, log_level: str = "info") -> int:
-    import uvicorn
-
-    from .server import create_app
-
-    if not is_loopback(host) and not settings.keys.enabled:
-        print(f"warning: serving on {host} with no API key: anyone who can reach this port can use the model; "
-              f"set --api-key, --api-key-file or $QLORA_API_KEYS", file=sys.stderr)
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
-                            access_log=log_level == "debug")
-    print(f"serving {settings.served_name or settings.adapter or settings.model} on http://{host}:{port} "
-          f"({'keys required' if settings.keys.enabled else 'no keys'}); /health turns 200 when the model is loaded",
-          file=sys.stderr)
-    uvicorn.Server(config).run()
-    return 0

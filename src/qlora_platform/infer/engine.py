@@ -17,84 +17,13 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from ..errors import UserError
+from .generation import Generation, TextRow, left_padded
 from .sampling import SamplingParams, choose_next
-
-
-def single_turn(prompt: str, system: str | None = None) -> list[dict]:
-    """Chat messages for one question, with an optional system prompt first."""
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str          # "stop" (EOS or a stop string), "length", or "cancelled"
-    prefill_s: float            # prompt forward + first token: the time to first token
-    decode_s: float             # every later token
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return (len(self.token_ids) - 1) / self.decode_s if self.decode_s > 0 and len(self.token_ids) > 1 else 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-
-def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts as (ids, 0/1 mask) on `device`, left-padded so every row's last prompt token sits
-    in the last column."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
-class TextRow:
-    """Detokenisation and stop-string state of one sequence."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.text, self.emitted, self.finish = "", 0, None
-        self.hold = max((len(s) for s in stop), default=1) - 1
-
-    def push(self, token: int, eos_ids: set[int], ignore_eos: bool) -> None:
-        if token in eos_ids and not ignore_eos:
-            self.finish = "stop"
-            return
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
-            cut = self.text.find(s)
-            if cut >= 0:
-                self.text, self.finish = self.text[:cut], "stop"
-
-    def new_text(self) -> str:
-        """Text safe to show now: not a partial UTF-8 character, not a possible stop-string start."""
-        end = len(self.text)
-        if self.finish is None:
-            end -= self.hold
-            while end > self.emitted and self.text[end - 1] == "\ufffd":
-                end -= 1
-        piece = self.text[self.emitted:max(end, self.emitted)]
-        self.emitted += len(piece)
-        return piece
 
 
 class Engine:

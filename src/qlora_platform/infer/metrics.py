@@ -1,11 +1,12 @@
 """Prometheus metrics of the server (`GET /metrics`): requests, tokens, queue, latency.
 
-    metrics = ServerMetrics(scheduler)
+    metrics = ServerMetrics(scheduler, rows=lambda: len(batcher.active))
     metrics.requests.labels(route="/v1/chat/completions", status="200").inc()
 
 A registry of its own (not the process-global one), so several servers in one
 process (tests) do not collide. Queue depth and active generations are read from
-the scheduler at scrape time.
+the scheduler at scrape time, and the rows of the continuous batcher in use from
+`rows` (0 without a batcher): after any burst, all three return to 0.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, rows=None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("qlora_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
@@ -32,6 +33,8 @@ class ServerMetrics:
         queue.set_function(lambda: scheduler.waiting)
         active = Gauge("qlora_active_generations", "Generations running", registry=r)
         active.set_function(lambda: scheduler.active)
+        batch_rows = Gauge("qlora_batch_rows_active", "Rows of the continuous batcher holding a request", registry=r)
+        batch_rows.set_function(rows or (lambda: 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

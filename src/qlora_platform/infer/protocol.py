@@ -6,16 +6,42 @@
 Everything a client can get wrong is caught here or in `SamplingParams.validate`
 (which also checks prompt + max_tokens against the context) before the model
 sees the request. Unknown fields are accepted and ignored, as OpenAI's server
-does for fields it does not use, except the few whose silent ignoring would
-change results (n > 1, logprobs, tools), which are refused clearly.
+does for fields it does not use, except those whose silent ignoring would
+change results (n > 1, logprobs, tools, logit_bias, non-zero presence or
+frequency penalties, a response_format other than text, echo, suffix, best_of > 1),
+which are refused clearly. Numbers are bounded so that no value can break the
+sampler: a temperature below `MIN_TEMPERATURE` is greedy (dividing by it would
+overflow the logits), penalties and seeds have finite ranges. Text that is not
+valid Unicode (a lone surrogate from a `\\ud800` JSON escape) is refused here
+rather than failing in the tokenizer.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .sampling import SamplingParams
+from .sampling import MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SEED_RANGE, SamplingParams
+
+
+def valid_unicode(value: str) -> str:
+    """The text unchanged, or a ValueError when it holds a lone surrogate (not encodable as UTF-8)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"is not valid Unicode (a lone surrogate at character {err.start}); "
+                         f"send UTF-8 text") from None
+    return value
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+    @field_validator("text")
+    @classmethod
+    def _unicode(cls, value):
+        return valid_unicode(value)
 
 
 class TextPart(BaseModel):
@@ -26,6 +52,11 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: Union[str, list[TextPart]]
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, value):
+        return valid_unicode(value) if isinstance(value, str) else value
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -44,14 +75,33 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
-    seed: Optional[int] = None
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, Any]] = None
+    response_format: Optional[dict[str, Any]] = None
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     logprobs: Optional[Union[bool, int]] = None
+    top_logprobs: Optional[int] = None
     tools: Optional[list] = None
+    functions: Optional[list] = None
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = Field(None, ge=1, le=1, description="one choice per request")
+
+    @field_validator("model")
+    @classmethod
+    def _model_unicode(cls, value):
+        return valid_unicode(value) if value is not None else value
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_is_greedy(cls, value):
+        return 0.0 if value < MIN_TEMPERATURE else value
 
     @field_validator("stop")
     @classmethod
@@ -59,13 +109,28 @@ class _Sampling(BaseModel):
         stops = [value] if isinstance(value, str) else (value or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
+        return [valid_unicode(s) for s in stops]
 
-    @field_validator("logprobs", "tools")
+    @field_validator("logprobs", "top_logprobs", "tools", "functions", "echo", "suffix", "logit_bias")
     @classmethod
     def _unsupported(cls, value, info):
         if value:
             raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server; leave it 0 "
+                             f"(repetition_penalty is: 1.0 is off, 1.1 a mild penalty)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value and value.get("type", "text") != "text":
+            raise ValueError(f"type '{value.get('type')}' is not supported by this server; only 'text' is")
         return value
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
@@ -102,7 +167,7 @@ class CompletionRequest(_Sampling):
             value = value[0]
         if not value.strip():
             raise ValueError("is empty")
-        return value
+        return valid_unicode(value)
 
 
 class GenerateRequest(_Sampling):
@@ -117,4 +182,9 @@ class GenerateRequest(_Sampling):
     def _not_blank(cls, value):
         if not value.strip():
             raise ValueError("is empty")
-        return value
+        return valid_unicode(value)
+
+    @field_validator("system")
+    @classmethod
+    def _unicode(cls, value):
+        return valid_unicode(value) if value is not None else value

@@ -4,9 +4,12 @@
     params.validate(context_len=2048, prompt_len=40)     # UserError on bad values
     next_ids = choose_next(logits, params, history, generator)
 
-Temperature 0 is greedy. Repetition penalty follows the CTRL/Hugging Face rule
+Temperature 0 is greedy, and so is any temperature below `MIN_TEMPERATURE` (dividing
+by it would overflow the logits). Repetition penalty follows the CTRL/Hugging Face rule
 (positive logits divided by the penalty, negative ones multiplied) over every
-token already in the row, prompt included, so results match `generate`.
+token already in the row, prompt included, so results match `generate`. A row whose
+probabilities are not finite (a model that overflowed, an extreme setting) takes its
+argmax instead of failing the sampler, so one row can never break a batch.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
+
+MIN_TEMPERATURE = 1e-5           # below: greedy
+MIN_REPETITION_PENALTY = 0.01    # below, penalised logits overflow float32
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 
 
 @dataclass
@@ -28,14 +35,20 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False      # benchmarks decode a fixed number of tokens
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
     def validate(self, context_len: int | None = None, prompt_len: int | None = None) -> "SamplingParams":
         checks = [
             (self.max_new_tokens >= 1, f"max_tokens must be at least 1 (got {self.max_new_tokens})"),
             (0 <= self.temperature <= 2, f"temperature must be between 0 and 2 (got {self.temperature})"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
             (self.top_k >= 0, f"top_k must be 0 (off) or positive (got {self.top_k})"),
-            (0 < self.repetition_penalty <= 10,
-             f"repetition_penalty must be in (0, 10] (got {self.repetition_penalty})"),
+            (MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10,
+             f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and 10 (got {self.repetition_penalty})"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"seed must be a 64-bit signed integer (got {self.seed})"),
             (len(self.stop) <= 8 and all(isinstance(s, str) and s for s in self.stop),
              "stop must be at most 8 non-empty strings"),
         ]
@@ -64,8 +77,9 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
     logits = logits.float()
     if history is not None:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
-    if params.temperature == 0:
+    if params.greedy:
         return logits.argmax(dim=-1)
+    best = logits.nan_to_num(nan=float("-inf")).argmax(dim=-1)
     logits = logits / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -78,4 +92,9 @@ def choose_next(logits: torch.Tensor, params: SamplingParams, history: torch.Ten
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
+    # A row with inf/NaN probabilities gets its argmax as a one-hot distribution: decided on the
+    # device (no sync), and torch.multinomial never sees a value it rejects.
+    broken = ~torch.isfinite(probs).all(dim=-1, keepdim=True) | (probs.sum(dim=-1, keepdim=True) <= 0)
+    fallback = torch.zeros_like(probs).scatter_(1, best.unsqueeze(1), 1.0)
+    probs = torch.where(broken, fallback, probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

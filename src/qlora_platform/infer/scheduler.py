@@ -1,15 +1,17 @@
 """Admission and execution of generations in the server: bounded, cancellable, drained on exit.
 
     scheduler = Scheduler(max_active=2, max_queue=8, queue_timeout=30)
-    job = scheduler.submit(work)          # None: full (the caller answers 429 + Retry-After)
+    job = scheduler.submit(work, prepare) # None: full (the caller answers 429 + Retry-After)
     async for event in job.events(): ...  # pieces of text, then the final Generation
     job.cancel()                          # the client went away: the worker stops at its next token
 
 At most `max_active` generations run at once (each in its own worker thread; the
 engine checks `job.cancelled` between tokens) and at most `max_queue` wait for a
 slot; anything beyond is refused at once rather than piling up. A job that waits
-longer than `queue_timeout` ends with `QueueTimeout` (503). The counters feed
-/metrics.
+longer than `queue_timeout` ends with `QueueTimeout` (503). `prepare(job)`, when
+given, runs in the job's thread once the job holds its queue place and before it
+waits for a slot: the server tokenizes there, off the event loop and only for
+requests it has admitted. The counters feed /metrics.
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ class QueueTimeout(Exception):
 
 
 class Job:
-    def __init__(self, scheduler: "Scheduler", work: Callable, loop: asyncio.AbstractEventLoop):
-        self.scheduler, self.work, self.loop = scheduler, work, loop
+    def __init__(self, scheduler: "Scheduler", work: Callable, loop: asyncio.AbstractEventLoop,
+                 prepare: Callable | None = None):
+        self.scheduler, self.work, self.loop, self.prepare = scheduler, work, loop, prepare
         self.queue: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()
 
@@ -55,6 +58,8 @@ class Job:
     def _run(self) -> None:
         s, state = self.scheduler, "waiting"
         try:
+            if self.prepare is not None and not self.cancelled:
+                self.prepare(self)
             waited = 0.0
             while not s.slots.acquire(timeout=0.1):
                 waited += 0.1
@@ -91,14 +96,15 @@ class Scheduler:
         self.idle = threading.Event()
         self.idle.set()
 
-    def submit(self, work: Callable[[Job], None]) -> Job | None:
-        """Queue `work(job)` for a worker thread, or None when active + waiting are at their bounds."""
+    def submit(self, work: Callable[[Job], None], prepare: Callable[[Job], None] | None = None) -> Job | None:
+        """Queue `work(job)` for a worker thread (after `prepare(job)`, which does not hold a slot),
+        or None when active + waiting are at their bounds."""
         with self.lock:
             if self.active + self.waiting >= self.max_active + self.max_queue:
                 return None
             self.waiting += 1
             self.idle.clear()
-        job = Job(self, work, asyncio.get_running_loop())
+        job = Job(self, work, asyncio.get_running_loop(), prepare)
         threading.Thread(target=job._run, name="qlora-generate", daemon=True).start()
         return job
 

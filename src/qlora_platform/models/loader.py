@@ -13,6 +13,8 @@ Hub failures (401/403 on gated models, unknown ids, no network) become one
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 from pathlib import Path
 
@@ -36,7 +38,34 @@ def resolve_model_source(name: str) -> str:
         raise UserError(f"model path '{name}' does not exist; use a local folder, a .gguf file, "
                         f"'bundled:smollm2-135m-instruct' or a hub id such as "
                         f"'mistralai/Mistral-7B-Instruct-v0.3'")
+    work_offline_if_hub_unreachable()
     return name  # a hub id
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (or $HF_ENDPOINT) opens within `timeout`."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def work_offline_if_hub_unreachable() -> None:
+    """Without a network the hub client retries for tens of seconds before failing; when the hub
+    cannot be reached at all, switch it to offline mode at once, so that a cached model loads
+    and a missing one fails with one line straight away."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        constants.HF_HUB_OFFLINE = True
 
 
 def hub_error(name: str, err: Exception) -> UserError:
@@ -105,6 +134,11 @@ def load_tokenizer(model_cfg: ModelConfig, source: str | None = None):
         raise hub_error(model_cfg.name, err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    # transformers ignores this clean-up for BPE tokenizers and warns each time it does; off, the
+    # decoded text is the same and the warning is gone.
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        tok.clean_up_tokenization_spaces = False
     if not getattr(tok, "chat_template", None):
         raise UserError(f"the tokenizer of '{model_cfg.name}' has no chat template; use an instruct "
                         f"model or one whose tokenizer_config.json defines chat_template")
@@ -196,6 +230,42 @@ def offload_on(cfg: Config, device: str) -> bool:
     return cfg.training.offload_checkpoints is not False
 
 
+def match_training_precision(model, cfg: Config, device: str) -> int:
+    """Give a model loaded for inference the dtypes its training run computed in.
+
+    4-bit training on the CPU keeps norms, embeddings and head in fp32 (peft's
+    prepare_model_for_kbit_training, see keeps_fp32_norms), so the holdout perplexity of
+    training is computed with fp32 norms; the same adapter on bf16 norms scores a few percent
+    differently. Returns how many tensors were cast.
+    """
+    import torch
+
+    if not cfg.quantization.load_in_4bit or not keeps_fp32_norms(cfg, device):
+        return 0
+    cast = 0
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
+@contextlib.contextmanager
+def training_numerics(model):
+    """Inside: 4-bit layers compute as in training (no repacking for bitsandbytes' CPU inference
+    kernel, which rounds differently), so scores match the ones training logged. Outside, the
+    first inference forward may repack, which about doubles CPU decoding speed; a layer already
+    repacked stays so, hence score before generating."""
+    changed = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for module in changed:
+        module.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for module in changed:
+            module.support_avx512bf16_for_cpu = True
+
+
 def attach_lora(model, cfg: Config):
     """Wrap a (quantized) base model with trainable LoRA adapters; base weights stay frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -218,11 +288,16 @@ def attach_lora(model, cfg: Config):
     return model
 
 
+def check_adapter_folder(adapter_dir: Path) -> None:
+    """A UserError unless `adapter_dir` holds a LoRA adapter (its adapter_config.json)."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json); "
+                        f"point at <run>/final_adapter or <run>/checkpoint-N")
+
+
 def load_adapter(base_model, adapter_dir: str | os.PathLike, trainable: bool = False):
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json); "
-                        f"point at <output_dir>/final_adapter or a checkpoint-N folder")
+    check_adapter_folder(adapter_dir)
     return PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=trainable)

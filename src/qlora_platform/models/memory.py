@@ -18,6 +18,7 @@ from ..errors import UserError
 from .loader import fast_kernels_on, fp8_plan, keeps_fp32_norms, offload_on
 
 GIB = 2 ** 30
+RUNTIME_BYTES = 0.5 * GIB   # resident memory of the CPU process before the model loads
 FAST_BLOCK_I = 3   # (tokens x intermediate) tensors alive in the fused MLP's backward
 
 
@@ -38,10 +39,14 @@ def _linears(d: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def estimate_training_memory(mc, cfg: Config, processes: int = 1) -> dict[str, float]:
+def estimate_training_memory(mc, cfg: Config, processes: int = 1, device: str | None = None) -> dict[str, float]:
     """Bytes per component of one device's peak; the sum is under 'total'. With several
     processes the single-GPU fast path is off, and FSDP / ZeRO-3 split the weights, adapter and
-    optimizer state between them (one decoder block's weights gathered at a time)."""
+    optimizer state between them (one decoder block's weights gathered at a time).
+
+    `device` is where the run trains ("cpu" or "cuda"); by default training.device, with
+    "auto" read as a GPU. On the CPU the peak is the process's resident memory, so the
+    Python runtime with torch and transformers loaded counts too."""
     d = _dims(mc)
     b, s, layers = cfg.training.batch_size, cfg.data.max_seq_len, d["layers"]
     act_bytes = 4 if cfg.quantization.compute_dtype == "float32" else 2
@@ -58,10 +63,12 @@ def estimate_training_memory(mc, cfg: Config, processes: int = 1) -> dict[str, f
     lora_params = layers * sum(cfg.lora.r * (a + o) for a, o in targets.values())
     optimizer = cfg.training.optimizer
     opt_bytes = 2 if optimizer in ("paged_adamw_8bit", "adamw_8bit") or (
-        optimizer == "auto" and cfg.training.device != "cpu") else 8
+        optimizer == "auto" and (device or cfg.training.device) != "cpu") else 8
     tokens = b * s
-    device = "cpu" if cfg.training.device == "cpu" else "cuda"
+    device = device or ("cpu" if cfg.training.device == "cpu" else "cuda")
     fp32_norms = keeps_fp32_norms(cfg, device)
+    if device == "cpu" and fp32_norms:
+        act_bytes = 4   # fp32 norms and head make every activation fp32
     single = processes == 1
     fast = single and fast_kernels_on(cfg, device) and not fp32_norms
     offload = single and offload_on(cfg, device)
@@ -95,6 +102,11 @@ def estimate_training_memory(mc, cfg: Config, processes: int = 1) -> dict[str, f
         block = 0
     if not cfg.training.gradient_checkpointing and attention:
         kept += layers * b * heads * s * s * act_bytes
+    if device == "cpu" and act_bytes == 4 and cfg.quantization.load_in_4bit and \
+            cfg.quantization.compute_dtype != "float32":
+        # fp32 activations enter the 4-bit layers cast to the compute dtype, and autograd keeps
+        # that copy too: the inputs of q, k, v, o, gate and up (h wide) and of down (i wide).
+        kept += (layers if not cfg.training.gradient_checkpointing else 1) * tokens * (6 * d["h"] + d["i"]) * 2
     if fast:
         # The logits-free loss: one chunk of 16-bit and fp32 logits, and the hidden-state gradient.
         from ..kernels.cross_entropy import chunk_rows
@@ -121,6 +133,8 @@ def estimate_training_memory(mc, cfg: Config, processes: int = 1) -> dict[str, f
         "logits_and_loss": logits,
         "dequant_buffers": dequant,
         "fp8_buffers": fp8,
+        # The Python process with torch, transformers, peft and bitsandbytes loaded (measured: 0.51 GiB).
+        "runtime": RUNTIME_BYTES if device == "cpu" else 0,
     }
     est["total"] = sum(est.values())
     return est

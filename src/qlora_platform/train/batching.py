@@ -21,7 +21,7 @@ import random
 
 import torch
 
-from ..data.tokenize import IGNORE
+from ..data.collate import collate  # noqa: F401 (re-exported for tests/train/test_batching.py)
 
 
 def plan_epoch(lengths: list[int], epoch: int, seed: int, batch_size: int, max_seq_len: int,
@@ -43,40 +43,3 @@ def plan_epoch(lengths: list[int], epoch: int, seed: int, batch_size: int, max_s
         if current:
             rows.append(current)
     return [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
-
-
-def collate(rows: list[list[dict]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
-    """Tensors for one batch; `rows` holds the examples of each row."""
-    seqs, labels, positions, segments = [], [], [], []
-    for row in rows:
-        ids, labs, pos, seg = [], [], [], []
-        for s, ex in enumerate(row):
-            ex_labels = list(ex["labels"])
-            if packing and ids:
-                ex_labels[0] = IGNORE  # the previous example's last token must not predict this one
-            ids += ex["input_ids"]
-            labs += ex_labels
-            pos += range(len(ex["input_ids"]))
-            seg += [s + 1] * len(ex["input_ids"])
-        seqs.append(ids)
-        labels.append(labs)
-        positions.append(pos)
-        segments.append(seg)
-    width = max(len(s) for s in seqs)
-    n = len(seqs)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    label_t = torch.full((n, width), IGNORE, dtype=torch.long)
-    seg_t = torch.zeros((n, width), dtype=torch.long)  # 0 marks padding
-    pos_t = torch.zeros((n, width), dtype=torch.long)
-    for r in range(n):
-        k = len(seqs[r])
-        input_ids[r, :k] = torch.tensor(seqs[r])
-        label_t[r, :k] = torch.tensor(labels[r])
-        seg_t[r, :k] = torch.tensor(segments[r])
-        pos_t[r, :k] = torch.tensor(positions[r])
-    batch = {"input_ids": input_ids, "labels": label_t, "position_ids": pos_t}
-    if not packing:
-        batch["attention_mask"] = (seg_t > 0).long()
-    batch["num_tokens"] = int((seg_t > 0).sum())
-    batch["num_label_tokens"] = int((label_t[:, 1:] != IGNORE).sum())
-    return batch

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..config import Config, dump_config
 from ..errors import UserError
-from ..models.loader import hub_error, resolve_model_source
+from ..models.loader import hub_error, pick_device, resolve_model_source
 from ..models.memory import GIB, estimate_training_memory, format_estimate
 
 
@@ -24,8 +24,10 @@ def dry_run(cfg: Config, processes: int = 1) -> str:
     if not hasattr(mc, "intermediate_size"):
         raise UserError(f"'{cfg.model.name}' ({mc.model_type}) is not a decoder the estimate knows "
                         f"(no intermediate_size)")
-    est = estimate_training_memory(mc, cfg, processes)
-    lines = ["config OK:", dump_config(cfg), format_estimate(est)]
+    device = pick_device(cfg.training.device)
+    est = estimate_training_memory(mc, cfg, processes, device)
+    where = "GPU memory" if device == "cuda" else "resident memory of the process (training on the CPU)"
+    lines = ["config OK:", dump_config(cfg), f"{format_estimate(est)}\n  ({where})"]
     if processes > 1:
         lines.append(f"(per device, {processes} processes, training.strategy {cfg.training.strategy})")
     if torch.cuda.is_available():
@@ -33,6 +35,7 @@ def dry_run(cfg: Config, processes: int = 1) -> str:
         verdict = "fits" if est["total"] <= 0.95 * free else "does NOT fit"
         lines.append(f"{torch.cuda.get_device_name()}: {free / GIB:.1f} of {total / GIB:.1f} GiB free: {verdict}")
     else:
-        lines.append("no CUDA GPU here; on an 8 GB card (about 7.6 GiB usable) this run "
-                     + ("fits" if est["total"] <= 7.6 * GIB else "does NOT fit"))
+        on_gpu = estimate_training_memory(mc, cfg, processes, "cuda")["total"]
+        lines.append(f"no CUDA GPU here; on a GPU this run needs about {on_gpu / GIB:.2f} GiB: on an 8 GB card "
+                     f"(about 7.6 GiB usable) it " + ("fits" if on_gpu <= 7.6 * GIB else "does NOT fit"))
     return "\n".join(lines)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..eval.perplexity import summed_answer_nll
 from ..models.loader import attach_lora, fast_kernels_on, fp8_plan, load_base_model, offload_on
+from ..models.scoring import summed_answer_nll
 
 
 def build_training_model(cfg: Config, device: str, log=print, distributed: bool = False):

@@ -7,6 +7,7 @@ training config and the final metrics so the folder explains itself.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -59,5 +60,7 @@ def write_model_card(folder: Path, cfg: Config, metrics: dict) -> Path:
         "",
     ]
     path = Path(folder) / "README.md"
-    path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body))
+    tmp = path.with_name(path.name + ".tmp")   # written whole, then renamed: never a half card
+    tmp.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body))
+    os.replace(tmp, path)
     return path

@@ -4,8 +4,9 @@
     tracker.log({"loss": 1.2, "lr": 2e-4}, step=10)
     tracker.close()
 
-`<out_dir>/train_log.jsonl` gets every record (the eval plots read it);
-TensorBoard events go to `<out_dir>/logs`. W&B runs offline when no API key is
+`<out_dir>/train_log.jsonl` gets every record (the eval plots read it); a
+resumed run first cuts it back to the step it resumes from (`truncate_log`), so
+each step appears once. TensorBoard events go to `<out_dir>/logs`. W&B runs offline when no API key is
 configured, so it never blocks on a login.
 """
 from __future__ import annotations
@@ -16,10 +17,34 @@ from pathlib import Path
 
 from ..errors import UserError
 
+LOG_FILE = "train_log.jsonl"
+
+
+def truncate_log(out_dir: Path, step: int) -> int:
+    """Drop the records after `step` (and a line cut short by a kill) from the run's log, so a
+    run resumed at `step` logs the later steps once. Returns how many lines were dropped."""
+    path = Path(out_dir) / LOG_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
+
 
 class Tracker:
     def __init__(self, out_dir: Path, report_to: list[str], cfg):
-        self.jsonl = (Path(out_dir) / "train_log.jsonl").open("a", encoding="utf-8")
+        self.jsonl = (Path(out_dir) / LOG_FILE).open("a", encoding="utf-8")
         self.tb = self.wandb = None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter

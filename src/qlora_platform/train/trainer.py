@@ -11,46 +11,212 @@ order; and bitsandbytes' CPU repacking trap is handled before the first forward.
     summary = trainer.train()        # checkpoints, logs, final_adapter/
 
 Run it as `qlora train --config configs/smollm2-135m.yaml`.
+
+No finished step is lost: the final step is checkpointed and `final_adapter` is
+written (atomically) before the final evaluation; running out of memory saves
+the finished steps; SIGINT and SIGTERM (Ctrl-C, `kill`, SLURM, `docker stop`)
+save a checkpoint at the step reached and say how to continue, also when the
+output goes to a pipe whose reader is gone (progress output then stops instead
+of killing the run). An output.dir that holds a run is continued (`--resume`)
+or started again (`--overwrite`), never mixed with a second run.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
 
 from ..config import Config, dump_config
-from ..data.formats import iter_jsonl, to_chat_record
+from ..data.collate import collate
+from ..data.formats import load_records
 from ..data.tokenize import IGNORE, encode_records
 from ..errors import UserError
-from ..eval.perplexity import holdout_perplexity
 from ..models.loader import device_label, fast_kernels_on, load_tokenizer, pick_device
 from ..models.memory import memory_advice, peak_memory_gib
-from .batching import collate, plan_epoch
-from .checkpoint import latest_checkpoint, load_adapter_weights, load_checkpoint, save_checkpoint
+from ..models.scoring import holdout_perplexity
+from .batching import plan_epoch
+from .checkpoint import (latest_checkpoint, load_adapter_weights, load_checkpoint, newest_loadable,
+                         replace_folder, save_checkpoint)
 from .flat_params import FlatParams
 from .distributed import world_size
 from .model import build_training_model, loss_backward, summed_nll
 from .model_card import write_model_card
-from .tracking import NullTracker, Tracker
+from .tracking import LOG_FILE, NullTracker, Tracker, truncate_log
 
 # Changing any of these between a checkpoint and --resume changes the data order or shapes.
 RESUME_KEYS = [("training", "batch_size"), ("training", "grad_accum"), ("training", "seed"),
                ("data", "max_seq_len"), ("data", "packing"), ("data", "train_file"), ("lora", "r"),
                ("lora", "target_modules"), ("model", "name"), ("training", "fast_kernels")]
 
+SUMMARY_FILE = "train_summary.json"
+# What a training run writes into output.dir: --overwrite removes these (and checkpoint-N);
+# a log, a summary, a final adapter or a checkpoint mark the folder as used.
+RUN_FILES = (LOG_FILE, SUMMARY_FILE, "config.yaml", "final_adapter", "final_adapter.tmp", "final_adapter.old",
+             "logs", "wandb", "eval")
+USED_MARKS = (LOG_FILE, SUMMARY_FILE, "final_adapter")
+_CHECKPOINT = re.compile(r"^checkpoint-\d+(\.tmp)?$")
 
-def load_records(path: str | None, what: str) -> list[dict]:
-    if not path:
-        return []
-    if not Path(path).is_file():
-        raise UserError(f"{what} '{path}' does not exist; run 'qlora prepare' first or set data.{what}")
-    records = [to_chat_record(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]
-    if not records:
-        raise UserError(f"{what} '{path}' has no records")
-    return records
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def claim_output_dir(out: Path, resume: bool, overwrite: bool, log=print, clear: bool = True) -> None:
+    """Keep one run per output.dir. A folder that already holds a run is continued with --resume
+    or started again with --overwrite, which first removes the earlier run's files (only where
+    `clear`: the first of several processes does it)."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in output.dir and --overwrite deletes it; give one of them")
+    if resume or not out.is_dir():
+        return
+    used = sorted(p.name for p in out.iterdir() if p.name in USED_MARKS or _CHECKPOINT.match(p.name))
+    if not used:
+        return
+    if not overwrite:
+        raise UserError(f"output.dir '{out}' already holds a training run ({', '.join(used[:4])}); continue it "
+                        f"with --resume, or start again with --overwrite (deletes its checkpoints, logs, final "
+                        f"adapter and eval report), or set another --output.dir")
+    if clear:
+        for path in out.iterdir():
+            if path.name in RUN_FILES or _CHECKPOINT.match(path.name):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        log(f"--overwrite: removed the earlier run's checkpoints, logs, final adapter and eval report from {out}")
+
+
+# -- output that outlives its reader -------------------------------------------------------
+def silence(stream) -> None:
+    """Point a stream whose reader is gone (a closed pipe, `| tee` killed by the same Ctrl-C) at
+    /dev/null, so later writes and Python's flush at exit succeed instead of raising."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class GuardedStream:
+    """A text stream that stops writing, instead of raising BrokenPipeError (or EIO), once its
+    reader is gone: a progress bar must never end a run before it saves."""
+
+    def __init__(self, stream):
+        self._stream, self.broken = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except OSError:
+                self._break()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._break()
+
+    def _break(self) -> None:
+        self.broken = True
+        silence(self._stream)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def say(text: str, stream) -> None:
+    """One line to `stream`, silently dropped when nobody reads it any more."""
+    out = GuardedStream(stream)
+    out.write(text + "\n")
+    out.flush()
+
+
+def flush_quietly(stream) -> None:
+    GuardedStream(stream).flush()
+
+
+def guard_log(log):
+    """`log` (print by default) that stops printing, instead of raising, once stdout is gone."""
+    def guarded(*args, **kwargs):
+        try:
+            log(*args, **kwargs)
+        except OSError:   # BrokenPipeError, or EIO from a terminal that closed
+            silence(kwargs.get("file") or sys.stdout)
+    return guarded
+
+
+# -- stopping on a signal -------------------------------------------------------------------
+class TrainingInterrupted(UserError):
+    """A run stopped by SIGINT or SIGTERM after saving a checkpoint; exit code 128 + signal."""
+
+
+class _Stopped(BaseException):
+    """Raised from the signal handler (a BaseException, like KeyboardInterrupt, so no library's
+    `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGINT and SIGTERM turned into a clean stop. Inside `interruptible()` (forward, backward,
+    evaluation) the step is abandoned at once: its gradients are dropped and nothing is half
+    updated. Elsewhere (the optimizer step, a checkpoint being written) the request is noted and
+    acted on when that part is done. `immediate=False` (several processes) only notes it: the
+    processes agree at the end of a step to stop together."""
+
+    def __init__(self, immediate: bool = True):
+        self.signum: int | None = None
+        self.immediate = immediate
+        self._window = False
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+        if self._window:
+            self._window = False
+            raise _Stopped(signum)
+
+    @contextmanager
+    def installed(self):
+        """The handlers, for SIGINT too where it is ignored (a background job of a script)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    @contextmanager
+    def interruptible(self):
+        if self.immediate and self.signum is not None:
+            raise _Stopped(self.signum)
+        self._window = self.immediate
+        try:
+            yield
+        finally:
+            self._window = False
 
 
 def build_optimizer(params, cfg: Config, device: str):
@@ -71,10 +237,23 @@ def _quiet(*_args, **_kwargs) -> None:
     pass
 
 
+def changed_keys(saved: dict, now: dict) -> list[tuple[str, str, object, object]]:
+    """(section, key, saved value, current value) for every config key that differs."""
+    out = []
+    for section, values in now.items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key, value)
+            if old != value:
+                out.append((section, key, old, value))
+    return out
+
+
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, log=print):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: Config, resume: bool = False, log=print, overwrite: bool = False):
+        self.cfg, self.log = cfg, guard_log(log)
+        log = self.log
         self.out = Path(cfg.output.dir)
+        claim_output_dir(self.out, resume, overwrite, log, clear=int(os.environ.get("RANK", "0")) == 0)
         tc = cfg.training
         self.device = pick_device(tc.device)
         if tc.num_threads:
@@ -101,9 +280,26 @@ class Trainer:
             self.dist = Distributed(cfg, self.device)
             if not self.dist.is_main:
                 self.log = log = _quiet
+
+        # The step plan needs only the data, so --resume knows where it stands (and whether there
+        # is anything left to do) before the model is loaded.
+        self.lengths = [len(ex["input_ids"]) for ex in self.train_examples]
+        # Labelled tokens after the one-token shift; packing masks each example's first label too.
+        self.label_counts = [sum(lab != IGNORE for lab in ex["labels"][1:]) for ex in self.train_examples]
+        self.batches_per_epoch = len(self._plan(0))
+        self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * self.batches_per_epoch / tc.grad_accum))
+        self.step, self.history = 0, []
+        self.train_seconds, self.train_tokens = 0.0, 0
+        self.resumed, self.finished, self.summary = resume, False, None
+        self._saved_step: int | None = None     # the step of the checkpoint on disk for this run
+        self._evaluating = False
+        self._resume_from = self._resume_checkpoint() if resume else None
+        if self._resume_from is not None and self._finished_run():
+            self.finished = True
+            return
+
         if self.device == "cuda":
             self._preflight()
-
         torch.manual_seed(tc.seed)
         self.model, self.fused_loss = build_training_model(cfg, self.device, log, distributed=bool(self.dist))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -114,23 +310,16 @@ class Trainer:
         self.run_batch = loss_backward(self.model, self.fused_loss, cfg, self.device, log)
         self.run_batch.enabled = self.run_batch.enabled and self.flat is not None
         self.optimizer = None if self.dist else build_optimizer(self.optimized, cfg, self.device)
-        if self.dist and resume:
-            self._resume_adapter()     # before wrapping: FSDP shards what it is given
+        if self.dist and self._resume_from is not None:
+            load_adapter_weights(self._resume_from, self.model)   # before wrapping: FSDP shards what it is given
         if self.dist:
             self.model, self.optimizer = self.dist.wrap(self.model, lambda ps: build_optimizer(ps, cfg, self.device))
             self.optimized = [p for p in self.model.parameters() if p.requires_grad]
-        self.lengths = [len(ex["input_ids"]) for ex in self.train_examples]
-        # Labelled tokens after the one-token shift; packing masks each example's first label too.
-        self.label_counts = [sum(lab != IGNORE for lab in ex["labels"][1:]) for ex in self.train_examples]
-        batches_per_epoch = len(self._plan(0))
-        self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * batches_per_epoch / tc.grad_accum))
         from transformers import get_scheduler
         self.scheduler = get_scheduler(tc.lr_scheduler if tc.lr_scheduler != "constant" else "constant_with_warmup",
                                        self.optimizer, num_warmup_steps=int(tc.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
-        self.step, self.history = 0, []
-        self.train_seconds, self.train_tokens = 0.0, 0
-        if resume:
+        if self._resume_from is not None:
             self._resume()
 
     # -- set-up helpers ---------------------------------------------------------------
@@ -164,45 +353,81 @@ class Trainer:
             epoch += 1
 
     def _resume_checkpoint(self) -> Path | None:
-        """The checkpoint --resume continues from, after checking it fits this run."""
-        ckpt = latest_checkpoint(self.out)
+        """The checkpoint --resume continues from (the newest that loads), after checking it fits
+        this run; config keys that may change are reported with their old and new values."""
+        ckpt = newest_loadable(self.out, self.log)
         if ckpt is None:
             self.log(f"--resume: no complete checkpoint in {self.out}; starting from step 0")
             return None
         state = json.loads((ckpt / "trainer_state.json").read_text())
         saved, now = state.get("config", {}), self.cfg.model_dump()
-        for section, key in RESUME_KEYS:
-            if saved.get(section, {}).get(key) != now[section][key]:
-                raise UserError(f"--resume: {section}.{key} was {saved.get(section, {}).get(key)!r} in "
-                                f"{ckpt} but is {now[section][key]!r} now; restore it or start a new "
-                                f"output.dir")
+        changed = changed_keys(saved, now)
+        refused = [f"{section}.{key} was {old!r} in {ckpt} but is {new!r} now"
+                   for section, key, old, new in changed if (section, key) in RESUME_KEYS]
+        if refused:
+            raise UserError(f"--resume: {'; '.join(refused)}; restore {'it' if len(refused) == 1 else 'them'}, "
+                            f"or start a new output.dir (or again with --overwrite)")
         world = self.dist.world if self.dist else 1
         if state.get("world_size", 1) != world:
             raise UserError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es), this run "
                             f"has {world}; resume with --num-processes {state.get('world_size', 1)}")
+        notes = [f"{section}.{key}: {old!r} -> {new!r}" for section, key, old, new in changed
+                 if (section, key) != ("output", "dir")]
+        if notes:
+            self.log(f"--resume: changed since {ckpt.name} (the new values apply from step "
+                     f"{state['global_step'] + 1}): {', '.join(notes)}")
+        self._resume_state = state
         return ckpt
 
-    def _resume_adapter(self):
-        self._resume_from = self._resume_checkpoint()
-        if self._resume_from is not None:
-            load_adapter_weights(self._resume_from, self.model)
+    def _finished_run(self) -> bool:
+        """Whether the run --resume points at is complete: its last step reached, its final adapter
+        and summary written. (A run stopped in its final evaluation is not: resuming evaluates.)"""
+        step = self._resume_state["global_step"]
+        final, summary = self.out / "final_adapter", self.out / SUMMARY_FILE
+        if step < self.total_steps or not (final / "adapter_model.safetensors").is_file() or not summary.is_file():
+            return False
+        try:
+            self.summary = json.loads(summary.read_text())
+        except ValueError:
+            return False
+        if self.summary.get("steps") != step:
+            return False
+        self.step = step
+        self.log(f"--resume: the run in {self.out} is finished ({plural(step, 'step')} of {self.total_steps}, "
+                 f"adapter in {final}); nothing to train. Raise training.max_steps to train on, or start "
+                 f"again with --overwrite")
+        return True
 
     def _resume(self):
+        ckpt = self._resume_from
         if self.dist:
-            if self._resume_from is None:
-                return
             from .distributed import load_distributed_state
-            ckpt, state = self._resume_from, load_distributed_state(self, self._resume_from)
+            state = load_distributed_state(self, ckpt)
         else:
-            ckpt = self._resume_checkpoint()
-            if ckpt is None:
-                return
             state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self._use_configured_rates()
         self.step = state["global_step"]
-        self.history = state.get("history", [])
+        self._saved_step = self.step
+        self.history = [h for h in state.get("history", []) if h.get("step", 0) <= self.step]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.train_tokens = state.get("train_tokens", 0)
         self.log(f"resumed from {ckpt} at step {self.step}/{self.total_steps}")
+
+    def _use_configured_rates(self) -> None:
+        """The loaded optimizer and scheduler carry the learning rate and weight decay they were
+        saved with; the config's values (perhaps changed for this resume) take their place, and the
+        current rate is recomputed on this run's schedule."""
+        tc, groups = self.cfg.training, self.optimizer.param_groups
+        for group in groups:
+            group["weight_decay"] = tc.weight_decay
+            group["initial_lr"] = tc.learning_rate
+        lambdas = getattr(self.scheduler, "lr_lambdas", None)
+        if lambdas is None:
+            return
+        self.scheduler.base_lrs = [tc.learning_rate for _ in groups]
+        for group, factor in zip(groups, lambdas):
+            group["lr"] = tc.learning_rate * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in groups]   # what get_last_lr() reports
 
     # -- evaluation -----------------------------------------------------------------
     def evaluate(self) -> dict | None:
@@ -264,93 +489,179 @@ class Trainer:
         """Whether this process writes files (all but the first of several only compute)."""
         return self.dist is None or self.dist.is_main
 
+    def _continue_hint(self) -> str:
+        return f"qlora train --config {self.out / 'config.yaml'} --resume"
+
     def save_checkpoint(self) -> Path:
+        """checkpoint-N at the step reached; a failed write (a full disk) becomes one line naming the
+        newest checkpoint that is on disk."""
+        try:
+            if self.dist:
+                from .distributed import save_distributed_checkpoint
+                path = save_distributed_checkpoint(self)
+            else:
+                path = save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler,
+                                       self._state(), keep=self.cfg.training.save_total_limit)
+        except OSError as err:
+            newest = latest_checkpoint(self.out)
+            kept = f"the newest saved one is {newest}" if newest else "no checkpoint is saved yet"
+            raise UserError(f"could not write checkpoint-{self.step} in {self.out} ({err.strerror or err}); "
+                            f"{kept}. Free disk space, then continue with: {self._continue_hint()}") from None
+        self._saved_step = self.step
+        return path
+
+    def _checkpoint_now(self) -> Path:
+        """A checkpoint at the step reached: the one already written at this step, or a new one."""
+        if self._saved_step == self.step:
+            return self.out / f"checkpoint-{self.step}"
+        return self.save_checkpoint()
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether to stop now; several processes stop together when any of them was signalled."""
         if self.dist:
-            from .distributed import save_distributed_checkpoint
-            return save_distributed_checkpoint(self)
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler,
-                               self._state(), keep=self.cfg.training.save_total_limit)
+            return self.dist.mean(1.0 if stop.signum is not None else 0.0) > 0
+        return stop.signum is not None
 
     def train(self) -> dict:
+        if self.finished:
+            return self.summary
         from tqdm import tqdm
 
         tc = self.cfg.training
         self.out.mkdir(parents=True, exist_ok=True)
         if self._writes():
+            if self.resumed:   # each step once in the log, also when resuming from an earlier checkpoint
+                truncate_log(self.out, self.step)
             (self.out / "config.yaml").write_text(dump_config(self.cfg))
         tracker = Tracker(self.out, tc.report_to, self.cfg) if self._writes() else NullTracker()
         self.model.train()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        batches = self._micro_batches(skip=self.step * tc.grad_accum)
+        stop = StopRequest(immediate=self.dist is None)
+        # Progress and messages go to streams that stop writing when their reader is gone.
+        err, out = GuardedStream(sys.stderr), GuardedStream(sys.stdout)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
-                   disable=not self._writes())
+                   disable=not self._writes(), file=err)
+        try:
+            with stop.installed(), redirect_stderr(err), redirect_stdout(out):
+                try:
+                    self._steps(bar, tracker, stop)
+                    bar.close()
+                    final_eval = self._final(tracker, stop)
+                except (_Stopped, KeyboardInterrupt) as stopped:
+                    bar.close()
+                    signum = stopped.signum if isinstance(stopped, _Stopped) else signal.SIGINT
+                    raise self._interrupted(signum) from None
+                except torch.OutOfMemoryError:
+                    bar.close()
+                    raise UserError(self._out_of_memory()) from None
+        finally:
+            bar.close()
+            tracker.close()
+        return self._summarize(final_eval)
+
+    def _steps(self, bar, tracker, stop: StopRequest) -> None:
+        tc = self.cfg.training
+        batches = self._micro_batches(skip=self.step * tc.grad_accum)
         window_loss, window_tokens, window_start = 0.0, 0, time.time()
         steps_in_window = 0
-        try:
-            while self.step < self.total_steps:
-                t0 = time.time()
+        while self.step < self.total_steps:
+            t0 = time.time()
+            with stop.interruptible():   # stopped here, the step's gradients are simply dropped
                 micro = [next(batches) for _ in range(tc.grad_accum)]
                 n_label = sum(self.label_counts[i] for _, rows in micro for row in rows for i in row)
                 step_loss, step_tokens = 0.0, 0
-                for epoch, rows in micro:
+                for _, rows in micro:
                     loss, ntok = self._forward_backward(rows, n_label)
                     step_loss += loss.item()
                     step_tokens += ntok
-                if self.flat:
-                    self.flat.check()
-                if self.dist:   # the loss over all processes, and all their tokens
-                    step_loss = self.dist.mean(step_loss)
-                    step_tokens = round(self.dist.mean(step_tokens) * self.dist.world)
-                    grad_norm = self.dist.clip_grad_norm(self.model, self.optimized, tc.max_grad_norm or 1e9)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized, tc.max_grad_norm or float("inf"))
-                self.optimizer.step()
-                self.scheduler.step()
-                self._zero_grad()
-                self.step += 1
-                self.train_seconds += time.time() - t0
-                self.train_tokens += step_tokens
-                window_loss += step_loss
-                window_tokens += step_tokens
-                steps_in_window += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}")
-                if not math.isfinite(step_loss):
-                    raise UserError(f"the loss became {step_loss} at step {self.step}; lower "
-                                    f"training.learning_rate (now {tc.learning_rate}) and resume")
-                if self.step % tc.logging_steps == 0 or self.step == self.total_steps:
-                    elapsed = time.time() - window_start
-                    record = {"step": self.step, "epoch": round(epoch + 0.0, 3),
-                              "loss": window_loss / steps_in_window, "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-                    self.history.append(record)
-                    tracker.log(record, self.step)
-                    window_loss, window_tokens, steps_in_window, window_start = 0.0, 0, 0, time.time()
-                if tc.eval_steps and self.step % tc.eval_steps == 0 and self.step < self.total_steps:
-                    self._log_eval(tracker)
-                if self.step % tc.save_steps == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            bar.close()
+            if self.flat:
+                self.flat.check()
+            if self.dist:   # the loss over all processes, and all their tokens
+                step_loss = self.dist.mean(step_loss)
+                step_tokens = round(self.dist.mean(step_tokens) * self.dist.world)
+                grad_norm = self.dist.clip_grad_norm(self.model, self.optimized, tc.max_grad_norm or 1e9)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized, tc.max_grad_norm or float("inf"))
+            self.optimizer.step()
+            self.scheduler.step()
             self._zero_grad()
-            path = self.save_checkpoint()
-            tracker.close()
-            raise UserError(f"interrupted at step {self.step}/{self.total_steps}; saved {path}. "
-                            f"Continue with: qlora train --config {self.out / 'config.yaml'} --resume",
-                            exit_code=130) from None
-        except torch.OutOfMemoryError:
-            bar.close()
-            tracker.close()
-            raise UserError(self._out_of_memory()) from None
-        bar.close()
-        final_eval = self._log_eval(tracker) if self.eval_examples else None
-        tracker.close()
-        return self._finish(final_eval)
+            self.step += 1
+            self.train_seconds += time.time() - t0
+            self.train_tokens += step_tokens
+            window_loss += step_loss
+            window_tokens += step_tokens
+            steps_in_window += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
+            if not math.isfinite(step_loss):
+                raise UserError(f"the loss became {step_loss} at step {self.step}; lower "
+                                f"training.learning_rate (now {tc.learning_rate}) and resume")
+            # The first step is always logged: train_loss_first is the loss before any learning.
+            if self.step == 1 or self.step % tc.logging_steps == 0 or self.step == self.total_steps:
+                elapsed = time.time() - window_start
+                record = {"step": self.step, "epoch": round(self.step * tc.grad_accum / self.batches_per_epoch, 3),
+                          "loss": window_loss / steps_in_window, "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                self.history.append(record)
+                tracker.log(record, self.step)
+                window_loss, window_tokens, steps_in_window, window_start = 0.0, 0, 0, time.time()
+            if self._stop_agreed(stop):
+                raise _Stopped(stop.signum or signal.SIGTERM)
+            if tc.eval_steps and self.step % tc.eval_steps == 0 and self.step < self.total_steps:
+                with stop.interruptible():
+                    self._log_eval(tracker)
+            if self.step % tc.save_steps == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+
+    def _final(self, tracker, stop: StopRequest) -> dict | None:
+        """The last step's checkpoint and the final adapter, then the final evaluation: an
+        evaluation that runs out of memory or is stopped loses no training."""
+        self._checkpoint_now()
+        self._save_final_adapter()
+        if self._stop_agreed(stop):
+            raise _Stopped(stop.signum or signal.SIGTERM)
+        if not self.eval_examples:
+            return None
+        with stop.interruptible():
+            return self._log_eval(tracker)
+
+    def _save_final_adapter(self) -> Path:
+        """final_adapter/ (adapter, tokenizer), written beside it and renamed into place whole."""
+        final, tmp = self.out / "final_adapter", self.out / "final_adapter.tmp"
+        if self._writes():
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if self.dist:
+                from .distributed import save_adapter
+                save_adapter(self, tmp)
+            else:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+            if self._writes():
+                self.tokenizer.save_pretrained(tmp)
+                replace_folder(tmp, final)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"could not write {final} ({err.strerror or err}); the trained steps are saved in "
+                            f"{self.out / f'checkpoint-{self.step}'}. Free disk space, then continue with: "
+                            f"{self._continue_hint()}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def _interrupted(self, signum: int) -> TrainingInterrupted:
+        """Save the finished steps (the interrupted step's partial gradients dropped) and say how
+        to continue. Exit code 128 + the signal: 130 for SIGINT, 143 for SIGTERM."""
+        self._zero_grad()
+        path = self._checkpoint_now()
+        name = signal.Signals(signum).name
+        return TrainingInterrupted(f"interrupted at step {self.step}/{self.total_steps} by {name}; saved {path}. "
+                                   f"Continue with: {self._continue_hint()}", exit_code=128 + signum)
 
     def _out_of_memory(self) -> str:
-        """What to say when a step ran out of memory. The finished steps are saved first (the
-        failed step's partial gradients dropped), so no finished work is lost."""
+        """What to say when a step or an evaluation ran out of memory. The finished steps are saved
+        first (the failed step's partial gradients dropped), so no finished work is lost."""
         peak = peak_memory_gib(self.device)
         self._zero_grad()
         if self.device == "cuda":
@@ -358,33 +669,37 @@ class Trainer:
         saved = "nothing to save yet (no step finished)"
         if self.step > 0:
             try:
-                saved = f"saved the {self.step} finished steps in {self.save_checkpoint()}"
-            except (torch.OutOfMemoryError, OSError) as err:
+                saved = f"saved the {plural(self.step, 'finished step')} in {self._checkpoint_now()}"
+            except (torch.OutOfMemoryError, OSError, UserError) as err:
                 saved = f"could not save a checkpoint ({type(err).__name__})"
-        text = (f"out of memory in step {self.step + 1}/{self.total_steps} (peak {peak:.2f} GiB on "
+        final = self.out / "final_adapter"
+        if self._evaluating and self.step >= self.total_steps:
+            return (f"out of memory in the final holdout evaluation (peak {peak:.2f} GiB on "
+                    f"{device_label(self.device)}); training is complete: {saved}, the adapter is in {final}. "
+                    f"Evaluate it with qlora eval --adapter {final}, or run the final evaluation again with "
+                    f"{self._continue_hint()}")
+        where = (f"the holdout evaluation at step {self.step}/{self.total_steps}" if self._evaluating
+                 else f"step {self.step + 1}/{self.total_steps}")
+        text = (f"out of memory in {where} (peak {peak:.2f} GiB on "
                 f"{device_label(self.device)}); {saved}. To fit, try {memory_advice(self.cfg)}")
         if self.step > 0 and not self.cfg.training.gradient_checkpointing:
-            text += (f"; with only --gradient_checkpointing true added, qlora train --config "
-                     f"{self.out / 'config.yaml'} --resume continues from the saved steps")
+            text += (f"; with only --gradient_checkpointing true added, {self._continue_hint()} "
+                     f"continues from the saved steps")
         return text + " (a new batch size or sequence length reorders the data: use a new output.dir)"
 
     def _log_eval(self, tracker) -> dict:
+        self._evaluating = True        # stays set if it fails: the out-of-memory message reads it
         result = self.evaluate()
+        self._evaluating = False
         record = {"step": self.step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
         self.history.append(record)
         tracker.log(record, self.step)
         return result
 
-    def _finish(self, final_eval: dict | None) -> dict:
-        final = self.out / "final_adapter"
-        if self.dist:
-            from .distributed import save_adapter
-            save_adapter(self, final)
-        else:
-            self.model.save_pretrained(final, safe_serialization=True)
+    def _summarize(self, final_eval: dict | None) -> dict:
         if not self._writes():
             return {}
-        self.tokenizer.save_pretrained(final)
+        final = self.out / "final_adapter"
         summary = {
             "steps": self.step, "train_seconds": round(self.train_seconds, 1),
             "tokens_per_s": round(self.train_tokens / max(self.train_seconds, 1e-9), 1),
@@ -396,6 +711,8 @@ class Trainer:
             **self.data_stats,
         }
         write_model_card(final, self.cfg, summary)
-        (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        tmp = self.out / (SUMMARY_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, self.out / SUMMARY_FILE)
         self.log(f"final adapter: {final}")
         return summary

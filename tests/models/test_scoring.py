@@ -6,7 +6,7 @@ import math
 import torch
 
 from qlora_platform.data.tokenize import IGNORE
-from qlora_platform.eval.perplexity import holdout_perplexity
+from qlora_platform.models.scoring import holdout_perplexity
 
 
 def test_perplexity_equals_a_hand_computed_value(tiny_model_dir):

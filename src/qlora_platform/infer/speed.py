@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from ..infer.sampling import SamplingParams
+from .sampling import SamplingParams
 from ..models.loader import device_label
 from ..models.memory import peak_memory_gib
 

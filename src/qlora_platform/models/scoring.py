@@ -1,0 +1,54 @@
+"""Answer-token negative log-likelihood and holdout perplexity, token-weighted.
+
+    result = holdout_perplexity(model, examples, batch_size=4)
+    result["perplexity"], result["loss"], result["tokens"]
+
+Training reads `summed_answer_nll` for its loss and the holdout perplexity for its
+evaluation, `qlora eval` the perplexity of the base and the tuned model.
+
+`examples` are encoded records (`data.tokenize.encode_record`): only tokens with
+a label (the assistant answers and their EOS) count, and every token weighs the
+same, so long answers count for more than short ones. Perplexity = exp(summed
+negative log-likelihood / number of labelled tokens).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..data.collate import answer_token_count, collate, next_token_labels
+from ..data.tokenize import IGNORE
+
+
+def summed_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood summed over labelled tokens (token t predicts t+1), in fp32."""
+    shifted = logits[:, :-1].float()
+    return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), next_token_labels(labels).reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def holdout_perplexity(model, examples: list[dict], batch_size: int = 4, pad_id: int = 0,
+                       progress: bool = False) -> dict:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="perplexity", leave=False)
+    for idx in batches:
+        batch = collate([[examples[i]] for i in idx], pad_id, packing=False)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"].to(device)
+        total_nll += summed_answer_nll(logits, labels).item()
+        total_tokens += answer_token_count(labels)
+    if was_training:
+        model.train()
+    loss = total_nll / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_tokens}
