@@ -29,7 +29,9 @@ MISTRAL_TEMPLATE = (
     "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 
 
-def make(shape: str, out: Path, tokenizer_dir: Path | None) -> dict:
+def make(shape: str, out: Path, tokenizer_dir: Path | None, vocab_size: int | None = None) -> dict:
+    """The checkpoint in `out`; with `tokenizer_dir`, its files beside it (a tokenizer that brings
+    its own chat template keeps it, others get the Mistral one); `vocab_size` overrides the shape's."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -38,7 +40,7 @@ def make(shape: str, out: Path, tokenizer_dir: Path | None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         torch.set_default_dtype(torch.bfloat16)
-        model = MistralForCausalLM(MistralConfig(**SHAPES[shape]))
+        model = MistralForCausalLM(MistralConfig(**{**SHAPES[shape], **({"vocab_size": vocab_size} if vocab_size else {})}))
         torch.set_default_dtype(torch.float32)
     model.save_pretrained(out, max_shard_size="20GB")
     if tokenizer_dir:
@@ -46,7 +48,8 @@ def make(shape: str, out: Path, tokenizer_dir: Path | None) -> dict:
             shutil.copy(f, out / f.name)
         cfg_path = out / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["chat_template"] = MISTRAL_TEMPLATE
+        if not (out / "chat_template.jinja").is_file() and not cfg.get("chat_template"):
+            cfg["chat_template"] = MISTRAL_TEMPLATE
         cfg["model_max_length"] = 32768
         cfg_path.write_text(json.dumps(cfg, indent=2))
     params = sum(p.numel() for p in model.parameters())
@@ -60,5 +63,6 @@ if __name__ == "__main__":
     ap.add_argument("shape", choices=sorted(SHAPES))
     ap.add_argument("out", type=Path)
     ap.add_argument("--tokenizer", type=Path)
+    ap.add_argument("--vocab-size", type=int)
     args = ap.parse_args()
-    print(json.dumps(make(args.shape, args.out, args.tokenizer)))
+    print(json.dumps(make(args.shape, args.out, args.tokenizer, args.vocab_size)))

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Shim: `python scripts/evaluate.py ARGS` is `qlora eval ARGS`."""
+
 import sys
 
 from qlora_platform.cli import main

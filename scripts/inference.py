@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Shim: `python scripts/inference.py --mode chat|single|api ARGS` is `qlora chat|generate|serve ARGS`.
 
-    python scripts/inference.py --mode chat --adapter runs/demo/final_adapter
-    python scripts/inference.py --mode single --adapter runs/demo/final_adapter --prompt "Hi"
-    python scripts/inference.py --mode api --adapter runs/demo/final_adapter --port 8000
+python scripts/inference.py --mode chat --adapter runs/demo/final_adapter
+python scripts/inference.py --mode single --adapter runs/demo/final_adapter --prompt "Hi"
+python scripts/inference.py --mode api --adapter runs/demo/final_adapter --port 8000
 """
+
 import argparse
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Shim: `python scripts/prepare_data.py ARGS` is `qlora prepare ARGS`."""
+
 import sys
 
 from qlora_platform.cli import main

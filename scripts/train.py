@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Shim: `python scripts/train.py ARGS` is `qlora train ARGS`."""
+
 import sys
 
 from qlora_platform.cli import main

@@ -1,4 +1,5 @@
 """Shared fixtures: the bundled tokenizer, a tiny random Llama with it, and small data files."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The chat template the 32k stand-in tokenizer gets (the one benchmarks/random_checkpoint.py gives
+# its checkpoints), so that tests do not import the benchmarks.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
 @pytest.fixture(scope="session")
 def bundled_dir() -> Path:
     from qlora_platform.models.bundled import DEFAULT_MODEL, resolve_gguf
+
     return resolve_gguf(DEFAULT_MODEL)
 
 
@@ -25,11 +36,11 @@ def tokenizer(request):
     from transformers import AutoTokenizer
 
     from qlora_platform.errors import UserError
+
     try:
         return AutoTokenizer.from_pretrained(request.getfixturevalue("bundled_dir"))
     except UserError:
         # The GPU machine lacks the bundled model's package: use the 32k benchmark tokenizer.
-        from benchmarks.random_checkpoint import MISTRAL_TEMPLATE
         tok = AutoTokenizer.from_pretrained(Path(__file__).parents[1] / "benchmarks/assets/tok32k")
         tok.chat_template = MISTRAL_TEMPLATE
         tok.is_stand_in = True
@@ -51,10 +62,20 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out, safe_serialization=True)
@@ -77,8 +98,11 @@ def write_jsonl(path: Path, records) -> Path:
 def toy_task(folder: Path) -> tuple[Path, Path]:
     """A learnable toy task: each answer repeats a fixed pattern tied to its question."""
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
-    train = [chat(f"Spell the word {w} number {i}.", " ".join([w] * 12) + f" done {i}.")
-             for i in range(24) for w in words[i % 8: i % 8 + 1]]
+    train = [
+        chat(f"Spell the word {w} number {i}.", " ".join([w] * 12) + f" done {i}.")
+        for i in range(24)
+        for w in words[i % 8 : i % 8 + 1]
+    ]
     held = [chat(f"Spell the word {w} please.", " ".join([w] * 12) + " done.") for w in words[:4]]
     return write_jsonl(folder / "train.jsonl", train), write_jsonl(folder / "eval.jsonl", held)
 
@@ -87,13 +111,29 @@ def tiny_run_config(model_dir: Path, train: Path, held: Path, out: Path, **overr
     """A seconds-long QLoRA run of the tiny model on the CPU; `overrides` as --key values."""
     from qlora_platform.config import load_config
 
-    return load_config(None, {
-        "model.name": str(model_dir), "data.train_file": str(train), "data.eval_file": str(held),
-        "data.max_seq_len": 96, "training.batch_size": 4, "training.max_steps": 6,
-        "training.learning_rate": 5e-3, "training.warmup_ratio": 0.0, "training.logging_steps": 1,
-        "training.save_steps": 3, "training.device": "cpu", "training.gradient_checkpointing": False,
-        "training.report_to": "[]", "lora.r": 8, "lora.dropout": 0.0,
-        "quantization.compute_dtype": "float32", "output.dir": str(out), **overrides})
+    return load_config(
+        None,
+        {
+            "model.name": str(model_dir),
+            "data.train_file": str(train),
+            "data.eval_file": str(held),
+            "data.max_seq_len": 96,
+            "training.batch_size": 4,
+            "training.max_steps": 6,
+            "training.learning_rate": 5e-3,
+            "training.warmup_ratio": 0.0,
+            "training.logging_steps": 1,
+            "training.save_steps": 3,
+            "training.device": "cpu",
+            "training.gradient_checkpointing": False,
+            "training.report_to": "[]",
+            "lora.r": 8,
+            "lora.dropout": 0.0,
+            "quantization.compute_dtype": "float32",
+            "output.dir": str(out),
+            **overrides,
+        },
+    )
 
 
 @pytest.fixture

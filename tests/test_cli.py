@@ -1,4 +1,5 @@
 """Bad input ends in one clear `error:` line and a non-zero exit, never a traceback."""
+
 import json
 
 import pytest
@@ -40,8 +41,16 @@ def test_missing_field_and_empty_output(tmp_path, capsys):
 def test_csv_without_mapped_columns(tmp_path, capsys):
     path = tmp_path / "d.csv"
     path.write_text("q,a\nx,y\n")
-    code, _, err = run(capsys, "prepare", "--input", str(path), "--columns", "instruction=question,output=a",
-                       "--out-dir", str(tmp_path / "o"))
+    code, _, err = run(
+        capsys,
+        "prepare",
+        "--input",
+        str(path),
+        "--columns",
+        "instruction=question,output=a",
+        "--out-dir",
+        str(tmp_path / "o"),
+    )
     assert code == 2 and "column(s) question not in the CSV header" in one_error_line(err)
 
 
@@ -97,9 +106,26 @@ def test_short_prefixes_are_config_keys_not_flags(capsys):
 
     args, extra = build_parser().parse_known_args(["train", "--r", "8", "--lr", "1e-4"])
     assert not args.resume and extra == ["--r", "8", "--lr", "1e-4"]
-    cfg = load_config(None, parse_overrides(extra + ["--num_train_epochs", "2", "--per_device_train_batch_size",
-                                                    "3", "--gradient_accumulation_steps", "5", "--lora_r", "4",
-                                                    "--lora_alpha", "8", "--output_dir", "o"]))
+    cfg = load_config(
+        None,
+        parse_overrides(
+            extra
+            + [
+                "--num_train_epochs",
+                "2",
+                "--per_device_train_batch_size",
+                "3",
+                "--gradient_accumulation_steps",
+                "5",
+                "--lora_r",
+                "4",
+                "--lora_alpha",
+                "8",
+                "--output_dir",
+                "o",
+            ]
+        ),
+    )
     assert (cfg.lora.r, cfg.training.learning_rate, cfg.training.epochs) == (4, 1e-4, 2)
     assert (cfg.training.batch_size, cfg.training.grad_accum, cfg.lora.alpha, cfg.output.dir) == (3, 5, 8, "o")
 
@@ -139,3 +165,21 @@ def test_eval_prompts_ship_with_the_package(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert len(load_prompt_file(DEFAULT_PROMPTS).prompts) == 26
+
+
+def test_validate_on_a_binary_file_prints_one_line(tmp_path, capsys):
+    binary = tmp_path / "image.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    code, out, err = run(capsys, "validate", str(binary), "--no-tokenizer")
+    assert code != 0 and "Traceback" not in err + out
+    assert f"{binary}:2: not UTF-8 text (byte 0x80 at column 118)" in one_error_line(err)  # line 1 ends at 0x0a
+
+
+def test_a_flat_yaml_config_trains_dry(tmp_path, capsys):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("model: bundled:smollm2-135m-instruct\nlearning_rate: 1.0e-4\nlora_r: 4\n")
+    code, out, _ = run(capsys, "train", "--config", str(flat), "--dry-run")
+    assert code == 0 and "learning_rate: 0.0001" in out and "  r: 4" in out
+    flat.write_text("model: bundled:smollm2-135m-instruct\nlerning_rate: 1.0e-4\n")
+    code, _, err = run(capsys, "train", "--config", str(flat), "--dry-run")
+    assert code == 2 and "did you mean 'learning_rate'" in one_error_line(err)

@@ -17,6 +17,7 @@
 Every `UserError` becomes one `error: ...` line and a non-zero exit; Ctrl-C
 ends cleanly (training saves a resumable checkpoint first).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,7 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
 
 
 def _load_cfg(args, extra):
-    from .config import load_config
-
-    from .config import absolute_paths
+    from .config import absolute_paths, load_config
 
     path = args.config if args.config else (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
     return absolute_paths(load_config(path, parse_overrides(extra)))
@@ -64,9 +63,18 @@ def cmd_prepare(args, extra) -> int:
 
     if extra:
         raise UserError(f"unexpected argument(s) for prepare: {' '.join(extra)}")
-    report = prepare(args.input or [], out_dir=args.out_dir, fmt=args.format, mapping=parse_mapping(args.columns),
-                     doc_mode=args.doc_mode, eval_ratio=args.eval_ratio, seed=args.seed,
-                     skip_invalid=args.skip_invalid, sample=args.sample, split=args.split)
+    report = prepare(
+        args.input or [],
+        out_dir=args.out_dir,
+        fmt=args.format,
+        mapping=parse_mapping(args.columns),
+        doc_mode=args.doc_mode,
+        eval_ratio=args.eval_ratio,
+        seed=args.seed,
+        skip_invalid=args.skip_invalid,
+        sample=args.sample,
+        split=args.split,
+    )
     print(format_report(report))
     return 0
 
@@ -81,6 +89,7 @@ def cmd_validate(args, extra) -> int:
     tokenizer = None
     if not args.no_tokenizer:
         from .models.loader import load_tokenizer
+
         tokenizer = load_tokenizer(cfg.model)
     report = validate_file(args.file, tokenizer, cfg.data.max_seq_len, args.eval)
     print(report.format())
@@ -96,6 +105,7 @@ def cmd_train(args, extra) -> int:
     cfg = _load_cfg(args, extra)
     if args.dry_run:
         from .train.dry_run import dry_run
+
         print(dry_run(cfg, max(1, args.num_processes)))
         return 0
     if args.num_processes < 1:
@@ -103,22 +113,31 @@ def cmd_train(args, extra) -> int:
     if args.write_accelerate_config:
         from .models.loader import pick_device
         from .train.distributed import accelerate_config
+
         Path(args.write_accelerate_config).write_text(
-            accelerate_config(cfg, args.num_processes, pick_device(cfg.training.device)))
-        print(f"wrote {args.write_accelerate_config}: accelerate launch --config_file "
-              f"{args.write_accelerate_config} -m qlora_platform.cli train {' '.join(_train_argv(args, extra))}")
+            accelerate_config(cfg, args.num_processes, pick_device(cfg.training.device))
+        )
+        print(
+            f"wrote {args.write_accelerate_config}: accelerate launch --config_file "
+            f"{args.write_accelerate_config} -m qlora_platform.cli train {' '.join(_train_argv(args, extra))}"
+        )
         return 0
     if args.num_processes > 1:
         from .models.loader import pick_device
         from .train.distributed import launch
+
         if pick_device(cfg.training.device) == "cuda":
             import torch
+
             if args.num_processes > torch.cuda.device_count():
-                raise UserError(f"--num-processes {args.num_processes} needs as many GPUs; this machine has "
-                                f"{torch.cuda.device_count()} (use --num-processes "
-                                f"{torch.cuda.device_count()}, or --training.device cpu)")
+                raise UserError(
+                    f"--num-processes {args.num_processes} needs as many GPUs; this machine has "
+                    f"{torch.cuda.device_count()} (use --num-processes "
+                    f"{torch.cuda.device_count()}, or --training.device cpu)"
+                )
         from .train.trainer import claim_output_dir
-        claim_output_dir(Path(cfg.output.dir), args.resume, args.overwrite, clear=False)   # before N processes start
+
+        claim_output_dir(Path(cfg.output.dir), args.resume, args.overwrite, clear=False)  # before N processes start
         return launch(_train_argv(args, extra), args.num_processes)
     from contextlib import redirect_stderr, redirect_stdout
 
@@ -130,12 +149,15 @@ def cmd_train(args, extra) -> int:
         with redirect_stdout(GuardedStream(sys.stdout)), redirect_stderr(GuardedStream(sys.stderr)):
             trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
             summary = trainer.train()
-        if trainer.finished or not summary:   # nothing left to train, or not the first of several processes
+        if trainer.finished or not summary:  # nothing left to train, or not the first of several processes
             return 0
         ppl = summary["eval_perplexity"]
-        say(f"done: {plural(summary['steps'], 'step')} in {summary['train_seconds']} s, "
+        say(
+            f"done: {plural(summary['steps'], 'step')} in {summary['train_seconds']} s, "
             f"{summary['tokens_per_s']} tokens/s, "
-            f"{'no holdout' if ppl is None else f'eval perplexity {ppl:.3f}'}", sys.stdout)
+            f"{'no holdout' if ppl is None else f'eval perplexity {ppl:.3f}'}",
+            sys.stdout,
+        )
         return 0
     except UserError as err:
         say(f"error: {err}", sys.stderr)
@@ -146,8 +168,12 @@ def cmd_train(args, extra) -> int:
 
 def _train_argv(args, extra) -> list[str]:
     """The train command line each process of a multi-process run gets."""
-    return ([f"--config={args.config}"] if args.config else []) + (["--resume"] if args.resume else []) + \
-        (["--overwrite"] if args.overwrite else []) + list(extra)
+    return (
+        ([f"--config={args.config}"] if args.config else [])
+        + (["--resume"] if args.resume else [])
+        + (["--overwrite"] if args.overwrite else [])
+        + list(extra)
+    )
 
 
 def cmd_eval(args, extra) -> int:
@@ -155,9 +181,18 @@ def cmd_eval(args, extra) -> int:
 
     if extra:
         raise UserError(f"unexpected argument(s) for eval: {' '.join(extra)}")
-    run_eval(args.adapter, prompts=args.prompts, out=args.out, eval_file=args.eval_file, device=args.device,
-             speed_runs=args.speed_runs, speed_tokens=args.speed_tokens, samples=args.samples,
-             batch_size=args.batch_size, trust_remote_code=args.trust_remote_code)
+    run_eval(
+        args.adapter,
+        prompts=args.prompts,
+        out=args.out,
+        eval_file=args.eval_file,
+        device=args.device,
+        speed_runs=args.speed_runs,
+        speed_tokens=args.speed_tokens,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        trust_remote_code=args.trust_remote_code,
+    )
     return 0
 
 
@@ -176,9 +211,15 @@ def cmd_compare(args, extra) -> int:
 def _sampling(args):
     from .infer.sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop or [],
-                          seed=args.seed).validate()
+    return SamplingParams(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop or [],
+        seed=args.seed,
+    ).validate()
 
 
 def _engine(args):
@@ -188,11 +229,13 @@ def _engine(args):
         from .export.gguf import stream_completion
         from .export.llama_cpp import ensure_llama_cpp
         from .infer.gguf_engine import GgufEngine
+
         return GgufEngine(args.gguf, ensure_llama_cpp, stream_completion)
     from .infer.load import load_for_inference
 
-    return load_for_inference(adapter=args.adapter, model=args.model, device=args.device,
-                              trust_remote_code=args.trust_remote_code).engine
+    return load_for_inference(
+        adapter=args.adapter, model=args.model, device=args.device, trust_remote_code=args.trust_remote_code
+    ).engine
 
 
 def cmd_chat(args, extra) -> int:
@@ -235,16 +278,35 @@ def cmd_serve(args, extra) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     keys = ApiKeys.gather(args.api_key, args.api_key_file)
     if args.api_key:
-        print("warning: --api-key is visible to every user of this machine (ps, /proc); "
-              "prefer $QLORA_API_KEYS or --api-key-file", file=sys.stderr)
-    settings = ServerSettings(adapter=args.adapter, model=args.model, device=args.device, served_name=args.name,
-                              keys=keys, cors_origins=args.cors_origin or [],
-                              max_active=args.max_concurrent, max_queue=args.max_queue,
-                              queue_timeout=args.queue_timeout, max_body_bytes=args.max_body_kb * 1024,
-                              body_timeout=args.body_timeout, default_max_tokens=args.default_max_tokens,
-                              max_model_len=args.max_model_len)
-    return serve(settings, args.host, args.port, args.drain_timeout, args.log_level, access_log=args.access_log,
-                 max_connections=args.max_connections)
+        print(
+            "warning: --api-key is visible to every user of this machine (ps, /proc); "
+            "prefer $QLORA_API_KEYS or --api-key-file",
+            file=sys.stderr,
+        )
+    settings = ServerSettings(
+        adapter=args.adapter,
+        model=args.model,
+        device=args.device,
+        served_name=args.name,
+        keys=keys,
+        cors_origins=args.cors_origin or [],
+        max_active=args.max_concurrent,
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
+        max_body_bytes=args.max_body_kb * 1024,
+        body_timeout=args.body_timeout,
+        default_max_tokens=args.default_max_tokens,
+        max_model_len=args.max_model_len,
+    )
+    return serve(
+        settings,
+        args.host,
+        args.port,
+        args.drain_timeout,
+        args.log_level,
+        access_log=args.access_log,
+        max_connections=args.max_connections,
+    )
 
 
 def cmd_setup(args, extra) -> int:
@@ -271,8 +333,17 @@ def cmd_export(args, extra) -> int:
 
     if extra or args.format != "gguf":
         raise UserError("usage: qlora export gguf (--adapter DIR | --model DIR) --quant Q4_K_M --out DIR")
-    export_gguf(adapter=args.adapter, model=args.model, quants=args.quant, out=args.out, lora_only=args.lora_only,
-                eval_file=args.eval_file, n_ctx=args.ctx, dtype=args.dtype, quality=not args.no_quality)
+    export_gguf(
+        adapter=args.adapter,
+        model=args.model,
+        quants=args.quant,
+        out=args.out,
+        lora_only=args.lora_only,
+        eval_file=args.eval_file,
+        n_ctx=args.ctx,
+        dtype=args.dtype,
+        quality=not args.no_quality,
+    )
     return 0
 
 
@@ -291,8 +362,9 @@ def cmd_demo(args, extra) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="qlora", description="QLoRA fine-tuning from raw data to a served model.",
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="qlora", description="QLoRA fine-tuning from raw data to a served model.", allow_abbrev=False
+    )
     p.add_argument("--version", action="version", version=f"qlora-platform {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -301,8 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("prepare", help="raw data -> chat JSONL train/holdout files")
-    s.add_argument("--input", action="append",
-                   help="JSONL/JSON/CSV/PDF/HTML/TXT/MD file, a folder of them, or HF dataset (repeatable)")
+    s.add_argument(
+        "--input",
+        action="append",
+        help="JSONL/JSON/CSV/PDF/HTML/TXT/MD file, a folder of them, or HF dataset (repeatable)",
+    )
     s.add_argument("--sample", action="store_true", help="build the offline Python-stdlib assistant data set")
     s.add_argument("--format", default="auto", help="auto, hf, messages, sharegpt, alpaca, prompt_completion, text")
     s.add_argument("--columns", help="field=column mapping for CSV/HF, e.g. instruction=question,output=answer")
@@ -324,14 +399,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="QLoRA training; config overrides as --section.key VALUE")
     s.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG})")
     s.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    s.add_argument("--overwrite", action="store_true",
-                   help="start again in an output.dir that holds a run (deletes its checkpoints, log, adapter)")
+    s.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an output.dir that holds a run (deletes its checkpoints, log, adapter)",
+    )
     s.add_argument("--dry-run", action="store_true", help="validate and print the memory estimate only")
     s.add_argument("--help-config", action="store_true", help="list every config key with its default")
-    s.add_argument("--num-processes", type=int, default=1,
-                   help="train in N processes on this machine (training.strategy: ddp, fsdp, deepspeed-zero3)")
-    s.add_argument("--write-accelerate-config", metavar="FILE",
-                   help="write an accelerate config for --num-processes and training.strategy, then stop")
+    s.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        help="train in N processes on this machine (training.strategy: ddp, fsdp, deepspeed-zero3)",
+    )
+    s.add_argument(
+        "--write-accelerate-config",
+        metavar="FILE",
+        help="write an accelerate config for --num-processes and training.strategy, then stop",
+    )
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="base vs tuned: holdout perplexity, keyword benchmark, speed -> report")
@@ -344,8 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speed-tokens", type=int, default=64, help="new tokens per timed generation")
     s.add_argument("--samples", type=int, default=6, help="answers shown side by side in eval.md (at least 5)")
     s.add_argument("--batch-size", type=int, default=8, help="benchmark prompts generated together")
-    s.add_argument("--trust-remote-code", action="store_true",
-                   help="let the base model's own Python code run (never taken from the run's config)")
+    s.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let the base model's own Python code run (never taken from the run's config)",
+    )
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("compare", help="one table across run folders (markdown + JSON)")
@@ -359,8 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="auto", help="auto, cpu or cuda")
         if s.prog.split()[-1] != "serve":
             s.add_argument("--gguf", help="a .gguf file, run on the CPU by llama.cpp")
-            s.add_argument("--trust-remote-code", action="store_true",
-                           help="let the model's own Python code run (never taken from an adapter's config)")
+            s.add_argument(
+                "--trust-remote-code",
+                action="store_true",
+                help="let the model's own Python code run (never taken from an adapter's config)",
+            )
 
     def sampling_args(s, max_tokens=256):
         s.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -389,8 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", help="model id clients use (default: the adapter or model path)")
-    s.add_argument("--api-key", action="append",
-                   help="accepted key (repeatable; visible in ps: prefer $QLORA_API_KEYS or --api-key-file)")
+    s.add_argument(
+        "--api-key",
+        action="append",
+        help="accepted key (repeatable; visible in ps: prefer $QLORA_API_KEYS or --api-key-file)",
+    )
     s.add_argument("--api-key-file", help="file with one accepted key per line")
     s.add_argument("--cors-origin", action="append", help="allowed browser origin (repeatable; default none)")
     s.add_argument("--max-concurrent", type=int, default=1, help="generations running at once")
@@ -451,7 +545,8 @@ def quiet_library_noise() -> None:
     import logging
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage())
+        lambda record: "kernels-community" not in record.getMessage()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "adapter", None):
         from .infer.load import resolve_adapter_dir
+
         args.adapter = str(resolve_adapter_dir(args.adapter))
     if args.verb == "demo" and not args.config and os.path.exists("configs/demo.yaml"):
         args.config = "configs/demo.yaml"

@@ -5,6 +5,7 @@ prepare --sample -> QLoRA on SmolLM2-135M-Instruct -> `qlora eval` of the adapte
 Prints a summary table and where everything was written; the same summary is
 saved as `<output_dir>/demo_summary.json` and `demo.md`.
 """
+
 from __future__ import annotations
 
 import gc
@@ -32,7 +33,7 @@ def run_demo(cfg: Config, data_dir: str = "data") -> int:
     cfg.data.eval_file = report["eval_file"]
 
     print(f"\n== 2/3 QLoRA training of {cfg.model.name} (4-bit NF4, LoRA r={cfg.lora.r})")
-    trainer = Trainer(cfg, overwrite=True)   # the demo's run folder is the demo's own
+    trainer = Trainer(cfg, overwrite=True)  # the demo's run folder is the demo's own
     summary = trainer.train()
     out = Path(cfg.output.dir)
     del trainer
@@ -42,29 +43,51 @@ def run_demo(cfg: Config, data_dir: str = "data") -> int:
     ev = run_eval(str(out / "final_adapter"))
     ppl, rate, bench = ev["perplexity"], ev["keyword_pass_rate"], ev["keyword_benchmark"]
     sample = next(p for p in ev["prompts"])
-    result = {"base_perplexity": ppl["base"], "tuned_perplexity": ppl["tuned"],
-              "perplexity_reduction_pct": ppl["reduction_pct"], "keyword_pass_rate": rate,
-              "decode_tokens_per_s": ev["tokens_per_s"], "question": sample["prompt"],
-              "base_answer": sample["base"]["answer"], "tuned_answer": sample["tuned"]["answer"],
-              "total_seconds": round(time.time() - start, 1), "train": summary,
-              "eval_report": str(out / "eval" / "eval.md")}
+    result = {
+        "base_perplexity": ppl["base"],
+        "tuned_perplexity": ppl["tuned"],
+        "perplexity_reduction_pct": ppl["reduction_pct"],
+        "keyword_pass_rate": rate,
+        "decode_tokens_per_s": ev["tokens_per_s"],
+        "question": sample["prompt"],
+        "base_answer": sample["base"]["answer"],
+        "tuned_answer": sample["tuned"]["answer"],
+        "total_seconds": round(time.time() - start, 1),
+        "train": summary,
+        "eval_report": str(out / "eval" / "eval.md"),
+    }
     (out / "demo_summary.json").write_text(json.dumps(result, indent=2))
-    rows = [("model", cfg.model.name), ("device", summary["device"]),
-            ("data", f"{summary['train_examples']} train / {summary['eval_examples']} holdout pairs"),
-            ("training", f"{summary['steps']} steps, {summary['train_seconds']:.0f} s, "
-                         f"{summary['tokens_per_s']:.0f} tokens/s"),
-            ("holdout perplexity", f"base {ppl['base']:.2f} -> tuned {ppl['tuned']:.2f} "
-                                   f"({ppl['reduction_pct']:.0f}% lower)"),
-            ("keyword benchmark", f"base {bench['base_passed']}/{bench['prompts']} -> "
-                                  f"tuned {bench['tuned_passed']}/{bench['prompts']} passed"),
-            ("generation", f"{ev['speed']['decode_tokens_per_s']:.1f} tokens/s decode, "
-                           f"{ev['speed']['prefill_tokens_per_s']:.0f} tokens/s prefill"),
-            ("adapter", str(out / "final_adapter")),
-            ("eval report", f"{out / 'eval' / 'eval.md'} (+ eval.json, {', '.join(ev['plots'])})"),
-            ("logs", f"{out / 'train_log.jsonl'}, TensorBoard: tensorboard --logdir {out / 'logs'}"),
-            ("total time", f"{time.time() - start:.0f} s")]
-    text = (f"\n{_table(rows)}\n\nQ: {sample['prompt']}\n\n--- base model ---\n{sample['base']['answer']}\n\n"
-            f"--- tuned model ---\n{sample['tuned']['answer']}\n")
+    rows = [
+        ("model", cfg.model.name),
+        ("device", summary["device"]),
+        ("data", f"{summary['train_examples']} train / {summary['eval_examples']} holdout pairs"),
+        (
+            "training",
+            f"{summary['steps']} steps, {summary['train_seconds']:.0f} s, {summary['tokens_per_s']:.0f} tokens/s",
+        ),
+        (
+            "holdout perplexity",
+            f"base {ppl['base']:.2f} -> tuned {ppl['tuned']:.2f} ({ppl['reduction_pct']:.0f}% lower)",
+        ),
+        (
+            "keyword benchmark",
+            f"base {bench['base_passed']}/{bench['prompts']} -> "
+            f"tuned {bench['tuned_passed']}/{bench['prompts']} passed",
+        ),
+        (
+            "generation",
+            f"{ev['speed']['decode_tokens_per_s']:.1f} tokens/s decode, "
+            f"{ev['speed']['prefill_tokens_per_s']:.0f} tokens/s prefill",
+        ),
+        ("adapter", str(out / "final_adapter")),
+        ("eval report", f"{out / 'eval' / 'eval.md'} (+ eval.json, {', '.join(ev['plots'])})"),
+        ("logs", f"{out / 'train_log.jsonl'}, TensorBoard: tensorboard --logdir {out / 'logs'}"),
+        ("total time", f"{time.time() - start:.0f} s"),
+    ]
+    text = (
+        f"\n{_table(rows)}\n\nQ: {sample['prompt']}\n\n--- base model ---\n{sample['base']['answer']}\n\n"
+        f"--- tuned model ---\n{sample['tuned']['answer']}\n"
+    )
     (out / "demo.md").write_text("# qlora demo\n\n```\n" + text + "```\n")
     print(text)
     return 0

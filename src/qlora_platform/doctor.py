@@ -6,6 +6,7 @@ llama.cpp, free disk against the model's size, and the Hugging Face token that
 gated models (Llama 3, ...) need. Prints one line per check with the fix for
 each failure; exits 1 when something required is missing.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -18,9 +19,13 @@ from .models.bundled import BUNDLED_PREFIX, cache_dir
 
 REQUIRED_PACKAGES = ["torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors"]
 # Needed by some features only: a missing one is a warning.
-OPTIONAL_PACKAGES = {"trl": "TRL interop", "datasets": "Hugging Face datasets as input",
-                     "gguf": ".gguf models and the bundled model", "pypdf": "PDF input",
-                     "tensorboard": "TensorBoard logs"}
+OPTIONAL_PACKAGES = {
+    "trl": "TRL interop",
+    "datasets": "Hugging Face datasets as input",
+    "gguf": ".gguf models and the bundled model",
+    "pypdf": "PDF input",
+    "tensorboard": "TensorBoard logs",
+}
 
 
 def _version(pkg: str) -> str | None:
@@ -61,15 +66,20 @@ def checks(cfg=None) -> list[tuple[str, str, str, str]]:
     """(status, name, detail, fix) rows; status is ok, warn or FAIL."""
     rows = []
     py = sys.version_info
-    rows.append(("ok" if py >= (3, 10) else "FAIL", "python", sys.version.split()[0],
-                 "install Python 3.10 or newer"))
+    rows.append(("ok" if py >= (3, 10) else "FAIL", "python", sys.version.split()[0], "install Python 3.10 or newer"))
     versions = {pkg: _version(pkg) for pkg in REQUIRED_PACKAGES}
     for pkg, ver in versions.items():
         rows.append(("ok" if ver else "FAIL", pkg, ver or "missing", "run 'make install' (or pip install -e .)"))
     for pkg, needed_for in OPTIONAL_PACKAGES.items():
         ver = _version(pkg)
-        rows.append(("ok" if ver else "warn", pkg, ver or f"missing (needed for {needed_for})",
-                     "run 'make install' (or pip install -e .)"))
+        rows.append(
+            (
+                "ok" if ver else "warn",
+                pkg,
+                ver or f"missing (needed for {needed_for})",
+                "run 'make install' (or pip install -e .)",
+            )
+        )
     device = "cpu"
     if versions["torch"]:
         import torch
@@ -77,27 +87,59 @@ def checks(cfg=None) -> list[tuple[str, str, str, str]]:
         if torch.cuda.is_available():
             device = "cuda"
             free, total = torch.cuda.mem_get_info()
-            rows.append(("ok", "cuda", f"{torch.cuda.get_device_name()}, {total / 2**30:.1f} GiB "
-                         f"({free / 2**30:.1f} free), CUDA {torch.version.cuda}", ""))
+            rows.append(
+                (
+                    "ok",
+                    "cuda",
+                    f"{torch.cuda.get_device_name()}, {total / 2**30:.1f} GiB "
+                    f"({free / 2**30:.1f} free), CUDA {torch.version.cuda}",
+                    "",
+                )
+            )
         else:
-            rows.append(("warn", "cuda", "no CUDA GPU: training runs on the CPU (fine for small models)",
-                         "install an NVIDIA driver and a CUDA build of torch for 7B models"))
+            rows.append(
+                (
+                    "warn",
+                    "cuda",
+                    "no CUDA GPU: training runs on the CPU (fine for small models)",
+                    "install an NVIDIA driver and a CUDA build of torch for 7B models",
+                )
+            )
     if versions["bitsandbytes"] and versions["torch"]:
         err = _check_4bit_layer(device)
-        rows.append(("ok" if not err else "FAIL", "4-bit layer", f"NF4 forward+backward on {device}"
-                     + (f": {err}" if err else " works"), "reinstall bitsandbytes==0.50.2 for your CUDA/CPU"))
+        rows.append(
+            (
+                "ok" if not err else "FAIL",
+                "4-bit layer",
+                f"NF4 forward+backward on {device}" + (f": {err}" if err else " works"),
+                "reinstall bitsandbytes==0.50.2 for your CUDA/CPU",
+            )
+        )
     where = llama_cpp_location()
-    rows.append(("ok" if where else "warn", "llama.cpp", str(where) if where else "not found (GGUF export only)",
-                 "qlora setup llama-cpp (or set LLAMA_CPP_DIR)"))
+    rows.append(
+        (
+            "ok" if where else "warn",
+            "llama.cpp",
+            str(where) if where else "not found (GGUF export only)",
+            "qlora setup llama-cpp (or set LLAMA_CPP_DIR)",
+        )
+    )
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if not token:
         try:
             from huggingface_hub import get_token
+
             token = get_token()
         except Exception:  # noqa: BLE001
             token = None
-    rows.append(("ok" if token else "warn", "hf token", "configured" if token else
-                 "none (needed for gated models such as Llama 3)", "export HF_TOKEN=... or huggingface-cli login"))
+    rows.append(
+        (
+            "ok" if token else "warn",
+            "hf token",
+            "configured" if token else "none (needed for gated models such as Llama 3)",
+            "export HF_TOKEN=... or huggingface-cli login",
+        )
+    )
     rows.append(hub_row())
     need_gb = 1.0
     name = cfg.model.name if cfg else BUNDLED_PREFIX + "smollm2-135m-instruct"
@@ -106,8 +148,14 @@ def checks(cfg=None) -> list[tuple[str, str, str, str]]:
     target = cache_dir()
     target.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(target).free / 1e9
-    rows.append(("ok" if free_gb >= need_gb else "FAIL", "disk", f"{free_gb:.1f} GB free at {target} "
-                 f"(about {need_gb:g} GB needed for {name})", "free disk space or set QLORA_CACHE elsewhere"))
+    rows.append(
+        (
+            "ok" if free_gb >= need_gb else "FAIL",
+            "disk",
+            f"{free_gb:.1f} GB free at {target} (about {need_gb:g} GB needed for {name})",
+            "free disk space or set QLORA_CACHE elsewhere",
+        )
+    )
     return rows
 
 
@@ -117,12 +165,20 @@ def hub_row() -> tuple[str, str, str, str]:
     from .models.loader import hub_reachable
 
     if constants.HF_HUB_OFFLINE:
-        return ("warn", "hub", "offline mode (HF_HUB_OFFLINE): only cached models, folders and bundled ones load",
-                "unset HF_HUB_OFFLINE to download models")
+        return (
+            "warn",
+            "hub",
+            "offline mode (HF_HUB_OFFLINE): only cached models, folders and bundled ones load",
+            "unset HF_HUB_OFFLINE to download models",
+        )
     if hub_reachable():
         return ("ok", "hub", f"{constants.ENDPOINT} reachable", "")
-    return ("warn", "hub", f"{constants.ENDPOINT} unreachable: only cached models, local folders and the "
-            f"bundled model load", "connect to the network (or a proxy: HTTPS_PROXY) to download models")
+    return (
+        "warn",
+        "hub",
+        f"{constants.ENDPOINT} unreachable: only cached models, local folders and the bundled model load",
+        "connect to the network (or a proxy: HTTPS_PROXY) to download models",
+    )
 
 
 def run_doctor(cfg=None) -> int:

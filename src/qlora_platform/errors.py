@@ -4,6 +4,7 @@ Anything raised as `UserError` is printed by `cli.main` as a single line
 (`error: ...`) with a non-zero exit code, never a traceback. Raise it at the
 edges (files, configs, requests) with what went wrong, where, and how to fix it.
 """
+
 from __future__ import annotations
 
 import difflib

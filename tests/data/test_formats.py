@@ -13,9 +13,17 @@ def test_alpaca_with_input_and_system():
 
 
 def test_sharegpt_roles_are_mapped():
-    rec = to_chat_record({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"},
-                                            {"from": "human", "value": "more"}, {"from": "gpt", "value": "ok"}]},
-                         "x:1")
+    rec = to_chat_record(
+        {
+            "conversations": [
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "yo"},
+                {"from": "human", "value": "more"},
+                {"from": "gpt", "value": "ok"},
+            ]
+        },
+        "x:1",
+    )
     assert [m["role"] for m in rec["messages"]] == ["user", "assistant", "user", "assistant"]
 
 
@@ -26,15 +34,18 @@ def test_messages_prompt_completion_and_text():
     assert to_chat_record({"text": "plain"}, "x:1") == {"text": "plain"}
 
 
-@pytest.mark.parametrize("record,message", [
-    ({"instruction": "q"}, "x.jsonl:3: missing field 'output'"),
-    ({"instruction": "q", "output": "   "}, "x.jsonl:3: assistant message 1 is empty or whitespace"),
-    ({"messages": [{"role": "user", "content": "q"}]}, "last message must be the assistant"),
-    ({"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}, "role 'robot'"),
-    ({"conversations": [{"from": "alien", "value": "q"}]}, "from 'alien'"),
-    ({"question": "q", "answer": "a"}, "unknown record format"),
-    ({"instruction": 3, "output": "a"}, "instruction must be a string"),
-])
+@pytest.mark.parametrize(
+    "record,message",
+    [
+        ({"instruction": "q"}, "x.jsonl:3: missing field 'output'"),
+        ({"instruction": "q", "output": "   "}, "x.jsonl:3: assistant message 1 is empty or whitespace"),
+        ({"messages": [{"role": "user", "content": "q"}]}, "last message must be the assistant"),
+        ({"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}, "role 'robot'"),
+        ({"conversations": [{"from": "alien", "value": "q"}]}, "from 'alien'"),
+        ({"question": "q", "answer": "a"}, "unknown record format"),
+        ({"instruction": 3, "output": "a"}, "instruction must be a string"),
+    ],
+)
 def test_bad_records_name_file_line_and_problem(record, message):
     with pytest.raises(UserError, match=message):
         to_chat_record(record, "x.jsonl:3")

@@ -15,7 +15,9 @@ def _lines(path):
 
 
 def test_prepare_mixed_inputs_dedupes_and_splits(tmp_path):
-    jsonl = write_jsonl(tmp_path / "a.jsonl", [chat(f"q{i}", f"answer {i}") for i in range(30)] + [chat("q1", "answer 1")])
+    jsonl = write_jsonl(
+        tmp_path / "a.jsonl", [chat(f"q{i}", f"answer {i}") for i in range(30)] + [chat("q1", "answer 1")]
+    )
     csv = tmp_path / "b.csv"
     csv.write_text("question,answer\n" + "".join(f"c{i},reply {i}\n" for i in range(10)))
     report = prepare([str(jsonl)], out_dir=tmp_path / "out", eval_ratio=0.2, seed=1)
@@ -30,15 +32,22 @@ def test_prepare_csv_needs_mapping(tmp_path):
     csv.write_text("question,answer\nc,reply\n")
     with pytest.raises(UserError, match="--columns"):
         prepare([str(csv)], out_dir=tmp_path / "o")
-    report = prepare([str(csv)], out_dir=tmp_path / "o", mapping={"instruction": "question", "output": "answer"},
-                     eval_ratio=0)
+    report = prepare(
+        [str(csv)], out_dir=tmp_path / "o", mapping={"instruction": "question", "output": "answer"}, eval_ratio=0
+    )
     assert report["written"] == 1 and report["eval_file"] is None
 
 
 def test_bad_record_stops_with_line_unless_skipped(tmp_path):
     path = tmp_path / "a.jsonl"
-    path.write_text(json.dumps(chat("q", "a")) + "\n" + json.dumps({"instruction": "q2", "output": " "}) + "\n"
-                    + json.dumps({"instruction": "q3"}) + "\n")
+    path.write_text(
+        json.dumps(chat("q", "a"))
+        + "\n"
+        + json.dumps({"instruction": "q2", "output": " "})
+        + "\n"
+        + json.dumps({"instruction": "q3"})
+        + "\n"
+    )
     with pytest.raises(UserError, match=r"a.jsonl:2: .*empty.*--skip-invalid"):
         prepare([str(path)], out_dir=tmp_path / "o")
     report = prepare([str(path)], out_dir=tmp_path / "o", skip_invalid=True, eval_ratio=0)
@@ -94,8 +103,11 @@ def test_nothing_valid_left_says_why_in_one_line(tmp_path):
 def test_unknown_json_records_get_the_columns_hint(tmp_path):
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps([{"prompt": "a?", "response": "b."}]))
-    with pytest.raises(UserError, match=r"pairs.json\[0\]: unknown record format \(keys: prompt, response\); "
-                                        r"map its fields with --columns instruction=prompt,output=response"):
+    with pytest.raises(
+        UserError,
+        match=r"pairs.json\[0\]: unknown record format \(keys: prompt, response\); "
+        r"map its fields with --columns instruction=prompt,output=response",
+    ):
         prepare([str(path)], out_dir=tmp_path / "o")
     report = prepare([str(path)], out_dir=tmp_path / "o", mapping={"instruction": "prompt", "output": "response"})
     assert report["written"] == 1

@@ -1,10 +1,18 @@
 import pytest
 
-from qlora_platform.data.sources import (csv_to_jsonl, document_records, document_sections,
-                                         hf_dataset_to_jsonl, parse_mapping)
+from qlora_platform.data.sources import (
+    csv_to_jsonl,
+    document_records,
+    document_sections,
+    hf_dataset_to_jsonl,
+    parse_mapping,
+)
 from qlora_platform.errors import UserError
 
-BODY = "This section explains the topic in enough words to be kept as a training record for the model here, and then some more words."
+BODY = (
+    "This section explains the topic in enough words to be kept as a training record for the model here, "
+    "and then some more words."
+)
 
 
 def test_csv_with_column_mapping(tmp_path):
@@ -41,9 +49,11 @@ def test_hf_dataset_from_disk(tmp_path):
 
 def test_html_split_by_headings_without_scripts(tmp_path):
     path = tmp_path / "page.html"
-    path.write_text(f"<html><head><title>Guide</title><script>var x=1;</script></head><body>"
-                    f"<nav>menu menu</nav><h1>Install</h1><p>{BODY}</p><h2>Usage</h2><p>{BODY}</p>"
-                    f"<ul><li>{BODY}</li></ul></body></html>")
+    path.write_text(
+        f"<html><head><title>Guide</title><script>var x=1;</script></head><body>"
+        f"<nav>menu menu</nav><h1>Install</h1><p>{BODY}</p><h2>Usage</h2><p>{BODY}</p>"
+        f"<ul><li>{BODY}</li></ul></body></html>"
+    )
     title, sections = document_sections(path)
     assert title == "Guide"
     assert [h for h, _ in sections] == ["Install", "Usage"]
@@ -62,11 +72,14 @@ def test_markdown_and_text_sections_and_text_mode(tmp_path):
 def _minimal_pdf(text_lines: list[str]) -> bytes:
     """A valid one-page PDF with the given lines of text (Helvetica), built by hand."""
     stream = "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({t}) '" for t in text_lines) + " ET"
-    objects = ["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-               "/Resources << /Font << /F1 5 0 R >> >> >>",
-               f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream",
-               "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        "/Resources << /Font << /F1 5 0 R >> >> >>",
+        f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
     out, offsets = "%PDF-1.4\n", []
     for i, obj in enumerate(objects, 1):
         offsets.append(len(out))
@@ -104,8 +117,9 @@ def test_markdown_heading_is_linear_on_a_1mb_line(tmp_path):
     path = tmp_path / "big.md"
     # A heading with a long inner run of spaces, and one with a long run of #s: both made the old
     # pattern's lazy group retry the optional closing #s at every position (quadratic).
-    path.write_text("# Big document\n\n" + "# a" + " " * 1_000_000 + "b\n\n" + "## c" + "#" * 1_000_000 + "d\n\n"
-                    + BODY + "\n")
+    path.write_text(
+        "# Big document\n\n" + "# a" + " " * 1_000_000 + "b\n\n" + "## c" + "#" * 1_000_000 + "d\n\n" + BODY + "\n"
+    )
     start = time.perf_counter()
     title, sections = document_sections(path)
     assert time.perf_counter() - start < 0.5
@@ -121,16 +135,15 @@ def test_markdown_headings_strip_only_a_closing_hash_run(tmp_path):
 
 def test_markdown_title_is_the_first_level_one_heading(tmp_path):
     path = tmp_path / "install_notes.md"
-    path.write_text(f"```sh\n# not a title: a shell comment\n```\n\n# Widget Guide\n\n{BODY}\n\n"
-                    f"## Install\n\n{BODY}\n")
+    path.write_text(f"```sh\n# not a title: a shell comment\n```\n\n# Widget Guide\n\n{BODY}\n\n## Install\n\n{BODY}\n")
     title, _ = document_sections(path)
     assert title == "Widget Guide"
     records = [r for _, r in document_records(path, mode="qa")]
     assert records[-1]["instruction"] == "Widget Guide: explain 'Install'."
-    assert records[-2]["instruction"] == "Summarise the introduction of Widget Guide."   # its own section
+    assert records[-2]["instruction"] == "Summarise the introduction of Widget Guide."  # its own section
     untitled = tmp_path / "plain_notes.md"
     untitled.write_text(f"## Install\n\n{BODY}\n")
-    assert document_sections(untitled)[0] == "plain notes"                               # no '# ': file name
+    assert document_sections(untitled)[0] == "plain notes"  # no '# ': file name
 
 
 def test_hf_dataset_with_unknown_columns_gets_the_columns_hint(tmp_path):

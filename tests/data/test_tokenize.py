@@ -6,8 +6,13 @@ def _labelled_text(tok, ex):
 
 
 def test_only_assistant_tokens_are_labelled_and_end_with_eos(tokenizer):
-    rec = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-                        {"role": "assistant", "content": "Paris is the capital."}]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris is the capital."},
+        ]
+    }
     ex = encode_record(tokenizer, rec, 256)
     assert _labelled_text(tokenizer, ex) == "Paris is the capital.<|im_end|>"
     labelled = [lab for lab in ex["labels"] if lab != IGNORE]
@@ -19,8 +24,14 @@ def test_only_assistant_tokens_are_labelled_and_end_with_eos(tokenizer):
 
 
 def test_every_assistant_turn_is_labelled(tokenizer):
-    rec = {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "First answer."},
-                        {"role": "user", "content": "two"}, {"role": "assistant", "content": "Second answer."}]}
+    rec = {
+        "messages": [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "First answer."},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "Second answer."},
+        ]
+    }
     ex = encode_record(tokenizer, rec, 256)
     text = _labelled_text(tokenizer, ex)
     assert text == "First answer.<|im_end|>Second answer.<|im_end|>"
@@ -42,8 +53,10 @@ def test_template_without_eos_gets_one_appended_and_labelled(tokenizer):
     import copy
 
     tok = copy.deepcopy(tokenizer)
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]}
     ex = encode_record(tok, rec, 64)
     labelled = [lab for lab in ex["labels"] if lab != IGNORE]
@@ -67,15 +80,16 @@ def test_long_records_do_not_print_the_sequence_length_warning(tokenizer):
     tok.model_max_length = 16
     tok.deprecation_warnings = {}
     seen = Collect()
-    logger = logging.getLogger("transformers")   # transformers' loggers stop propagating here
+    logger = logging.getLogger("transformers")  # transformers' loggers stop propagating here
     logger.addHandler(seen)
     try:
         ex = encode_record(tok, {"text": "word " * 100}, 32)
-        ex2 = encode_record(tok, {"messages": [{"role": "user", "content": "q"},
-                                               {"role": "assistant", "content": "word " * 100}]}, 32)
+        ex2 = encode_record(
+            tok, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 100}]}, 32
+        )
         quiet = list(seen.messages)
         tok.deprecation_warnings = {}
-        tok("word " * 100, add_special_tokens=False)                       # the check itself is live
+        tok("word " * 100, add_special_tokens=False)  # the check itself is live
     finally:
         logger.removeHandler(seen)
     assert ex["truncated"] and ex2["truncated"]

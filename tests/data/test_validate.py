@@ -14,9 +14,14 @@ def test_clean_file_passes(tmp_path, tokenizer):
 
 def test_findings_name_lines(tmp_path, tokenizer):
     path = tmp_path / "t.jsonl"
-    lines = [json.dumps(chat("q1", "short answer")), "{broken", json.dumps(chat("q2", "  ")),
-             json.dumps(chat("q1", "short answer")), json.dumps({"instruction": "x"}),
-             json.dumps(chat("q3", LONG))]
+    lines = [
+        json.dumps(chat("q1", "short answer")),
+        "{broken",
+        json.dumps(chat("q2", "  ")),
+        json.dumps(chat("q1", "short answer")),
+        json.dumps({"instruction": "x"}),
+        json.dumps(chat("q3", LONG)),
+    ]
     path.write_text("\n".join(lines) + "\n")
     held = write_jsonl(tmp_path / "e.jsonl", [chat("Q1 ", "other"), chat("fresh", "new")])
     report = validate_file(path, tokenizer, 64, held)
@@ -59,3 +64,17 @@ def test_a_csv_or_a_folder_is_sent_to_prepare_in_one_line(tmp_path, capsys):
         validate_file(folder)
     assert main(["validate", str(folder), "--no-tokenizer"]) == 2
     assert "does not exist" not in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_utf8_fails_in_one_line(tmp_path):
+    import pytest
+
+    from qlora_platform.errors import UserError
+
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(json.dumps(chat("q", "a")).encode() + b"\n" + b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(UserError) as err:
+        validate_file(path)
+    assert str(err.value) == (
+        f"{path}:2: not UTF-8 text (byte 0x89 at column 1); a data file is UTF-8 JSONL, one JSON object a line"
+    )

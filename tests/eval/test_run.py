@@ -1,4 +1,5 @@
 """`qlora eval` and `qlora compare` end to end on a tiny trained adapter: report schema and files."""
+
 from __future__ import annotations
 
 import json
@@ -22,27 +23,57 @@ def trained_run(tmp_path_factory, tiny_model_dir, tokenizer):
 
     root = tmp_path_factory.mktemp("evalrun")
     words = ["alpha", "beta", "gamma", "delta"]
-    train = write_jsonl(root / "train.jsonl", [chat(f"Spell {w} {i}.", f"{w} {w} {w} done.")
-                                               for i in range(12) for w in words])
+    train = write_jsonl(
+        root / "train.jsonl", [chat(f"Spell {w} {i}.", f"{w} {w} {w} done.") for i in range(12) for w in words]
+    )
     held = write_jsonl(root / "eval.jsonl", [chat(f"Spell {w}.", f"{w} {w} {w} done.") for w in words])
-    cfg = load_config(None, {
-        "model.name": str(tiny_model_dir), "data.train_file": str(train), "data.eval_file": str(held),
-        "data.max_seq_len": 64, "training.max_steps": 6, "training.learning_rate": 5e-3,
-        "training.logging_steps": 1, "training.save_steps": 100, "training.device": "cpu",
-        "training.gradient_checkpointing": False, "training.report_to": "[]", "lora.r": 8,
-        "quantization.compute_dtype": "float32", "output.dir": str(root / "run")})
+    cfg = load_config(
+        None,
+        {
+            "model.name": str(tiny_model_dir),
+            "data.train_file": str(train),
+            "data.eval_file": str(held),
+            "data.max_seq_len": 64,
+            "training.max_steps": 6,
+            "training.learning_rate": 5e-3,
+            "training.logging_steps": 1,
+            "training.save_steps": 100,
+            "training.device": "cpu",
+            "training.gradient_checkpointing": False,
+            "training.report_to": "[]",
+            "lora.r": 8,
+            "quantization.compute_dtype": "float32",
+            "output.dir": str(root / "run"),
+        },
+    )
     Trainer(cfg, log=lambda *a: None).train()
     prompts = root / "prompts.json"
-    prompts.write_text(json.dumps({"name": "spell", "system": "Spell.", "generation": {"max_new_tokens": 6},
-                                   "prompts": [{"id": f"p{i}", "prompt": f"Spell {w}.", "keywords": [w, "done"]}
-                                               for i, w in enumerate(words + ["alpha"])]}))
+    prompts.write_text(
+        json.dumps(
+            {
+                "name": "spell",
+                "system": "Spell.",
+                "generation": {"max_new_tokens": 6},
+                "prompts": [
+                    {"id": f"p{i}", "prompt": f"Spell {w}.", "keywords": [w, "done"]}
+                    for i, w in enumerate(words + ["alpha"])
+                ],
+            }
+        )
+    )
     return root, prompts
 
 
 def test_eval_writes_the_report_with_its_schema(trained_run):
     root, prompts = trained_run
-    report = run_eval(str(root / "run" / "final_adapter"), prompts=str(prompts), speed_runs=2, speed_tokens=4,
-                      batch_size=3, log=lambda *a: None)
+    report = run_eval(
+        str(root / "run" / "final_adapter"),
+        prompts=str(prompts),
+        speed_runs=2,
+        speed_tokens=4,
+        batch_size=3,
+        log=lambda *a: None,
+    )
     out = root / "run" / "eval"
     saved = json.loads((out / "eval.json").read_text())
     assert saved == json.loads(json.dumps(report))
@@ -94,13 +125,37 @@ def test_train_and_eval_report_the_same_holdout_perplexity(tmp_path, tiny_model_
     from tests.conftest import tiny_run_config, toy_task
 
     train, held = toy_task(tmp_path)
-    cfg = tiny_run_config(tiny_model_dir, train, held, tmp_path / "run", **{
-        "training.max_steps": 3, "training.warmup_ratio": 0.05, "training.save_steps": 100,
-        "training.gradient_checkpointing": True, "lora.dropout": 0.05, "quantization.compute_dtype": "bfloat16"})
+    cfg = tiny_run_config(
+        tiny_model_dir,
+        train,
+        held,
+        tmp_path / "run",
+        **{
+            "training.max_steps": 3,
+            "training.warmup_ratio": 0.05,
+            "training.save_steps": 100,
+            "training.gradient_checkpointing": True,
+            "lora.dropout": 0.05,
+            "quantization.compute_dtype": "bfloat16",
+        },
+    )
     summary = Trainer(cfg, log=lambda *a: None).train()
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps({"name": "spell", "generation": {"max_new_tokens": 2},
-                                   "prompts": [{"id": "p", "prompt": "Spell alpha.", "keywords": ["alpha"]}]}))
-    report = run_eval(str(tmp_path / "run" / "final_adapter"), prompts=str(prompts), speed_runs=1,
-                      speed_tokens=2, samples=1, log=lambda *a: None)
+    prompts.write_text(
+        json.dumps(
+            {
+                "name": "spell",
+                "generation": {"max_new_tokens": 2},
+                "prompts": [{"id": "p", "prompt": "Spell alpha.", "keywords": ["alpha"]}],
+            }
+        )
+    )
+    report = run_eval(
+        str(tmp_path / "run" / "final_adapter"),
+        prompts=str(prompts),
+        speed_runs=1,
+        speed_tokens=2,
+        samples=1,
+        log=lambda *a: None,
+    )
     assert report["perplexity"]["tuned"] == pytest.approx(summary["eval_perplexity"], rel=1e-3)

@@ -1,4 +1,5 @@
 """GGUF export: a tiny model's round trip through real llama.cpp, and the errors users meet."""
+
 from __future__ import annotations
 
 import json
@@ -27,11 +28,11 @@ def test_tiny_model_round_trip_through_gguf(tools, tiny_model_dir, tmp_path):
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f16.name, dtype=torch.float32)
     with torch.no_grad():
         a, b = original(ids).logits, back(ids).logits
-    assert (a - b).abs().max() < 0.02 * a.abs().max()          # F16 rounding only
+    assert (a - b).abs().max() < 0.02 * a.abs().max()  # F16 rounding only
     q8 = quantize(tools, f16, tmp_path / "tiny-Q8_0.gguf", "Q8_0")
     assert q8.stat().st_size < f16.stat().st_size
     out = run_completion(tools, q8, "Hello", n_predict=8, extra=["--ignore-eos"])
-    assert out["tokens"] == 8 and out["tokens_per_s"] > 0     # llama.cpp loaded and ran it
+    assert out["tokens"] == 8 and out["tokens_per_s"] > 0  # llama.cpp loaded and ran it
 
 
 def test_unsupported_architecture_and_bad_folders(tmp_path):
@@ -71,7 +72,7 @@ def test_llama_cpp_source_and_toolchain_errors_name_the_fix(tmp_path, monkeypatc
 
 # --- llama.cpp driven through its command line: fakes for the plumbing, the real tools when built ----------
 
-FAKE_COMPLETION = r'''
+FAKE_COMPLETION = r"""
 import signal
 import sys
 
@@ -91,9 +92,11 @@ sys.stderr.flush()
 sys.stdout.write(prompt[::-1] + ("\n\n" if "--ignore-eos" in args else " [end of text]\n\n"))
 sys.stdout.flush()
 sys.stderr.write("common_perf_print:    samplers time = 0.50 ms / 18 tokens\n"
-                 "common_perf_print: prompt eval time = 9.00 ms / 14 tokens ( 0.64 ms per token, 1555.56 tokens per second)\n"
-                 "common_perf_print:        eval time = 5.00 ms /     3 runs   ( 1.67 ms per token, 600.00 tokens per second)\n")
-'''
+                 "common_perf_print: prompt eval time = 9.00 ms / 14 tokens "
+                 "( 0.64 ms per token, 1555.56 tokens per second)\n"
+                 "common_perf_print:        eval time = 5.00 ms /     3 runs   "
+                 "( 1.67 ms per token, 600.00 tokens per second)\n")
+"""
 
 
 def _fake_tools(tmp_path, **scripts):
@@ -119,28 +122,32 @@ def test_the_prompt_goes_through_a_file_verbatim_and_a_chatty_stderr_cannot_bloc
     prompt = "<|im_start|>user\nWhat does '\\n'.join do? " + "x" * 300_000 + "<|im_start|>assistant\n"
     stats: dict = {}
     text = "".join(stream_completion(tools, tmp_path / "m.gguf", prompt, stats, n_predict=4))
-    assert text == prompt[::-1]           # 300 kB, the backslash and the final newline arrive as written
+    assert text == prompt[::-1]  # 300 kB, the backslash and the final newline arrive as written
     assert stats["eos"] and stats["tokens"] == 3 and stats["tokens_per_s"] == 600.0
     text = "".join(stream_completion(tools, tmp_path / "m.gguf", "ab\n", stats, extra=["--ignore-eos"]))
-    assert text == "\nba" and not stats["eos"] and stats["tokens"] == 4   # the tool's closing blank line is not text
+    assert text == "\nba" and not stats["eos"] and stats["tokens"] == 4  # the tool's closing blank line is not text
 
 
 def test_generated_tokens_are_counted_like_the_hf_path():
     from qlora_platform.export.gguf import parse_generation_stats
 
     # llama-completion's closing timings (SmolLM2, a 14-token prompt, -n 10): 24 = 14 prompt + 10 sampled.
-    log = ("0.01.770 I common_perf_print:    samplers time =       4.14 ms /    24 tokens\n"
-           "0.01.770 I common_perf_print: prompt eval time =     749.62 ms /    14 tokens (   53.54 ms per token,    "
-           "18.68 tokens per second)\n0.01.770 I common_perf_print:        eval time =     574.99 ms /     9 runs   "
-           "(   63.89 ms per token,    15.65 tokens per second)\n")
-    assert parse_generation_stats(log, eos=False)["tokens"] == 10   # the limit: the 10th is sampled, not evaluated
-    assert parse_generation_stats(log, eos=True)["tokens"] == 9     # 9 text tokens, then EOS
+    log = (
+        "0.01.770 I common_perf_print:    samplers time =       4.14 ms /    24 tokens\n"
+        "0.01.770 I common_perf_print: prompt eval time =     749.62 ms /    14 tokens (   53.54 ms per token,    "
+        "18.68 tokens per second)\n0.01.770 I common_perf_print:        eval time =     574.99 ms /     9 runs   "
+        "(   63.89 ms per token,    15.65 tokens per second)\n"
+    )
+    assert parse_generation_stats(log, eos=False)["tokens"] == 10  # the limit: the 10th is sampled, not evaluated
+    assert parse_generation_stats(log, eos=True)["tokens"] == 9  # 9 text tokens, then EOS
     assert parse_generation_stats(log, eos=True, produced_text=False)["tokens"] == 0
     # A one-token prompt is decoded as an 'eval' run: 8 runs, 8 tokens sampled (-n 8, --ignore-eos).
-    one = ("common_perf_print:    samplers time =       0.62 ms /     9 tokens\n"
-           "common_perf_print: prompt eval time =       0.00 ms /     1 tokens (    0.00 ms per token,      inf "
-           "tokens per second)\ncommon_perf_print:        eval time =    1950.73 ms /     8 runs   (  243.84 ms per "
-           "token,     4.10 tokens per second)\n")
+    one = (
+        "common_perf_print:    samplers time =       0.62 ms /     9 tokens\n"
+        "common_perf_print: prompt eval time =       0.00 ms /     1 tokens (    0.00 ms per token,      inf "
+        "tokens per second)\ncommon_perf_print:        eval time =    1950.73 ms /     8 runs   (  243.84 ms per "
+        "token,     4.10 tokens per second)\n"
+    )
     assert parse_generation_stats(one, eos=False)["tokens"] == 8
     # Without the sampler line (other llama.cpp builds) the runs still give the count.
     assert parse_generation_stats(log.split("\n", 1)[1], eos=False)["tokens"] == 10
@@ -171,7 +178,7 @@ def test_gguf_engine_reports_length_when_the_limit_ends_the_answer():
     prompt = engine.encode_chat([{"role": "user", "content": "Write a long story about a dragon."}])
     text = "".join(engine.stream(prompt, SamplingParams(max_new_tokens=10, ignore_eos=True)))
     assert text and engine.last.completion_tokens == 10 and engine.last.finish_reason == "length"
-    assert len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]) in (9, 10, 11)   # re-tokenized text
+    assert len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]) in (9, 10, 11)  # re-tokenized text
 
 
 def test_a_failed_conversion_leaves_no_file_under_its_final_name(tmp_path):
@@ -189,12 +196,13 @@ def test_export_names_gguf_files_only_after_they_load_and_answer(tiny_model_dir,
     monkeypatch.setattr(run, "ensure_llama_cpp", lambda log: llama_cpp.LlamaCpp(tmp_path, tmp_path))
     monkeypatch.setattr(run, "convert_to_f16", lambda tools, src, out: out.write_bytes(b"GGUF f16") and out)
     monkeypatch.setattr(run, "quantize", lambda tools, f16, out, q: out.write_bytes(b"GGUF " + q.encode()) and out)
-    monkeypatch.setattr(run, "run_completion", lambda tools, path, prompt, **kw: {"text": "" if "Q8_0" in path.name
-                                                                                  else "an answer"})
+    monkeypatch.setattr(
+        run, "run_completion", lambda tools, path, prompt, **kw: {"text": "" if "Q8_0" in path.name else "an answer"}
+    )
     out = tmp_path / "out"
     with pytest.raises(UserError, match="model-Q8_0.gguf loaded but generated nothing"):
         export_gguf(model=str(tiny_model_dir), quants=["Q4_K_M", "Q8_0"], out=str(out), quality=False, log=print)
-    assert sorted(p.name for p in out.iterdir()) == []          # nothing unproven under a final name, no staging left
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing unproven under a final name, no staging left
     monkeypatch.setattr(run, "run_completion", lambda tools, path, prompt, **kw: {"text": "an answer"})
     report = export_gguf(model=str(tiny_model_dir), quants=["Q4_K_M"], out=str(out), quality=False, log=print)
     assert [f["name"] for f in report["files"]] == ["model-F16.gguf", "model-Q4_K_M.gguf"]
@@ -206,8 +214,9 @@ def test_the_git_fallback_checks_out_the_pinned_commit(tmp_path, monkeypatch):
     import subprocess
 
     def git(*args, cwd):
-        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True, capture_output=True
+        )
 
     upstream = tmp_path / "upstream"
     upstream.mkdir()
@@ -222,7 +231,7 @@ def test_the_git_fallback_checks_out_the_pinned_commit(tmp_path, monkeypatch):
 
     real_run = subprocess.run
 
-    def no_pypi(cmd, *a, **kw):   # the sdist route fails, as without PyPI
+    def no_pypi(cmd, *a, **kw):  # the sdist route fails, as without PyPI
         if "pip" in [str(c) for c in cmd]:
             return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
         return real_run(cmd, *a, **kw)
@@ -235,7 +244,7 @@ def test_the_git_fallback_checks_out_the_pinned_commit(tmp_path, monkeypatch):
     source = llama_cpp.obtain_source(log=lambda *a: None)
     assert (source / "CMakeLists.txt").read_text() == "# pinned\n"
     assert real_run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True).stdout.strip() == pinned
-    assert llama_cpp.obtain_source(log=lambda *a: None) == source      # reused, as it is at the pinned commit
+    assert llama_cpp.obtain_source(log=lambda *a: None) == source  # reused, as it is at the pinned commit
     monkeypatch.setattr(llama_cpp, "LLAMA_CPP_COMMIT", "0" * 40)
     with pytest.raises(UserError, match="cannot obtain llama.cpp: .*git did too"):
         llama_cpp.obtain_source(log=lambda *a: None)

@@ -1,4 +1,5 @@
 """Merging: W + scale * B @ A exactly, logits equal to base + adapter, clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ def test_merged_weights_are_w_plus_scaled_b_a_and_logits_match(adapter_dir, tiny
             b = lora[f"base_model.model.{key}.lora_B.weight"]
             expected = base[f"{key}.weight"] + scale * b @ a
             assert torch.allclose(merged[f"{key}.weight"], expected, atol=1e-6)
-            assert not torch.allclose(expected, base[f"{key}.weight"], atol=1e-3)   # the adapter did something
+            assert not torch.allclose(expected, base[f"{key}.weight"], atol=1e-3)  # the adapter did something
     untouched = "model.layers.0.self_attn.k_proj.weight"
     assert torch.equal(merged[untouched], base[untouched])
     assert report["max_logit_diff_fp32"] < 1e-4 * max(report["logit_scale"], 1)
@@ -79,7 +80,7 @@ def test_bf16_rounding_is_judged_against_a_stated_tolerance(adapter_dir, tmp_pat
     verdict = next(line for line in lines if "after rounding to bf16" in line)
     assert "ok, tolerance" in verdict and f"{report['rounding_tolerance']:.3g}" in verdict
     assert report["rounding_ok"] and 0 < report["max_logit_diff_after_bf16"] <= report["rounding_tolerance"]
-    assert report["rounding_tolerance"] < 0.1 * report["logit_scale"]   # a bound, not anything goes
+    assert report["rounding_tolerance"] < 0.1 * report["logit_scale"]  # a bound, not anything goes
     saved = json.loads((tmp_path / "m16" / "merge_report.json").read_text())
     assert saved["rounding_ok"] is True
     md = render({"model": "m", "files": [], "merge": saved})
@@ -109,7 +110,7 @@ def test_a_new_merge_replaces_an_earlier_one_and_leaves_no_temporary_folder(adap
 def test_export_never_deletes_a_merged_folder_it_did_not_write(adapter_dir, tmp_path, monkeypatch):
     from qlora_platform.export.run import export_gguf
 
-    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path / "no-llama-cpp"))   # nothing slow runs if the check is missing
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path / "no-llama-cpp"))  # nothing slow runs if the check is missing
     monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
     precious = tmp_path / "out" / "merged" / "notes.txt"
     precious.parent.mkdir(parents=True)

@@ -1,4 +1,5 @@
 """A real `qlora serve` process on loopback with the bundled model, for the server tests."""
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,24 @@ class ServerProcess:
     def __init__(self, *extra: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "qlora_platform.cli", "serve", "--model", "bundled:smollm2-135m-instruct",
-               "--device", "cpu", "--port", str(self.port), "--name", "smollm2", "--log-level", "warning", *extra]
-        self.log = open(os.devnull, "w") if not os.environ.get("QLORA_TEST_SERVER_LOG") else None
+        cmd = [
+            sys.executable,
+            "-m",
+            "qlora_platform.cli",
+            "serve",
+            "--model",
+            "bundled:smollm2-135m-instruct",
+            "--device",
+            "cpu",
+            "--port",
+            str(self.port),
+            "--name",
+            "smollm2",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
+        self.log = subprocess.DEVNULL if not os.environ.get("QLORA_TEST_SERVER_LOG") else None
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 180) -> dict:
@@ -53,8 +69,9 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--api-key", KEY, "--max-concurrent", "2", "--max-queue", "4", "--max-body-kb", "64",
-                        "--queue-timeout", "30")
+    srv = ServerProcess(
+        "--api-key", KEY, "--max-concurrent", "2", "--max-queue", "4", "--max-body-kb", "64", "--queue-timeout", "30"
+    )
     try:
         srv.ready = srv.wait_ready()
         yield srv

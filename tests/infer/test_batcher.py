@@ -1,5 +1,6 @@
 """Continuous batching: requests arriving at different times share decode steps and get what
 they would get alone (greedy and seeded sampling), stop and cancel on their own."""
+
 from __future__ import annotations
 
 import threading
@@ -14,6 +15,7 @@ from qlora_platform.infer.sampling import SamplingParams
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
@@ -23,10 +25,16 @@ QUESTIONS = ["Hi", "What is a dict in Python?", "Lists?", "Explain tuples briefl
 def test_concurrent_requests_equal_their_single_runs(model, tokenizer):
     alone = Engine(model, tokenizer, static_cache=False)
     batched = Engine(model, tokenizer)
-    batched.enable_batching(slots=3, max_len=256)       # fewer rows than requests: some wait
-    jobs = [(alone.encode_chat([{"role": "user", "content": q}]),
-             SamplingParams(max_new_tokens=6 + 3 * i, ignore_eos=True,
-                            **({"temperature": 0.8, "seed": i} if i % 2 else {}))) for i, q in enumerate(QUESTIONS)]
+    batched.enable_batching(slots=3, max_len=256)  # fewer rows than requests: some wait
+    jobs = [
+        (
+            alone.encode_chat([{"role": "user", "content": q}]),
+            SamplingParams(
+                max_new_tokens=6 + 3 * i, ignore_eos=True, **({"temperature": 0.8, "seed": i} if i % 2 else {})
+            ),
+        )
+        for i, q in enumerate(QUESTIONS)
+    ]
     got = [None] * len(jobs)
     pieces = [[] for _ in jobs]
 
@@ -50,7 +58,7 @@ def test_stop_string_and_cancel_end_one_row_only(model, tokenizer, bundled_text)
     batched.enable_batching(slots=2, max_len=256)
     prompt = batched.encode_text("The list")
     plain = batched.run(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))
-    stop = plain.text[len(plain.text) // 2:][:3]
+    stop = plain.text[len(plain.text) // 2 :][:3]
     stopped = batched.run(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True, stop=[stop]))
     assert stopped.finish_reason == "stop" and stop not in stopped.text
     count = {"n": 0}
@@ -62,7 +70,7 @@ def test_stop_string_and_cancel_end_one_row_only(model, tokenizer, bundled_text)
     cut = batched.run(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True), cancelled=cancelled)
     assert cut.finish_reason == "cancelled" and len(cut.token_ids) == 4
     again = batched.run(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))
-    assert again.token_ids == plain.token_ids          # the freed row is clean for the next one
+    assert again.token_ids == plain.token_ids  # the freed row is clean for the next one
 
 
 def test_too_long_requests_run_on_their_own(model, tokenizer):
@@ -86,8 +94,10 @@ def test_batched_cuda_graph_steps_equal_single_runs(tiny_model_dir, tokenizer):
     prompts = [alone.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     got = [None] * len(prompts)
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, batched.run(prompts[i], params)))
-               for i in range(len(prompts))]
+    threads = [
+        threading.Thread(target=lambda i=i: got.__setitem__(i, batched.run(prompts[i], params)))
+        for i in range(len(prompts))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -112,7 +122,7 @@ def test_a_model_the_batcher_cannot_take_is_decoded_alone(model, tokenizer, monk
     want = Engine(model, tokenizer, static_cache=False).run(prompt, params).token_ids
     assert engine.run(prompt, params).token_ids == want
     assert "sliding" in engine.batcher.broken
-    assert engine.run(prompt, params).token_ids == want       # and later ones too
+    assert engine.run(prompt, params).token_ids == want  # and later ones too
 
 
 def test_a_long_request_beside_idle_rows_never_fills_the_cache(model, tokenizer):
@@ -122,6 +132,6 @@ def test_a_long_request_beside_idle_rows_never_fills_the_cache(model, tokenizer)
     prompt = engine.encode_text("A")
     params = SamplingParams(max_new_tokens=60 - len(prompt), ignore_eos=True)
     alone = Engine(model, tokenizer, static_cache=False).run(prompt, params)
-    for _ in range(2):                                  # twice: rows are reused
+    for _ in range(2):  # twice: rows are reused
         assert engine.run(prompt, params).token_ids == alone.token_ids
     assert max(engine.batcher.decoder.lengths) < 64

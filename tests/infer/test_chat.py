@@ -1,4 +1,5 @@
 """The chat REPL's commands and history, `generate`, API keys and the scheduler's bounds (no server)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,19 +35,26 @@ def run_repl(engine, lines, params=None, **kw):
     real_encode = engine.encode_chat
     engine.encode_chat = lambda messages: prompts.append([dict(m) for m in messages]) or real_encode(messages)
     try:
-        code = chat_repl(engine, params or SamplingParams(max_new_tokens=4, ignore_eos=True), read=read,
-                         write=out.append, err=err.append, **kw)
+        code = chat_repl(
+            engine,
+            params or SamplingParams(max_new_tokens=4, ignore_eos=True),
+            read=read,
+            write=out.append,
+            err=err.append,
+            **kw,
+        )
     finally:
         engine.encode_chat = real_encode
     return code, "".join(out), err, prompts
 
 
 def test_repl_streams_keeps_history_and_obeys_commands(engine):
-    code, out, err, prompts = run_repl(engine, ["hello", "again", "/reset", "fresh", "/system Be brief.", "x",
-                                                "/bogus", "/exit", "never read"])
+    code, out, err, prompts = run_repl(
+        engine, ["hello", "again", "/reset", "fresh", "/system Be brief.", "x", "/bogus", "/exit", "never read"]
+    )
     assert code == 0
-    assert [m["role"] for m in prompts[1]] == ["user", "assistant", "user"]       # multi-turn
-    assert [m["content"] for m in prompts[2]] == ["fresh"]                           # /reset forgot
+    assert [m["role"] for m in prompts[1]] == ["user", "assistant", "user"]  # multi-turn
+    assert [m["content"] for m in prompts[2]] == ["fresh"]  # /reset forgot
     assert prompts[3][0] == {"role": "system", "content": "Be brief."}
     assert any("tokens/s" in e for e in err) and any("unknown command /bogus" in e for e in err)
     assert out.strip()
@@ -56,15 +64,17 @@ def test_repl_drops_old_turns_to_fit_the_context(engine):
     small = Engine(engine.model, engine.tokenizer, max_context=60)
     _, _, err, prompts = run_repl(small, ["a " * 10, "b " * 10, "c " * 10])
     assert all(len(small.encode_chat(p)) + 4 <= 60 for p in prompts[-1:])
-    assert len(prompts[-1]) < 5                                                     # oldest turns went
+    assert len(prompts[-1]) < 5  # oldest turns went
     _, _, err, _ = run_repl(small, ["word " * 80])
     assert any("over the context of 60" in e for e in err)
 
 
 def test_generate_once_and_its_errors(engine):
     out, err = [], []
-    assert generate_once(engine, "Hi", SamplingParams(max_new_tokens=3, ignore_eos=True), write=out.append,
-                         err=err.append) == 0
+    assert (
+        generate_once(engine, "Hi", SamplingParams(max_new_tokens=3, ignore_eos=True), write=out.append, err=err.append)
+        == 0
+    )
     assert "".join(out).strip() and "3 tokens" in err[0]
     with pytest.raises(UserError, match="--prompt is empty"):
         generate_once(engine, "  ", SamplingParams())
@@ -94,14 +104,14 @@ def test_scheduler_bounds_running_and_waiting_jobs():
         gate = threading.Event()
         first = s.submit(lambda job: (gate.wait(5), job.emit("a")))
         second = s.submit(lambda job: job.emit("b"))
-        assert first and second and s.submit(lambda job: None) is None   # 1 running + 1 waiting: full
+        assert first and second and s.submit(lambda job: None) is None  # 1 running + 1 waiting: full
         gate.set()
         got = [item async for item in first.events()] + [item async for item in second.events()]
         assert got == ["a", "b"] and s.active == 0 and s.waiting == 0
         blocker = threading.Event()
         held = s.submit(lambda job: blocker.wait(5))
         queued = s.submit(lambda job: job.emit("never"))
-        queued.cancel()                                                   # a waiting client leaves
+        queued.cancel()  # a waiting client leaves
         assert [item async for item in queued.events()] == []
         blocker.set()
         assert [item async for item in held.events()] == []
@@ -144,3 +154,28 @@ def test_health_is_503_while_loading_and_after_a_failed_load():
         assert "not found" in client.get("/status").json()["load_error"]
         err = client.post("/generate", json={"prompt": "hi"}).json()["error"]
         assert err["code"] == "model_load_failed" and "not found" in err["message"]
+
+
+def test_the_banner_names_the_adapter_and_history_lives_in_a_file(engine, tmp_path, monkeypatch):
+    from qlora_platform.infer import chat
+
+    _, _, err, _ = run_repl(engine, ["/exit"], label="the adapter runs/x/final_adapter")
+    assert err[0].startswith("chat with the adapter runs/x/final_adapter;")
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    readline = pytest.importorskip("readline")
+    history = tmp_path / "cache" / "chat_history"
+    history.parent.mkdir()
+    history.write_text("earlier question\n")
+    monkeypatch.setattr(chat.sys, "stdin", Tty())
+    saved = []
+    monkeypatch.setattr("atexit.register", lambda fn: saved.append(fn))
+    readline.clear_history()
+    chat.line_editing(history)
+    assert readline.get_history_item(1) == "earlier question"
+    readline.add_history("new question")
+    saved[0]()
+    assert history.read_text().splitlines()[-1] == "new question"

@@ -1,4 +1,5 @@
 """The decode loop against transformers' generate, batching, streaming, stops and cancel."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,16 +19,21 @@ def engine(tiny_model_dir, tokenizer):
 
 
 def hf_greedy(engine, ids, n, penalty=1.0):
-    out = engine.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                                repetition_penalty=penalty, pad_token_id=engine.pad_id)
-    return out[0, len(ids):].tolist()
+    out = engine.model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=n,
+        do_sample=False,
+        min_new_tokens=n,
+        repetition_penalty=penalty,
+        pad_token_id=engine.pad_id,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_greedy_equals_transformers_generate(engine, penalty, bundled_text):
     ids = engine.encode_chat([{"role": "user", "content": "Tell me about lists."}])
-    result = engine.generate([ids], SamplingParams(max_new_tokens=12, ignore_eos=True,
-                                                   repetition_penalty=penalty))[0]
+    result = engine.generate([ids], SamplingParams(max_new_tokens=12, ignore_eos=True, repetition_penalty=penalty))[0]
     assert result.token_ids == hf_greedy(engine, ids, 12, penalty)
     assert result.finish_reason == "length" and result.completion_tokens == 12
     assert result.prefill_s > 0 and result.decode_s > 0
@@ -54,7 +60,7 @@ def test_stop_string_is_cut_and_never_streamed(engine, bundled_text):
     stop = full.strip()[3:6]
     pieces = list(engine.stream(ids, SamplingParams(max_new_tokens=10, ignore_eos=True, stop=[stop])))
     assert engine.last.finish_reason == "stop"
-    assert "".join(pieces) == full[:full.find(stop)]
+    assert "".join(pieces) == full[: full.find(stop)]
 
 
 def test_seeded_sampling_repeats_and_cancel_stops_early(engine):
@@ -62,8 +68,9 @@ def test_seeded_sampling_repeats_and_cancel_stops_early(engine):
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
     assert engine.generate([ids], params)[0].token_ids == engine.generate([ids], params)[0].token_ids
     calls = []
-    result = engine.generate([ids], SamplingParams(max_new_tokens=50, ignore_eos=True),
-                             cancelled=lambda: calls.append(1) or len(calls) >= 3)[0]
+    result = engine.generate(
+        [ids], SamplingParams(max_new_tokens=50, ignore_eos=True), cancelled=lambda: calls.append(1) or len(calls) >= 3
+    )[0]
     assert result.finish_reason == "cancelled" and result.completion_tokens == 3
 
 

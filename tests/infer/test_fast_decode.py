@@ -1,4 +1,5 @@
 """The platform's own decode step (infer/fast_decode.py) against the model's forward."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,10 @@ def _model(tiny_model_dir, **overrides):
 
 def _decode_both_ways(model, ids, mask, steps=6):
     """Logits of each step from a decoder on the fused step and one on the model's forward."""
-    fast, stock = StaticDecoder(model, ids.shape[0], 64, graphs=False), \
-        StaticDecoder(model, ids.shape[0], 64, graphs=False, fast_step=False)
+    fast, stock = (
+        StaticDecoder(model, ids.shape[0], 64, graphs=False),
+        StaticDecoder(model, ids.shape[0], 64, graphs=False, fast_step=False),
+    )
     pairs = []
     a, b = fast.prefill(ids, mask), stock.prefill(ids, mask)
     for _ in range(steps):
@@ -47,8 +50,9 @@ def test_fused_step_runs_lora_layers_with_their_adapter(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(_model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear",
-                                                              init_lora_weights=False)).eval()
+    model = get_peft_model(
+        _model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    ).eval()
     ids = torch.randint(5, 200, (1, 7), generator=torch.Generator().manual_seed(1))
     fast, pairs = _decode_both_ways(model, ids, torch.ones_like(ids))
     assert fast.fast is not None
@@ -56,11 +60,12 @@ def test_fused_step_runs_lora_layers_with_their_adapter(tiny_model_dir):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     with model.disable_adapter():
         _, plain = _decode_both_ways(model, ids, torch.ones_like(ids))
-    assert not torch.allclose(plain[0][0], pairs[0][0])      # the adapter did act above
+    assert not torch.allclose(plain[0][0], pairs[0][0])  # the adapter did act above
 
 
-@pytest.mark.parametrize("overrides,why", [({"hidden_act": "gelu"}, "activation"),
-                                           ({"head_dim": 24, "hidden_size": 96}, "head size")])
+@pytest.mark.parametrize(
+    "overrides,why", [({"hidden_act": "gelu"}, "activation"), ({"head_dim": 24, "hidden_size": 96}, "head size")]
+)
 def test_models_the_step_does_not_cover_keep_their_forward_and_say_why(tiny_model_dir, tokenizer, overrides, why):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -81,7 +86,7 @@ def test_a_fused_step_that_disagrees_is_dropped_after_the_first_check(tiny_model
     model = _model(tiny_model_dir)
     ids = torch.randint(5, 200, (1, 5), generator=torch.Generator().manual_seed(2))
     decoder = StaticDecoder(model, 1, 64, graphs=False)
-    decoder.fast.scale *= 3                      # a fused step that gets the attention wrong
+    decoder.fast.scale *= 3  # a fused step that gets the attention wrong
     stock = StaticDecoder(model, 1, 64, graphs=False, fast_step=False)
     a, b = decoder.prefill(ids, torch.ones_like(ids)), stock.prefill(ids, torch.ones_like(ids))
     for _ in range(3):

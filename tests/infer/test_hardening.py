@@ -2,6 +2,7 @@
 the batcher, keys that were silently off, clients that leave, slow bodies, oversized requests,
 and a mixed burst of all of them after which every slot is free again. The server runs in
 this process (uvicorn on loopback) over the tiny random Llama, so each test takes seconds."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,10 +46,12 @@ def plain_cpu_decoding():
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
 # -- sampling and the batcher ------------------------------------------------------------------
+
 
 def test_tiny_temperatures_and_broken_logits_take_the_argmax():
     logits = torch.tensor([[0.5, 3.0, -1.0, 0.0]])
@@ -98,9 +101,9 @@ def test_a_request_failing_at_admission_fails_alone_and_frees_its_row(model, tok
     for t in runners:
         t.join(60)
     assert not errors.get(0) and not errors.get(1), errors
-    assert got[0].token_ids == want and got[1].token_ids == want     # the running rows went on unharmed
+    assert got[0].token_ids == want and got[1].token_ids == want  # the running rows went on unharmed
     assert engine.batcher.active == {}
-    assert engine.run(prompt, params).token_ids == want               # and the batcher still serves
+    assert engine.run(prompt, params).token_ids == want  # and the batcher still serves
 
 
 def test_detokenisation_cost_is_linear_and_exact(tokenizer):
@@ -128,6 +131,7 @@ def test_detokenisation_cost_is_linear_and_exact(tokenizer):
 
 # -- keys --------------------------------------------------------------------------------------
 
+
 def test_a_key_source_without_a_key_is_a_startup_error(tmp_path):
     with pytest.raises(UserError, match=r"--api-key gives no API key: the value is empty"):
         ApiKeys.gather([""], environ={})
@@ -139,7 +143,7 @@ def test_a_key_source_without_a_key_is_a_startup_error(tmp_path):
     comments.write_text("# put keys here\n\n   \n")
     with pytest.raises(UserError, match=r"API key file '.*keys.txt' gives no API key: .*one key per line"):
         ApiKeys.gather(None, str(comments), environ={})
-    assert not ApiKeys.gather(None, None, environ={}).enabled            # no source at all: a choice
+    assert not ApiKeys.gather(None, None, environ={}).enabled  # no source at all: a choice
     comments.write_text(f"# the team's key\n{KEY}\n")
     assert len(ApiKeys.gather(None, str(comments), environ={"QLORA_API_KEYS": "another-key-123"})) == 2
 
@@ -156,8 +160,23 @@ def test_serve_refuses_an_empty_key_and_warns_about_keys_on_the_command_line(mon
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: --api-key gives no API key")
     assert not calls
-    assert cli.main(["serve", "--model", "m", "--api-key", KEY, "--max-connections", "7", "--access-log",
-                     "--max-model-len", "300"]) == 0
+    assert (
+        cli.main(
+            [
+                "serve",
+                "--model",
+                "m",
+                "--api-key",
+                KEY,
+                "--max-connections",
+                "7",
+                "--access-log",
+                "--max-model-len",
+                "300",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert err.count("visible") == 1 and "--api-key-file" in err
     settings, _, kw = calls[0]
@@ -168,6 +187,7 @@ def test_serve_refuses_an_empty_key_and_warns_about_keys_on_the_command_line(mon
 
 
 # -- the live server ---------------------------------------------------------------------------
+
 
 class Wrapped:
     """An engine as the server sees it, with hooks: where prompts are tokenized, how runs end,
@@ -220,8 +240,9 @@ class LiveServer:
         self.state = self.app.state.qlora
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(self.app, "127.0.0.1", self.port, log_level="warning",
-                                                    max_connections=connections))
+        self.server = uvicorn.Server(
+            uvicorn_config(self.app, "127.0.0.1", self.port, log_level="warning", max_connections=connections)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -259,8 +280,10 @@ class LiveServer:
 
 def request_head(path: str, length: int, key: str | None = KEY, extra: str = "") -> bytes:
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n{auth}{extra}\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n{auth}{extra}\r\n"
+    ).encode()
 
 
 def status_of(conn: socket.socket) -> int:
@@ -272,8 +295,15 @@ def status_of(conn: socket.socket) -> int:
 @pytest.fixture(scope="module")
 def live(model, tokenizer):
     engine = Wrapped(Engine(model, tokenizer, static_cache=False), pause=0.0)
-    srv = LiveServer(engine, max_active=1, max_queue=0, max_body_bytes=4096, body_timeout=1.0, max_model_len=128,
-                     cors_origins=["http://ui.example"])
+    srv = LiveServer(
+        engine,
+        max_active=1,
+        max_queue=0,
+        max_body_bytes=4096,
+        body_timeout=1.0,
+        max_model_len=128,
+        cors_origins=["http://ui.example"],
+    )
     try:
         yield srv
     finally:
@@ -303,7 +333,7 @@ def test_a_failed_load_shows_only_its_status_on_health():
 
 
 def test_the_key_is_checked_before_the_body_is_read(live):
-    conn = live.raw(request_head("/v1/completions", 2000, key=None))      # headers only, no body
+    conn = live.raw(request_head("/v1/completions", 2000, key=None))  # headers only, no body
     assert status_of(conn) == 401
 
 
@@ -322,19 +352,38 @@ def test_cors_headers_come_with_401_and_413(live):
     assert r.status_code == 413 and r.headers["access-control-allow-origin"] == "http://ui.example"
 
 
-@pytest.mark.parametrize("path, body, fragment", [
-    ("/v1/completions", {"prompt": "hi", "seed": 2 ** 64}, "seed: Input should be less than or equal to"),
-    ("/v1/completions", {"prompt": "a\ud800b"}, "prompt: is not valid Unicode"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "content: is not valid Unicode"),
-    ("/v1/chat/completions", {"messages": HI, "logit_bias": {"50": 100}}, "logit_bias: logit_bias is not supported"),
-    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}, "response_format: type"),
-    ("/v1/chat/completions", {"messages": HI, "presence_penalty": 0.5}, "presence_penalty: presence_penalty is not"),
-    ("/v1/chat/completions", {"messages": HI, "frequency_penalty": 3}, "frequency_penalty: Input should be less"),
-    ("/v1/chat/completions", {"messages": HI, "repetition_penalty": 1e-30}, "repetition_penalty: Input should be"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 200}, r"max_tokens: the prompt has \d+ tokens and max_tokens "
-                                                           r"is 200: \d+ is over this server's limit of 128 tokens "
-                                                           r"\(--max-model-len\)"),
-])
+@pytest.mark.parametrize(
+    "path, body, fragment",
+    [
+        ("/v1/completions", {"prompt": "hi", "seed": 2**64}, "seed: Input should be less than or equal to"),
+        ("/v1/completions", {"prompt": "a\ud800b"}, "prompt: is not valid Unicode"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "\udfff"}]},
+            "content: is not valid Unicode",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": HI, "logit_bias": {"50": 100}},
+            "logit_bias: logit_bias is not supported",
+        ),
+        ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}, "response_format: type"),
+        (
+            "/v1/chat/completions",
+            {"messages": HI, "presence_penalty": 0.5},
+            "presence_penalty: presence_penalty is not",
+        ),
+        ("/v1/chat/completions", {"messages": HI, "frequency_penalty": 3}, "frequency_penalty: Input should be less"),
+        ("/v1/chat/completions", {"messages": HI, "repetition_penalty": 1e-30}, "repetition_penalty: Input should be"),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "max_tokens": 200},
+            r"max_tokens: the prompt has \d+ tokens and max_tokens "
+            r"is 200: \d+ is over this server's limit of 128 tokens "
+            r"\(--max-model-len\)",
+        ),
+    ],
+)
 def test_bad_values_are_a_400_naming_the_field(live, path, body, fragment):
     import re
 
@@ -348,8 +397,17 @@ def test_a_tiny_temperature_is_greedy(live):
     tiny = live.post("/v1/completions", {**body, "temperature": 1e-38})
     greedy = live.post("/v1/completions", {**body, "temperature": 0})
     assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
-    ok = live.post("/v1/completions", {**body, "temperature": 0.7, "response_format": {"type": "text"},
-                                       "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}})
+    ok = live.post(
+        "/v1/completions",
+        {
+            **body,
+            "temperature": 0.7,
+            "response_format": {"type": "text"},
+            "presence_penalty": 0,
+            "frequency_penalty": 0,
+            "logit_bias": {},
+        },
+    )
     assert ok.status_code == 200
 
 
@@ -363,16 +421,16 @@ def test_prompts_are_tokenized_off_the_event_loop_and_only_once_admitted(live):
             while requests.get(live.url + "/status", headers=AUTH, timeout=5).json()["active"] == 0:
                 assert time.time() < deadline
                 time.sleep(0.02)
-            refused = live.post("/v1/chat/completions", {"messages": HI, "max_tokens": 4})   # max_queue 0
+            refused = live.post("/v1/chat/completions", {"messages": HI, "max_tokens": 4})  # max_queue 0
             assert refused.status_code == 429
             assert busy.result().status_code == 200
     finally:
         live.engine.pause = 0.0
-    assert live.engine.encoded == ["qlora-generate"]          # once, in the worker; none for the 429
+    assert live.engine.encoded == ["qlora-generate"]  # once, in the worker; none for the 429
 
 
 def test_a_non_streaming_client_that_leaves_frees_its_slot(live):
-    live.engine.pause = 0.05                                  # 100 tokens: 5 s if it ran to the end
+    live.engine.pause = 0.05  # 100 tokens: 5 s if it ran to the end
     live.engine.finished.clear()
     try:
         body = json.dumps({"prompt": "The list", "max_tokens": 100, "temperature": 0.8}).encode()
@@ -407,30 +465,36 @@ def test_connections_beyond_the_limit_get_503_at_once(model, tokenizer):
 
 # -- everything at once ------------------------------------------------------------------------
 
+
 def test_a_mixed_burst_leaves_the_server_healthy_and_every_slot_free(model, tokenizer):
     engine = Wrapped(Engine(model, tokenizer))
-    engine.enable_batching(slots=2, max_len=256)      # the continuous batcher, as on a GPU
+    engine.enable_batching(slots=2, max_len=256)  # the continuous batcher, as on a GPU
     srv = LiveServer(engine, max_active=2, max_queue=24, body_timeout=1.0, queue_timeout=30, max_body_bytes=8192)
     try:
+
         def valid(i):
             extra = {"temperature": 0.8, "seed": i} if i % 2 else {"temperature": 0}
-            r = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": f"Count to {i}."}],
-                                                  "max_tokens": 8, **extra})
+            r = srv.post(
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 8, **extra},
+            )
             return "valid", r.status_code
 
         def tiny_temperature(i):
-            return "valid", srv.post("/v1/completions", {"prompt": f"Item {i}", "max_tokens": 8,
-                                                         "temperature": 1e-38}).status_code
+            return "valid", srv.post(
+                "/v1/completions", {"prompt": f"Item {i}", "max_tokens": 8, "temperature": 1e-38}
+            ).status_code
 
         def huge_seed(i):
-            return "seed", srv.post("/generate", {"prompt": "hi", "seed": 2 ** 64 + i, "temperature": 1}).status_code
+            return "seed", srv.post("/generate", {"prompt": "hi", "seed": 2**64 + i, "temperature": 1}).status_code
 
         def slow_body(i):
             return "slow", status_of(srv.raw(request_head("/generate", 100), b'{"prompt": '))
 
         def leaves(i):
-            body = json.dumps({"prompt": "The list", "max_tokens": 240, "temperature": 0.9,
-                               "stream": bool(i % 2)}).encode()
+            body = json.dumps(
+                {"prompt": "The list", "max_tokens": 240, "temperature": 0.9, "stream": bool(i % 2)}
+            ).encode()
             conn = srv.raw(request_head("/v1/completions", len(body)), body)
             time.sleep(0.2)
             conn.close()

@@ -1,4 +1,5 @@
 """Loading an adapter folder for inference: what a downloaded folder can and cannot decide."""
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,15 @@ def crafted_adapter(tmp_path, tiny_model_dir, tokenizer):
     tokenizer.save_pretrained(adapter)
     marker = tmp_path / "code-ran"
     (adapter / "evil.py").write_text(
-        f"open({str(marker)!r}, 'w').write('ran')\n"
-        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
     tok_cfg = json.loads((adapter / "tokenizer_config.json").read_text())
     tok_cfg["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
     (adapter / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     (run / "config.yaml").write_text(
         f"model:\n  name: {tiny_model_dir}\n  trust_remote_code: true\n"
-        "quantization:\n  compute_dtype: float32\ntraining:\n  device: cpu\n")
+        "quantization:\n  compute_dtype: float32\ntraining:\n  device: cpu\n"
+    )
     return run, marker
 
 

@@ -1,4 +1,5 @@
 """The real server on loopback with the bundled model: SDKs, keys, bad requests, load, disconnects, SIGTERM."""
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,17 @@ def gauge(server, name: str) -> float:
 def test_health_is_public_and_keyed_routes_need_a_key(server):
     assert server.ready["status"] == "ok"
     health = requests.get(server.url + "/health", timeout=5)
-    assert health.status_code == 200 and health.json() == {"status": "ok"}      # nothing more in public
+    assert health.status_code == 200 and health.json() == {"status": "ok"}  # nothing more in public
     status = requests.get(server.url + "/status", headers=AUTH, timeout=5).json()
     assert status["model"] == "smollm2" and status["load_error"] is None
-    for method, path in [("get", "/v1/models"), ("get", "/metrics"), ("get", "/status"),
-                         ("post", "/v1/chat/completions"), ("post", "/v1/completions"), ("post", "/generate")]:
+    for method, path in [
+        ("get", "/v1/models"),
+        ("get", "/metrics"),
+        ("get", "/status"),
+        ("post", "/v1/chat/completions"),
+        ("post", "/v1/completions"),
+        ("post", "/generate"),
+    ]:
         r = getattr(requests, method)(server.url + path, timeout=5)
         assert r.status_code == 401, path
         assert set(r.json()["error"]) == {"message", "type", "code"} and "API key" in r.json()["error"]["message"]
@@ -52,24 +59,33 @@ def test_openai_sdk_plain_and_streaming(server):
     reply = client.chat.completions.create(model="smollm2", messages=HI, max_tokens=12, temperature=0)
     assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 5
-    stream = client.chat.completions.create(model="smollm2", messages=HI, max_tokens=12, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="smollm2", messages=HI, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == reply.choices[0].message.content          # greedy: same text streamed or not
+    assert text == reply.choices[0].message.content  # greedy: same text streamed or not
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     done = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0)
     assert done.choices[0].text and done.usage.completion_tokens <= 6
-    seeded = [client.chat.completions.create(model="smollm2", messages=HI, max_tokens=10, temperature=0.9, seed=3)
-              .choices[0].message.content for _ in range(2)]
+    seeded = [
+        client.chat.completions.create(model="smollm2", messages=HI, max_tokens=10, temperature=0.9, seed=3)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
 
 
 def test_requests_generate_plain_and_sse(server):
     r = post(server, "/generate", {"prompt": "Name a Python web framework.", "max_tokens": 10, "temperature": 0})
     assert r.status_code == 200 and r.json()["text"] and r.json()["timings"]["decode_tokens_per_s"] >= 0
-    with post(server, "/generate", {"prompt": "Name a Python web framework.", "max_tokens": 10, "temperature": 0,
-                                    "stream": True}, stream=True) as s:
+    with post(
+        server,
+        "/generate",
+        {"prompt": "Name a Python web framework.", "max_tokens": 10, "temperature": 0, "stream": True},
+        stream=True,
+    ) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in s.iter_lines(decode_unicode=True) if ln]
     assert lines[-1] == "data: [DONE]"
@@ -77,20 +93,28 @@ def test_requests_generate_plain_and_sse(server):
     assert "".join(e.get("text", "") for e in events) == r.json()["text"] and events[-1]["done"]
 
 
-@pytest.mark.parametrize("path, body, status, fragment", [
-    ("/v1/chat/completions", {"messages": []}, 400, "messages: List should have at least 1 item"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "  "}]}, 400, "at least one user message"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
-    ("/v1/chat/completions", {"messages": HI, "temperature": 5}, 400, "temperature"),
-    ("/v1/chat/completions", {"messages": HI, "top_p": 0}, 400, "top_p"),
-    ("/v1/chat/completions", {"messages": HI, "max_tokens": 0}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"messages": HI, "n": 2}, 400, "n:"),
-    ("/v1/chat/completions", {"messages": HI, "max_tokens": 9000}, 400, r"prompt has \d+ tokens and max_tokens is 9000"),
-    ("/v1/chat/completions", {"messages": HI, "model": "gpt-4"}, 404, "model 'gpt-4' is not served"),
-    ("/v1/completions", {"prompt": ""}, 400, "prompt: Value error, is empty|prompt: is empty"),
-    ("/generate", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop takes up to 4"),
-    ("/nope", {}, 404, "no route POST /nope"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, fragment",
+    [
+        ("/v1/chat/completions", {"messages": []}, 400, "messages: List should have at least 1 item"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "  "}]}, 400, "at least one user message"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
+        ("/v1/chat/completions", {"messages": HI, "temperature": 5}, 400, "temperature"),
+        ("/v1/chat/completions", {"messages": HI, "top_p": 0}, 400, "top_p"),
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"messages": HI, "n": 2}, 400, "n:"),
+        (
+            "/v1/chat/completions",
+            {"messages": HI, "max_tokens": 9000},
+            400,
+            r"prompt has \d+ tokens and max_tokens is 9000",
+        ),
+        ("/v1/chat/completions", {"messages": HI, "model": "gpt-4"}, 404, "model 'gpt-4' is not served"),
+        ("/v1/completions", {"prompt": ""}, 400, "prompt: Value error, is empty|prompt: is empty"),
+        ("/generate", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop takes up to 4"),
+        ("/nope", {}, 404, "no route POST /nope"),
+    ],
+)
 def test_bad_requests_get_a_clear_4xx(server, path, body, status, fragment):
     r = post(server, path, body)
     assert r.status_code == status, r.text
@@ -99,23 +123,34 @@ def test_bad_requests_get_a_clear_4xx(server, path, body, status, fragment):
 
 
 def test_malformed_json_and_oversized_bodies(server):
-    r = requests.post(server.url + "/v1/chat/completions", data=b'{"messages": [', timeout=10,
-                      headers={**AUTH, "Content-Type": "application/json"})
+    r = requests.post(
+        server.url + "/v1/chat/completions",
+        data=b'{"messages": [',
+        timeout=10,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
     big = {"messages": [{"role": "user", "content": "x" * 100_000}]}
     r = post(server, "/v1/chat/completions", big)
     assert r.status_code == 413 and "65536 bytes" in r.json()["error"]["message"]
     # Chunked upload without Content-Length is counted too.
-    r = requests.post(server.url + "/generate", data=iter([b'{"prompt": "', b"y" * 70_000, b'"}']),
-                      headers={**AUTH, "Content-Type": "application/json"}, timeout=10)
+    r = requests.post(
+        server.url + "/generate",
+        data=iter([b'{"prompt": "', b"y" * 70_000, b'"}']),
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=10,
+    )
     assert r.status_code == 413
 
 
 def test_burst_gets_only_200_429_503_and_the_server_stays_healthy(server):
     def one(i):
         t = time.time()
-        r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Count to {i}."}],
-                                                  "max_tokens": 8, "temperature": 0})
+        r = post(
+            server,
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": f"Count to {i}."}], "max_tokens": 8, "temperature": 0},
+        )
         tokens = r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
         if r.status_code == 429:
             assert int(r.headers["Retry-After"]) >= 1
@@ -130,15 +165,21 @@ def test_burst_gets_only_200_429_503_and_the_server_stays_healthy(server):
     assert requests.get(server.url + "/health", timeout=5).json()["status"] == "ok"
     assert gauge(server, "qlora_active_generations") == 0 and gauge(server, "qlora_queue_depth") == 0
     tokens = sum(t for _, t, _ in results)
-    print(f"\nburst: 48 requests from 16 threads in {wall:.1f} s: {codes.count(200)} x 200, "
-          f"{codes.count(429)} x 429, {codes.count(503)} x 503; {tokens} tokens, {tokens / wall:.1f} tokens/s")
+    print(
+        f"\nburst: 48 requests from 16 threads in {wall:.1f} s: {codes.count(200)} x 200, "
+        f"{codes.count(429)} x 429, {codes.count(503)} x 503; {tokens} tokens, {tokens / wall:.1f} tokens/s"
+    )
 
 
 def test_a_disconnecting_client_frees_its_slot(server):
     s = requests.Session()
-    r = s.post(server.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 4000, "stream": True,
-                                                          "temperature": 0.8, "repetition_penalty": 1.0},
-               headers=AUTH, stream=True, timeout=60)
+    r = s.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": HI, "max_tokens": 4000, "stream": True, "temperature": 0.8, "repetition_penalty": 1.0},
+        headers=AUTH,
+        stream=True,
+        timeout=60,
+    )
     lines = r.iter_lines()
     next(lines)
     next(lines)
@@ -154,8 +195,11 @@ def test_a_disconnecting_client_frees_its_slot(server):
 def test_a_disconnecting_non_streaming_client_frees_its_slot(server):
     body = json.dumps({"messages": HI, "max_tokens": 4000, "temperature": 0.8}).encode()
     conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    conn.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    conn.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     deadline = time.time() + 30
     while gauge(server, "qlora_active_generations") != 1:
         assert time.time() < deadline, "the generation never started"
@@ -174,9 +218,11 @@ def test_sigterm_lets_in_flight_requests_finish():
         answer = {}
 
         def call():
-            answer["r"] = requests.post(srv.url + "/v1/completions", timeout=120,
-                                        json={"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0,
-                                              "stop": ["@@@@"]})
+            answer["r"] = requests.post(
+                srv.url + "/v1/completions",
+                timeout=120,
+                json={"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "stop": ["@@@@"]},
+            )
 
         thread = threading.Thread(target=call)
         thread.start()

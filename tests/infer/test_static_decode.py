@@ -1,5 +1,6 @@
 """The static-cache decode path (the GPU default; CUDA graphs on the device) against the
 dynamic-cache loop and transformers' generate, on the CPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,7 +31,7 @@ def test_static_greedy_equals_dynamic_for_one_and_for_a_left_padded_batch(engine
         got = static.generate(batch, PARAMS)
         want = dynamic.generate(batch, PARAMS)
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
-    assert static.static_fallback_reason is None and static._decoders   # it really ran static
+    assert static.static_fallback_reason is None and static._decoders  # it really ran static
 
 
 def test_decoder_is_reused_and_reset_between_requests(engines):
@@ -38,8 +39,8 @@ def test_decoder_is_reused_and_reset_between_requests(engines):
     a, b = _prompts(static)
     first = static.generate([a], PARAMS)[0].token_ids
     decoders = dict(static._decoders)
-    static.generate([b], PARAMS)                                # another prompt, same shape bucket
-    assert static.generate([a], PARAMS)[0].token_ids == first   # nothing left over from b
+    static.generate([b], PARAMS)  # another prompt, same shape bucket
+    assert static.generate([a], PARAMS)[0].token_ids == first  # nothing left over from b
     assert any(static._decoders.get(k) is d for k, d in decoders.items())
 
 
@@ -51,8 +52,7 @@ def test_streaming_and_stops_work_on_the_static_path(engines):
     assert "".join(pieces) == static.last.text == dynamic.generate([ids], params)[0].text
 
 
-def test_a_model_without_static_cache_support_falls_back_with_the_reason(tiny_model_dir, tokenizer,
-                                                                          monkeypatch):
+def test_a_model_without_static_cache_support_falls_back_with_the_reason(tiny_model_dir, tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from qlora_platform.infer import static_decode
@@ -85,7 +85,7 @@ def test_adapter_on_and_off_get_decoders_of_their_own(tiny_model_dir, tokenizer)
         plain = static.generate([ids], PARAMS)[0].token_ids
         assert plain == dynamic.generate([ids], PARAMS)[0].token_ids
     assert tuned == dynamic.generate([ids], PARAMS)[0].token_ids
-    assert len({key[2] for key in static._decoders}) == 2   # a CUDA graph per adapter state
+    assert len({key[2] for key in static._decoders}) == 2  # a CUDA graph per adapter state
 
 
 @pytest.mark.gpu
@@ -98,11 +98,12 @@ def test_cuda_graph_replay_gives_the_eager_tokens(tiny_model_dir, tokenizer):
     eager = Engine(model, tokenizer, static_cache=False)
     prompts = _prompts(graphs)
     for batch in ([prompts[1]], prompts, [prompts[0]]):
-        assert [g.token_ids for g in graphs.generate(batch, PARAMS)] == \
-            [w.token_ids for w in eager.generate(batch, PARAMS)]
+        assert [g.token_ids for g in graphs.generate(batch, PARAMS)] == [
+            w.token_ids for w in eager.generate(batch, PARAMS)
+        ]
     decoder = next(iter(graphs._decoders.values()))
     assert decoder.graph is not None, decoder.fallback_reason
-    assert decoder.fast is not None, decoder.fast_reason     # the platform's own step, in bf16
+    assert decoder.fast is not None, decoder.fast_reason  # the platform's own step, in bf16
 
 
 def test_repeating_a_step_rewrites_the_same_cache_column(engines):
@@ -119,7 +120,7 @@ def test_repeating_a_step_rewrites_the_same_cache_column(engines):
         token = logits.argmax(-1)
         tokens.append(int(token))
         logits = decoder.step(token)
-        decoder.writes.columns -= 1              # the same step once more
+        decoder.writes.columns -= 1  # the same step once more
         again = decoder._eager_step()
         decoder.writes.columns += 1
         torch.testing.assert_close(again, logits)

@@ -14,11 +14,14 @@ def test_bundled_conversion_is_a_loadable_folder_with_the_right_eos(bundled_dir,
     assert tokenizer.chat_template
 
 
-@pytest.mark.parametrize("name,message", [
-    ("./no/such/model", "model path './no/such/model' does not exist"),
-    ("/tmp/definitely-missing.gguf", "GGUF file '/tmp/definitely-missing.gguf' does not exist"),
-    ("bundled:gpt-7", "unknown bundled model 'gpt-7'"),
-])
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("./no/such/model", "model path './no/such/model' does not exist"),
+        ("/tmp/definitely-missing.gguf", "GGUF file '/tmp/definitely-missing.gguf' does not exist"),
+        ("bundled:gpt-7", "unknown bundled model 'gpt-7'"),
+    ],
+)
 def test_bad_model_names(name, message):
     with pytest.raises(UserError, match=message):
         resolve_model_source(name)
@@ -33,11 +36,14 @@ def test_hub_ids_pass_through():
     assert resolve_model_source("mistralai/Mistral-7B-Instruct-v0.3") == "mistralai/Mistral-7B-Instruct-v0.3"
 
 
-@pytest.mark.parametrize("err,message", [
-    (OSError("401 Client Error: Unauthorized ... gated repo"), "HF_TOKEN"),
-    (OSError("RepositoryNotFoundError: 404"), "was not found"),
-    (OSError("We couldn't connect to 'https://huggingface.co' ... offline mode"), "cannot reach the hub"),
-])
+@pytest.mark.parametrize(
+    "err,message",
+    [
+        (OSError("401 Client Error: Unauthorized ... gated repo"), "HF_TOKEN"),
+        (OSError("RepositoryNotFoundError: 404"), "was not found"),
+        (OSError("We couldn't connect to 'https://huggingface.co' ... offline mode"), "cannot reach the hub"),
+    ],
+)
 def test_hub_errors_become_one_actionable_line(err, message):
     assert message in str(hub_error("meta-llama/Meta-Llama-3-8B-Instruct", err))
 
@@ -65,3 +71,17 @@ def test_library_noise_is_filtered(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "x")
         logger.warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_bpe_tokenizers_decode_without_the_clean_up_warning(tiny_model_dir, capsys, caplog):
+    import logging
+
+    from qlora_platform.config import ModelConfig
+    from qlora_platform.models.loader import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name=str(tiny_model_dir)))
+    assert tok.clean_up_tokenization_spaces is False
+    with caplog.at_level(logging.WARNING):
+        text = tok.decode(tok("Hello , world !")["input_ids"], skip_special_tokens=True)
+    assert text == "Hello , world !"
+    assert "clean_up_tokenization_spaces" not in caplog.text + capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Holdout perplexity against a value computed by hand, token by token."""
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """Checkpoints that survive what happens to real runs: crafted pickles, truncated files, full
 disks, a crash before the data reaches the disk, an evaluation that runs out of memory, reruns
 into a used folder, and resumes of finished or reconfigured runs."""
+
 import errno
 import json
 import os
@@ -69,7 +70,7 @@ def test_a_run_ends_with_a_checkpoint_at_the_final_step(finished_run):
 def test_a_crafted_rng_state_pickle_never_runs(run, tmp_path):
     out = _unfinish(run)
     marker = tmp_path / "code-ran"
-    shutil.copytree(out / "checkpoint-3", out / "checkpoint-4")       # a newer checkpoint, crafted
+    shutil.copytree(out / "checkpoint-3", out / "checkpoint-4")  # a newer checkpoint, crafted
     _evil_pickle(out / "checkpoint-4" / "rng_state.pt", marker)
     logs = []
     resumed = Trainer(run, resume=True, log=logs.append)
@@ -95,12 +96,15 @@ def test_resume_falls_back_past_truncated_and_empty_files(run):
     weights.write_bytes(weights.read_bytes()[:100])
     logs = []
     assert Trainer(run, resume=True, log=logs.append).step == 3
-    assert any("checkpoint-4 cannot be loaded: adapter_model.safetensors is missing or truncated" in str(m)
-               for m in logs)
+    assert any(
+        "checkpoint-4 cannot be loaded: adapter_model.safetensors is missing or truncated" in str(m) for m in logs
+    )
     (out / "checkpoint-4" / "trainer_state.json").write_text("")
     (out / "checkpoint-3" / "optimizer.pt").write_bytes(b"")
-    with pytest.raises(UserError, match="checkpoint-4: trainer_state.json is unreadable.*"
-                                        "checkpoint-3: optimizer.pt is empty or truncated"):
+    with pytest.raises(
+        UserError,
+        match="checkpoint-4: trainer_state.json is unreadable.*checkpoint-3: optimizer.pt is empty or truncated",
+    ):
         Trainer(run, resume=True, log=_quiet)
 
 
@@ -115,19 +119,27 @@ def test_checkpoint_files_reach_the_disk_before_the_rename_and_the_pruning(tmp_p
     events = []
     real_replace, real_rmtree = os.replace, shutil.rmtree
     monkeypatch.setattr(ckpt_mod, "_fsync", lambda path: events.append(("fsync", Path(path).name)))
-    monkeypatch.setattr(ckpt_mod.os, "replace",
-                        lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b)))
-    monkeypatch.setattr(ckpt_mod.shutil, "rmtree",
-                        lambda p, **kw: (events.append(("remove", Path(p).name)), real_rmtree(p, **kw)))
+    monkeypatch.setattr(
+        ckpt_mod.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b))
+    )
+    monkeypatch.setattr(
+        ckpt_mod.shutil, "rmtree", lambda p, **kw: (events.append(("remove", Path(p).name)), real_rmtree(p, **kw))
+    )
     for step in (1, 2):
         save_checkpoint(tmp_path, step, Model(), optimizer, scheduler, {}, keep=1)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
-    second = events[events.index(("rename", "checkpoint-1")) + 1:]
+    second = events[events.index(("rename", "checkpoint-1")) + 1 :]
     rename = second.index(("rename", "checkpoint-2"))
     synced = {name for kind, name in second[:rename] if kind == "fsync"}
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json",
-            "checkpoint-2.tmp"} <= synced
-    assert ("fsync", tmp_path.name) in second[rename:]                      # the rename itself
+    assert {
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pt",
+        "trainer_state.json",
+        "checkpoint-2.tmp",
+    } <= synced
+    assert ("fsync", tmp_path.name) in second[rename:]  # the rename itself
     pruned = second.index(("remove", "checkpoint-1"))
     assert second.index(("fsync", tmp_path.name), rename) < pruned
 
@@ -143,7 +155,7 @@ def test_a_full_disk_mid_save_leaves_no_tmp_folder_and_one_clear_line(run, tmp_p
 
     trainer.model.save_pretrained = disk_full
     with pytest.raises(UserError) as err:
-        trainer.train()                                       # the save at step 3 fails
+        trainer.train()  # the save at step 3 fails
     text = str(err.value)
     assert "could not write checkpoint-3" in text and "No space left on device" in text
     assert "no checkpoint is saved yet" in text and "--resume" in text and "\n" not in text
@@ -198,7 +210,7 @@ def test_a_used_output_dir_needs_resume_or_overwrite(run):
 def test_resume_cuts_the_log_back_to_the_resumed_step(run):
     out = _unfinish(run)
     before = (out / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in before][-1] == 6          # the first run logged 1-6
+    assert [json.loads(line)["step"] for line in before][-1] == 6  # the first run logged 1-6
     resumed = Trainer(run, resume=True, log=_quiet)
     resumed.train()
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]

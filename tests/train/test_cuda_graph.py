@@ -22,7 +22,19 @@ def test_on_the_cpu_it_is_the_eager_step_with_the_loss_scaled():
     torch.testing.assert_close(w.grad, 2 * 0.5 * x)        # accumulated over both calls
 
 
-def _train(cfg, graphs: bool, steps: int = 5):
+def _packed_batch(g):
+    """Packed rows of examples of random lengths: new boundaries, the same shapes every time."""
+    from qlora_platform.train.batching import collate
+
+    def ex():
+        n = int(torch.randint(5, 30, (1,), generator=g))
+        ids = torch.randint(1, 1000, (n,), generator=g).tolist()
+        return {"input_ids": ids, "labels": [-100] + ids[1:]}
+    batch = collate([[ex(), ex()], [ex(), ex(), ex()]], 0, packing=True, max_seq_len=96)
+    return {k: batch[k].cuda() for k in ("labels", "input_ids", "position_ids", "cu_seq_lens")}
+
+
+def _train(cfg, graphs: bool, steps: int = 5, packed: bool = False):
     """A few optimizer steps of the fast path on the GPU; per-step losses and the final adapter."""
     from qlora_platform.train.flat_params import FlatParams
     from qlora_platform.train.model import build_training_model, loss_backward
@@ -37,8 +49,11 @@ def _train(cfg, graphs: bool, steps: int = 5):
     g = torch.Generator().manual_seed(3)
     losses = []
     for _ in range(steps):
-        ids = torch.randint(0, 1000, (2, 64), generator=g).cuda()
-        losses.append(run({"labels": ids, "input_ids": ids}, scale=1 / 126).item())
+        if packed:
+            losses.append(run(_packed_batch(g), scale=1 / 100).item())
+        else:
+            ids = torch.randint(0, 1000, (2, 64), generator=g).cuda()
+            losses.append(run({"labels": ids, "input_ids": ids}, scale=1 / 126).item())
         opt.step()
         flat.zero_grad()
     return losses, flat.param.detach().clone(), run, messages
@@ -58,6 +73,22 @@ def test_graph_replay_trains_exactly_as_the_eager_step(tiny_cfg, offload):
     assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
     torch.testing.assert_close(graph_params, eager_params, atol=1e-5, rtol=1e-4)
     assert graph_losses[-1] < graph_losses[0]
+
+
+@pytest.mark.gpu
+@no_gpu
+@pytest.mark.parametrize("offload", [True, False])
+def test_packed_batches_replay_from_one_graph_as_the_eager_step(tiny_cfg, offload):
+    """Variable-length attention with boundaries as a tensor: one graph serves every packing."""
+    tiny_cfg.training.device = "cuda"
+    tiny_cfg.quantization.compute_dtype = "bfloat16"
+    tiny_cfg.training.gradient_checkpointing = True
+    tiny_cfg.training.offload_checkpoints = offload
+    eager_losses, eager_params, _, _ = _train(tiny_cfg, graphs=False, steps=6, packed=True)
+    graph_losses, graph_params, run, messages = _train(tiny_cfg, graphs=True, steps=6, packed=True)
+    assert len(run.graphs) == 1 and all(g is not None for g in run.graphs.values()), messages
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
+    torch.testing.assert_close(graph_params, eager_params, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
 """Two processes on the CPU (gloo) learn what one process learns from the same global batch,
 with DDP and with FSDP, and a two-process run resumes from its checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -20,13 +21,23 @@ def _train(cfg, out, *extra, processes=1):
     cfg.output.dir = str(out)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(dump_config(cfg))
-    cmd = [sys.executable, "-m", "qlora_platform.cli", "train", "--config", str(path),
-           "--num-processes", str(processes), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qlora_platform.cli",
+        "train",
+        "--config",
+        str(path),
+        "--num-processes",
+        str(processes),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if "Error" in l or "rank0" in l)[-6000:]
-    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()
-            if '"loss"' in line]
+    assert run.returncode == 0, "\n".join(
+        line for line in run.stderr.splitlines() if "Error" in line or "rank0" in line
+    )[-6000:]
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 def _adapter(out):
@@ -63,15 +74,15 @@ def test_two_process_run_resumes_from_its_checkpoint(cfg, tmp_path, strategy):
     cfg.training.strategy = strategy
     cfg.training.save_steps = 3
     run = tmp_path / "run"
-    _train(cfg, run, processes=2)                       # 6 steps, checkpoint-3 on the way
+    _train(cfg, run, processes=2)  # 6 steps, checkpoint-3 on the way
     ckpt = run / "checkpoint-3"
     assert (ckpt / "optimizer-rank0.pt").is_file() and (ckpt / "optimizer-rank1.pt").is_file()
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_step"] == 3 and state["strategy"] == strategy
     straight = _adapter(run)
-    shutil.rmtree(run / "checkpoint-6")                 # the final step's: resume from checkpoint-3
+    shutil.rmtree(run / "checkpoint-6")  # the final step's: resume from checkpoint-3
     (run / "train_log.jsonl").unlink()
-    resumed = _train(cfg, run, "--resume", processes=2)   # steps 4-6 again, from checkpoint-3
+    resumed = _train(cfg, run, "--resume", processes=2)  # steps 4-6 again, from checkpoint-3
     assert len(resumed) == 3
     for name, tensor in straight.items():
         torch.testing.assert_close(_adapter(run)[name], tensor, atol=1e-6, rtol=1e-5)
@@ -84,8 +95,12 @@ def test_resume_with_another_process_count_is_refused(cfg, tmp_path):
     path = tmp_path / "again.yaml"
     cfg.output.dir = str(tmp_path / "run")
     path.write_text(dump_config(cfg))
-    run = subprocess.run([sys.executable, "-m", "qlora_platform.cli", "train", "--config", str(path), "--resume"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "qlora_platform.cli", "train", "--config", str(path), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode != 0 and "resume with --num-processes 2" in run.stderr
 
 
@@ -97,9 +112,23 @@ def test_accelerate_config_is_written_for_each_strategy(cfg, tmp_path):
         path = tmp_path / f"{strategy}.yaml"
         path.write_text(dump_config(cfg))
         out = tmp_path / f"acc-{strategy}.yaml"
-        run = subprocess.run([sys.executable, "-m", "qlora_platform.cli", "train", "--config", str(path),
-                              "--num-processes", "2", "--write-accelerate-config", str(out)],
-                             capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qlora_platform.cli",
+                "train",
+                "--config",
+                str(path),
+                "--num-processes",
+                "2",
+                "--write-accelerate-config",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 0, run.stderr
         written = yaml.safe_load(out.read_text())
         assert written["distributed_type"] == kind and written["num_processes"] == 2

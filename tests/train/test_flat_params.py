@@ -1,4 +1,5 @@
 """One flat buffer for the adapter: same training as per-tensor, checkpoints round-trip."""
+
 import shutil
 
 import pytest
@@ -20,7 +21,7 @@ def test_flat_adamw_steps_like_per_tensor_adamw():
     for _ in range(3):
         for ps in (a, b):
             ((ps[0] ** 2).sum() + (ps[1] ** 3).sum()).backward()
-        assert torch.equal(flat.param.grad[:12].view(3, 4), b[0].grad)   # accumulated in place
+        assert torch.equal(flat.param.grad[:12].view(3, 4), b[0].grad)  # accumulated in place
         opt_a.step(), opt_b.step()
         opt_a.zero_grad(), flat.zero_grad()
     for x, y in zip(a, b):
@@ -40,13 +41,13 @@ def test_resume_with_fast_kernels_continues_to_the_same_adapter(tiny_cfg):
     from qlora_platform.train.trainer import Trainer
 
     tiny_cfg.training.fast_kernels = True
-    first = Trainer(tiny_cfg, log=lambda *_: None)      # 6 steps, checkpoint-3 on the way
+    first = Trainer(tiny_cfg, log=lambda *_: None)  # 6 steps, checkpoint-3 on the way
     first.train()
-    shutil.rmtree(first.out / "checkpoint-6")             # resume from checkpoint-3 instead
+    shutil.rmtree(first.out / "checkpoint-6")  # resume from checkpoint-3 instead
     final = {n: p.detach().clone() for n, p in first.model.named_parameters() if p.requires_grad}
     resumed = Trainer(tiny_cfg, resume=True, log=lambda *_: None)
     assert resumed.step == 3 and resumed.flat is not None
-    resumed.train()                                      # adapter and flat optimizer state restored
+    resumed.train()  # adapter and flat optimizer state restored
     for n, p in resumed.model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.detach(), final[n])

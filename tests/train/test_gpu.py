@@ -1,4 +1,5 @@
 """GPU path of the trainer (run on the device machine: pytest -m gpu)."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Real QLoRA steps (NF4 through bitsandbytes on the CPU) on a tiny random Llama."""
+
 import json
 
 import pytest
@@ -29,14 +30,20 @@ def test_qlora_steps_learn_and_touch_only_lora(tiny_cfg):
     assert any(not torch.equal(lora0[n], lora1[n]) for n in lora0 if "lora_B" in n)
     assert all(torch.equal(base0[n], base1[n]) for n in base0)
     final = tiny_cfg.output.dir + "/final_adapter"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md",
-                 "chat_template.jinja"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "chat_template.jinja",
+    ):
         assert (trainer.out / "final_adapter" / name).is_file(), name
     card = (trainer.out / "final_adapter" / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "library_name: peft" in card and "- qlora" in card
     assert summary["eval_perplexity"] > 1 and (trainer.out / "train_log.jsonl").is_file()
     assert list((trainer.out / "logs").iterdir()), "TensorBoard events"
     from peft import PeftConfig
+
     assert PeftConfig.from_pretrained(final).r == 8
 
 
@@ -87,7 +94,7 @@ def test_checkpoint_then_resume_continues_at_the_same_step_and_order(tiny_cfg, t
         if "lora_" in name:
             assert torch.allclose(p, a[name], atol=1e-5), name
     state = json.loads((latest_checkpoint(tiny_cfg.output.dir) / "trainer_state.json").read_text())
-    assert state["global_step"] == 6      # the final step is checkpointed too
+    assert state["global_step"] == 6  # the final step is checkpointed too
     state = json.loads((interrupted.out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
 
@@ -144,7 +151,7 @@ def test_batches_without_padding_drop_the_mask_and_may_replay_from_a_cuda_graph(
     same = next(ix for ix in by_length.values() if len(ix) >= 2)[:2]
     a, b = (ix[0] for ix in list(by_length.values())[:2])
     inputs, _, _, graphable = trainer._batch([[same[0]], [same[1]]])
-    assert graphable and "attention_mask" not in inputs           # causal mask alone: capturable
+    assert graphable and "attention_mask" not in inputs  # causal mask alone: capturable
     inputs, _, _, graphable = trainer._batch([[a], [b]])
     assert not graphable and inputs["attention_mask"].min() == 0  # padding: a mask, eager
-    assert not trainer.run_batch.enabled                           # CPU: always eager
+    assert not trainer.run_batch.enabled  # CPU: always eager

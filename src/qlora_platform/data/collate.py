@@ -8,6 +8,7 @@ at each example, no attention mask, and each example's first label is dropped so
 the previous example's last token does not predict it). Training and the holdout
 perplexity batch examples the same way.
 """
+
 from __future__ import annotations
 
 import torch

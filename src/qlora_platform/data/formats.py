@@ -11,17 +11,26 @@ Every training record becomes either `{"messages": [{"role", "content"}, ...]}`
 
 Problems are `UserError`s that name the file and line: `data.jsonl:12: ...`.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import UserError
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 
@@ -30,8 +39,9 @@ def parse_jsonl_line(line: str, where: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        raise UserError(f"{where}: malformed JSON ({err.msg} at column {err.colno}); "
-                        f"each line must be one JSON object") from None
+        raise UserError(
+            f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line must be one JSON object"
+        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -44,10 +54,27 @@ def iter_jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         raise UserError(f"'{path}' is a folder, not a JSONL data file; pass a file such as {path / 'train.jsonl'}")
     if not path.is_file():
         raise UserError(f"data file '{path}' does not exist")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                yield lineno, line
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    yield lineno, line
+    except UnicodeDecodeError:
+        raise UserError(not_utf8(path)) from None
+
+
+def not_utf8(path: Path) -> str:
+    """One line that names the first line and column of `path` that is not UTF-8 text."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    f"a data file is UTF-8 JSONL, one JSON object a line"
+                )
+    return f"{path}: not UTF-8 text (a character is cut off at the end); a data file is UTF-8 JSONL"
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -103,8 +130,10 @@ def _check_chat(messages: list[dict], where: str) -> list[dict]:
         raise UserError(f"{where}: no user message; a training example needs a prompt and an answer")
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant" and not msg["content"].strip():
-            raise UserError(f"{where}: assistant message {i} is empty or whitespace; an empty answer "
-                            f"teaches the model to say nothing (fix or remove the record)")
+            raise UserError(
+                f"{where}: assistant message {i} is empty or whitespace; an empty answer "
+                f"teaches the model to say nothing (fix or remove the record)"
+            )
         if msg["role"] == "user" and not msg["content"].strip():
             raise UserError(f"{where}: user message {i} is empty or whitespace")
     return messages
@@ -122,8 +151,12 @@ def to_chat_record(record: dict, where: str, fmt: str = "auto") -> dict:
         for i, m in enumerate(raw):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise UserError(f"{where}: message {i} needs 'role' and 'content'")
-            msgs.append({"role": _text(m["role"], f"message {i} role", where),
-                         "content": _text(m["content"], f"message {i} content", where)})
+            msgs.append(
+                {
+                    "role": _text(m["role"], f"message {i} role", where),
+                    "content": _text(m["content"], f"message {i} content", where),
+                }
+            )
         return {"messages": _check_chat(msgs, where), **meta}
     if fmt == "sharegpt":
         raw = record.get("conversations")
@@ -135,15 +168,17 @@ def to_chat_record(record: dict, where: str, fmt: str = "auto") -> dict:
                 raise UserError(f"{where}: conversation turn {i} needs 'from' and 'value'")
             role = SHAREGPT_ROLES.get(str(m["from"]).lower())
             if role is None:
-                raise UserError(f"{where}: turn {i} is from '{m['from']}'; expected one of "
-                                f"{', '.join(sorted(SHAREGPT_ROLES))}")
+                raise UserError(
+                    f"{where}: turn {i} is from '{m['from']}'; expected one of {', '.join(sorted(SHAREGPT_ROLES))}"
+                )
             msgs.append({"role": role, "content": _text(m["value"], f"turn {i} value", where)})
         return {"messages": _check_chat(msgs, where), **meta}
     if fmt == "alpaca":
         for key in ("instruction", "output"):
             if key not in record:
-                raise UserError(f"{where}: missing field '{key}' (alpaca records need instruction, "
-                                f"optional input, and output)")
+                raise UserError(
+                    f"{where}: missing field '{key}' (alpaca records need instruction, optional input, and output)"
+                )
         prompt = _text(record["instruction"], "instruction", where).strip()
         extra = _text(record.get("input") or "", "input", where).strip()
         if extra:
@@ -151,12 +186,16 @@ def to_chat_record(record: dict, where: str, fmt: str = "auto") -> dict:
         msgs = []
         if record.get("system"):
             msgs.append({"role": "system", "content": _text(record["system"], "system", where)})
-        msgs += [{"role": "user", "content": prompt},
-                 {"role": "assistant", "content": _text(record["output"], "output", where)}]
+        msgs += [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(record["output"], "output", where)},
+        ]
         return {"messages": _check_chat(msgs, where), **meta}
     if fmt == "prompt_completion":
-        msgs = [{"role": "user", "content": _text(record["prompt"], "prompt", where)},
-                {"role": "assistant", "content": _text(record["completion"], "completion", where)}]
+        msgs = [
+            {"role": "user", "content": _text(record["prompt"], "prompt", where)},
+            {"role": "assistant", "content": _text(record["completion"], "completion", where)},
+        ]
         return {"messages": _check_chat(msgs, where), **meta}
     if fmt == "text":
         text = _text(record.get("text"), "text", where)
@@ -164,8 +203,10 @@ def to_chat_record(record: dict, where: str, fmt: str = "auto") -> dict:
             raise UserError(f"{where}: 'text' is empty or whitespace")
         return {"text": text, **meta}
     keys = ", ".join(sorted(record)) or "none"
-    raise UserError(f"{where}: unknown record format (keys: {keys}); expected messages, conversations, "
-                    f"instruction/output, prompt/completion or text")
+    raise UserError(
+        f"{where}: unknown record format (keys: {keys}); expected messages, conversations, "
+        f"instruction/output, prompt/completion or text"
+    )
 
 
 def prompt_of(record: dict) -> str:

@@ -14,6 +14,7 @@ Every dropped record is reported. The output folder holds this run's files
 only: an `eval.jsonl` left by an earlier run is removed when this run has no
 holdout.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,17 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import UserError
-from .formats import (FORMATS, answer_of, detect_format, iter_jsonl_lines, normalise_key, parse_jsonl_line,
-                      prompt_of, to_chat_record, write_jsonl)
+from .formats import (
+    FORMATS,
+    answer_of,
+    detect_format,
+    iter_jsonl_lines,
+    normalise_key,
+    parse_jsonl_line,
+    prompt_of,
+    to_chat_record,
+    write_jsonl,
+)
 from .sample import build_sample_records
 from .sources import DOC_SUFFIXES, columns_hint, csv_to_jsonl, document_records, hf_dataset_to_jsonl
 from .split import split_holdout
@@ -34,12 +44,18 @@ HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 def folder_inputs(path: Path) -> list[Path]:
     """The readable files of a folder (records and documents, hidden ones left out), in a stable order."""
     wanted = RECORD_SUFFIXES | DOC_SUFFIXES
-    return sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in wanted
-                  and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    return sorted(
+        f
+        for f in path.rglob("*")
+        if f.is_file()
+        and f.suffix.lower() in wanted
+        and not any(part.startswith(".") for part in f.relative_to(path).parts)
+    )
 
 
-def read_source(source: str, fmt: str = "auto", mapping: dict | None = None, doc_mode: str = "qa",
-                split: str = "train") -> list[tuple[str, dict | UserError]]:
+def read_source(
+    source: str, fmt: str = "auto", mapping: dict | None = None, doc_mode: str = "qa", split: str = "train"
+) -> list[tuple[str, dict | UserError]]:
     """(where, raw record) pairs from one input; a JSONL line that is not a JSON object comes as the
     UserError that describes it, so the caller can stop or skip and count it."""
     path = Path(source)
@@ -74,11 +90,15 @@ def read_source(source: str, fmt: str = "auto", mapping: dict | None = None, doc
     elif suffix in DOC_SUFFIXES:
         return document_records(path, mode=doc_mode)
     else:
-        raise UserError(f"{path}: unsupported input type '{suffix}'; use .jsonl, .json, .csv, "
-                        f"{', '.join(sorted(DOC_SUFFIXES))} or a Hugging Face dataset (--format hf)")
+        raise UserError(
+            f"{path}: unsupported input type '{suffix}'; use .jsonl, .json, .csv, "
+            f"{', '.join(sorted(DOC_SUFFIXES))} or a Hugging Face dataset (--format hf)"
+        )
     if mapping:
-        rows = [(w, obj if isinstance(obj, UserError) else {field: obj.get(col) for field, col in mapping.items()})
-                for w, obj in rows]
+        rows = [
+            (w, obj if isinstance(obj, UserError) else {field: obj.get(col) for field, col in mapping.items()})
+            for w, obj in rows
+        ]
     return rows
 
 
@@ -88,9 +108,11 @@ def _check_record(raw, where: str, record_fmt: str, mapped: bool) -> dict:
         raise raw
     if not mapped and isinstance(raw, dict) and record_fmt == "auto" and detect_format(raw) is None:
         keys = ", ".join(sorted(raw)) or "none"
-        raise UserError(f"{where}: unknown record format (keys: {keys}); map its fields with "
-                        f"{columns_hint(list(raw))}, or use messages, conversations, instruction/output, "
-                        f"prompt/completion or text records")
+        raise UserError(
+            f"{where}: unknown record format (keys: {keys}); map its fields with "
+            f"{columns_hint(list(raw))}, or use messages, conversations, instruction/output, "
+            f"prompt/completion or text records"
+        )
     return to_chat_record(raw, where, record_fmt)
 
 
@@ -106,14 +128,25 @@ def _stale_eval(out_dir: Path) -> Path | None:
     # prepare writes its report and eval.jsonl into the same folder, so a report there that names an eval
     # file (relative paths differ between working directories) means an earlier run wrote this one.
     if not isinstance(earlier, dict) or Path(str(earlier.get("eval_file") or "")).name != eval_file.name:
-        raise UserError(f"this run writes no holdout, and '{eval_file}' (not written by qlora prepare) would be read "
-                        f"as one by the default config; move it away, or give --out-dir a folder without it")
+        raise UserError(
+            f"this run writes no holdout, and '{eval_file}' (not written by qlora prepare) would be read "
+            f"as one by the default config; move it away, or give --out-dir a folder without it"
+        )
     return eval_file
 
 
-def prepare(inputs: list[str], out_dir: str | Path = "data", fmt: str = "auto", mapping: dict | None = None,
-            doc_mode: str = "qa", eval_ratio: float = 0.1, seed: int = 42, skip_invalid: bool = False,
-            sample: bool = False, split: str = "train") -> dict:
+def prepare(
+    inputs: list[str],
+    out_dir: str | Path = "data",
+    fmt: str = "auto",
+    mapping: dict | None = None,
+    doc_mode: str = "qa",
+    eval_ratio: float = 0.1,
+    seed: int = 42,
+    skip_invalid: bool = False,
+    sample: bool = False,
+    split: str = "train",
+) -> dict:
     """Write train/eval JSONL and return the report (also written as prepare_report.json)."""
     if fmt not in ("auto", "hf", *FORMATS):
         raise UserError(f"--format must be auto, hf or one of {', '.join(FORMATS)}; got '{fmt}'")
@@ -153,8 +186,9 @@ def prepare(inputs: list[str], out_dir: str | Path = "data", fmt: str = "auto", 
     if not unique:
         if not raw_count:
             raise UserError(f"no record to write: the input(s) {', '.join(inputs)} hold no records")
-        raise UserError(f"no valid record left to write: all {raw_count} records were invalid, e.g. "
-                        f"{' | '.join(first_invalid[:3])}")
+        raise UserError(
+            f"no valid record left to write: all {raw_count} records were invalid, e.g. {' | '.join(first_invalid[:3])}"
+        )
     train, holdout = split_holdout(unique, eval_ratio, seed)
     out_dir = Path(out_dir)
     stale = None if holdout else _stale_eval(out_dir)
@@ -166,10 +200,15 @@ def prepare(inputs: list[str], out_dir: str | Path = "data", fmt: str = "auto", 
     words = [len(answer_of(r).split()) for r in unique]
     report = {
         "inputs": (["sample:python-stdlib"] if sample else []) + list(inputs),
-        "records_read": raw_count, "invalid_dropped": sum(invalid.values()),
-        "invalid_reasons": dict(invalid), "invalid_examples": first_invalid,
-        "duplicates_dropped": duplicates, "written": len(unique),
-        "train": len(train), "eval": len(holdout), "eval_ratio": eval_ratio,
+        "records_read": raw_count,
+        "invalid_dropped": sum(invalid.values()),
+        "invalid_reasons": dict(invalid),
+        "invalid_examples": first_invalid,
+        "duplicates_dropped": duplicates,
+        "written": len(unique),
+        "train": len(train),
+        "eval": len(holdout),
+        "eval_ratio": eval_ratio,
         "avg_answer_words": round(sum(words) / len(words), 1),
         "categories": dict(Counter(str(r.get("category", "")) for r in unique)),
         "train_file": str(out_dir / "train.jsonl"),
@@ -181,19 +220,22 @@ def prepare(inputs: list[str], out_dir: str | Path = "data", fmt: str = "auto", 
 
 
 def format_report(report: dict) -> str:
-    lines = [f"read {report['records_read']} records; wrote {report['written']} "
-             f"({report['train']} train -> {report['train_file']}, {report['eval']} holdout"
-             f"{' -> ' + report['eval_file'] if report['eval_file'] else ''})",
-             f"dropped: {report['duplicates_dropped']} duplicates, {report['invalid_dropped']} invalid",
-             f"average answer length: {report['avg_answer_words']} words"]
+    lines = [
+        f"read {report['records_read']} records; wrote {report['written']} "
+        f"({report['train']} train -> {report['train_file']}, {report['eval']} holdout"
+        f"{' -> ' + report['eval_file'] if report['eval_file'] else ''})",
+        f"dropped: {report['duplicates_dropped']} duplicates, {report['invalid_dropped']} invalid",
+        f"average answer length: {report['avg_answer_words']} words",
+    ]
     for reason, n in report["invalid_reasons"].items():
         lines.append(f"  invalid x{n}: {reason}")
     for example in report.get("invalid_examples", [])[:3]:
         lines.append(f"  e.g. {example}")
     for stale in report.get("removed_stale", []):
-        lines.append(f"removed {stale}: an earlier run's holdout; this run has none (--eval-ratio "
-                     f"{report.get('eval_ratio', 0)}), so no stale file is read as one")
+        lines.append(
+            f"removed {stale}: an earlier run's holdout; this run has none (--eval-ratio "
+            f"{report.get('eval_ratio', 0)}), so no stale file is read as one"
+        )
     if report["avg_answer_words"] < 50:
-        lines.append("warning: answers average under 50 words; short answers teach little "
-                     "(see 'qlora validate')")
+        lines.append("warning: answers average under 50 words; short answers teach little (see 'qlora validate')")
     return "\n".join(lines)

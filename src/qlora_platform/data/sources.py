@@ -12,6 +12,7 @@ about its heading with the section as the answer, `text` mode keeps plain text
 records for continued pre-training. A document's title is its HTML <title> or
 its first Markdown `# ` heading, else its file name.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,8 +35,9 @@ def parse_mapping(text: str | None) -> dict[str, str]:
             raise UserError(f"--columns: '{part}' is not FIELD=COLUMN (e.g. instruction=question,output=answer)")
         field, column = (s.strip() for s in part.split("=", 1))
         if field not in ("instruction", "input", "output", "system", "text", "category"):
-            raise UserError(f"--columns: unknown field '{field}'; fields are instruction, input, output, "
-                            f"system, text, category")
+            raise UserError(
+                f"--columns: unknown field '{field}'; fields are instruction, input, output, system, text, category"
+            )
         mapping[field] = column
     return mapping
 
@@ -71,16 +73,19 @@ def csv_to_jsonl(path: str | Path, mapping: dict[str, str] | None = None) -> lis
         wanted = mapping or {f: f for f in ("instruction", "input", "output", "text") if f in header}
         missing = [col for col in wanted.values() if col not in header]
         if missing or not wanted:
-            raise UserError(f"{path}: column(s) {', '.join(missing) or 'instruction/output'} not in the CSV "
-                            f"header ({', '.join(header) or 'empty'}); map them with {columns_hint(header)}")
+            raise UserError(
+                f"{path}: column(s) {', '.join(missing) or 'instruction/output'} not in the CSV "
+                f"header ({', '.join(header) or 'empty'}); map them with {columns_hint(header)}"
+            )
         out = []
         for i, row in enumerate(reader, 2):  # line 1 is the header
             out.append((f"{path}:{i}", _apply_mapping(row, wanted)))
     return out
 
 
-def hf_dataset_to_jsonl(name_or_path: str, split: str = "train",
-                        mapping: dict[str, str] | None = None) -> list[tuple[str, dict]]:
+def hf_dataset_to_jsonl(
+    name_or_path: str, split: str = "train", mapping: dict[str, str] | None = None
+) -> list[tuple[str, dict]]:
     """Records of a Hugging Face dataset: a hub id, a `save_to_disk` folder, or a data file."""
     try:
         import datasets
@@ -108,17 +113,22 @@ def hf_dataset_to_jsonl(name_or_path: str, split: str = "train",
     if mapping:
         missing = [c for c in mapping.values() if c not in ds.column_names]
         if missing:
-            raise UserError(f"dataset '{name_or_path}' has no column(s) {', '.join(missing)}; "
-                            f"columns: {', '.join(ds.column_names)}")
+            raise UserError(
+                f"dataset '{name_or_path}' has no column(s) {', '.join(missing)}; columns: {', '.join(ds.column_names)}"
+            )
     else:
         from .formats import detect_format
+
         if detect_format(dict.fromkeys(ds.column_names)) is None:
-            raise UserError(f"dataset '{name_or_path}': its columns ({', '.join(ds.column_names) or 'none'}) are "
-                            f"no known record format; map them with {columns_hint(ds.column_names)}")
+            raise UserError(
+                f"dataset '{name_or_path}': its columns ({', '.join(ds.column_names) or 'none'}) are "
+                f"no known record format; map them with {columns_hint(ds.column_names)}"
+            )
     return [(f"{name_or_path}[{i}]", _apply_mapping(row, mapping or {})) for i, row in enumerate(ds)]
 
 
 # --- documents -----------------------------------------------------------------------
+
 
 class _HTMLSections(HTMLParser):
     """Collect (heading, text) sections from HTML, skipping scripts, styles and navigation."""
@@ -176,7 +186,7 @@ def _markdown_heading(line: str) -> tuple[int, str] | None:
     m = _MARKDOWN_HEADING.match(line)
     if not m:
         return None
-    text = line[m.end():].strip()
+    text = line[m.end() :].strip()
     closed = text.rstrip("#")
     if not closed or closed[-1].isspace():  # a closing run of #s counts only after a space
         text = closed.rstrip()
@@ -210,7 +220,7 @@ def _text_sections(text: str) -> list[tuple[str, str]]:
             m = _NUMBERED_HEADING.match(line.strip())
             heading = m.group(1) if m else None
         if heading is None and line.strip() and re.fullmatch(r"[=\-~^]{3,}", nxt) and len(nxt) >= len(line.strip()) - 2:
-            heading, i = line.strip(), i + 1                  # underlined (reST / setext)
+            heading, i = line.strip(), i + 1  # underlined (reST / setext)
         if heading:
             sections.append([heading.strip(), []])
         else:
@@ -273,11 +283,20 @@ def document_records(path: str | Path, mode: str = "qa", min_words: int = 20) ->
         if mode == "text":
             out.append((where, {"text": f"{heading}\n\n{body}" if heading else body, "source": str(path)}))
         elif heading and heading != title:
-            out.append((where, {"instruction": f"{title}: explain '{heading}'.", "output": body,
-                                "category": Path(path).name}))
+            out.append(
+                (where, {"instruction": f"{title}: explain '{heading}'.", "output": body, "category": Path(path).name})
+            )
         else:
-            out.append((where, {"instruction": f"Summarise the introduction of {title}.", "output": body,
-                                "category": Path(path).name}))
+            out.append(
+                (
+                    where,
+                    {
+                        "instruction": f"Summarise the introduction of {title}.",
+                        "output": body,
+                        "category": Path(path).name,
+                    },
+                )
+            )
     if not out:
         raise UserError(f"{path}: no section with at least {min_words} words of text was found")
     return out

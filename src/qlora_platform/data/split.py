@@ -7,6 +7,7 @@ each category contributes its share of the holdout.
 
     train, holdout = split_holdout(records, ratio=0.1, seed=42)
 """
+
 from __future__ import annotations
 
 import random
@@ -44,8 +45,12 @@ def split_holdout(records: list[dict], ratio: float = 0.1, seed: int = 42) -> tu
             holdout_idx.update(g)
             taken += len(g)
     # Small categories round to zero; top up from the largest ones so the holdout is ~ratio.
-    remaining = [g for cat in sorted(by_category, key=lambda c: -len(by_category[c]))
-                 for g in by_category[cat] if g[0] not in holdout_idx]
+    remaining = [
+        g
+        for cat in sorted(by_category, key=lambda c: -len(by_category[c]))
+        for g in by_category[cat]
+        if g[0] not in holdout_idx
+    ]
     for g in remaining:
         if len(holdout_idx) >= target_total:
             break

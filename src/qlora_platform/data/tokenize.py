@@ -12,6 +12,7 @@ learns to stop; if a template adds no EOS, one is appended and labelled.
 
 Plain `{"text": ...}` records are labelled on every token and end with EOS.
 """
+
 from __future__ import annotations
 
 from ..errors import UserError
@@ -34,8 +35,10 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render_chat(tokenizer, messages[: i + 1])
         if not full.startswith(before) or not full.startswith(upto):
-            raise UserError("the chat template renders a conversation differently from its prefixes, so "
-                            "assistant tokens cannot be located; use a standard chat template")
+            raise UserError(
+                "the chat template renders a conversation differently from its prefixes, so "
+                "assistant tokens cannot be located; use a standard chat template"
+            )
         spans.append((len(before), len(upto)))
     return full, spans
 

@@ -12,6 +12,7 @@ longer than max_seq_len (and how many would be truncated).
 It checks prepared chat JSONL: a CSV, a JSON list, a document or a folder is
 sent to `qlora prepare` first, in one line.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -68,8 +69,10 @@ def check_jsonl_input(path: str | Path, what: str = "qlora validate") -> Path:
     prepare = f"run 'qlora prepare --input {path}' first (it writes data/train.jsonl and data/eval.jsonl)"
     if path.is_dir():
         inside = next((f for f in (path / "train.jsonl", path / "eval.jsonl") if f.is_file()), None)
-        raise UserError(f"'{path}' is a folder; {what} checks one prepared JSONL file: "
-                        + (f"pass {inside}" if inside else f"pass a .jsonl file, or {prepare}"))
+        raise UserError(
+            f"'{path}' is a folder; {what} checks one prepared JSONL file: "
+            + (f"pass {inside}" if inside else f"pass a .jsonl file, or {prepare}")
+        )
     if not path.is_file():
         raise UserError(f"data file '{path}' does not exist")
     suffix = path.suffix.lower()
@@ -84,8 +87,9 @@ def check_jsonl_input(path: str | Path, what: str = "qlora validate") -> Path:
     return path
 
 
-def validate_file(path: str | Path, tokenizer=None, max_seq_len: int | None = None,
-                  eval_path: str | Path | None = None) -> ValidationReport:
+def validate_file(
+    path: str | Path, tokenizer=None, max_seq_len: int | None = None, eval_path: str | Path | None = None
+) -> ValidationReport:
     path = check_jsonl_input(path)
     report = ValidationReport(str(path))
     records = _read_lines(path, report)
@@ -103,21 +107,25 @@ def validate_file(path: str | Path, tokenizer=None, max_seq_len: int | None = No
         else:
             seen[key] = lineno
     if duplicates:
-        report.warnings.append(f"{len(duplicates)} duplicate record(s), e.g. {'; '.join(duplicates[:3])} "
-                               f"('qlora prepare' removes them)")
+        report.warnings.append(
+            f"{len(duplicates)} duplicate record(s), e.g. {'; '.join(duplicates[:3])} ('qlora prepare' removes them)"
+        )
     words = [len(answer_of(r).split()) for _, r in records]
     avg = sum(words) / len(words)
-    report.stats["answers"] = f"{len(records)} valid, average {avg:.1f} words, shortest {min(words)}, longest {max(words)}"
+    report.stats["answers"] = (
+        f"{len(records)} valid, average {avg:.1f} words, shortest {min(words)}, longest {max(words)}"
+    )
     if avg < 50:
-        report.warnings.append(f"answers average {avg:.1f} words (under 50): short answers teach the model "
-                               f"little style or substance")
+        report.warnings.append(
+            f"answers average {avg:.1f} words (under 50): short answers teach the model little style or substance"
+        )
 
     if tokenizer is not None:
         lengths, truncated, no_eos = [], [], []
         for lineno, rec in records:
             where = f"{path}:{lineno}"
             try:
-                ex = encode_record(tokenizer, rec, max_seq_len or 10 ** 9)
+                ex = encode_record(tokenizer, rec, max_seq_len or 10**9)
             except Exception as err:  # noqa: BLE001 - template errors come in many types
                 report.errors.append(f"{where}: the chat template failed to render: {str(err).splitlines()[0]}")
                 continue
@@ -129,16 +137,19 @@ def validate_file(path: str | Path, tokenizer=None, max_seq_len: int | None = No
             if not labelled or labelled[-1] != tokenizer.eos_token_id:
                 no_eos.append(where)
         for where in no_eos:
-            report.errors.append(f"{where}: the labels do not end with the EOS token "
-                                 f"'{tokenizer.eos_token}', so the model would not learn to stop")
+            report.errors.append(
+                f"{where}: the labels do not end with the EOS token "
+                f"'{tokenizer.eos_token}', so the model would not learn to stop"
+            )
         if lengths:
             lengths.sort()
-            report.stats["tokens"] = (f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}, "
-                                      f"total {sum(lengths)}")
+            report.stats["tokens"] = f"median {lengths[len(lengths) // 2]}, max {lengths[-1]}, total {sum(lengths)}"
         if truncated:
-            report.warnings.append(f"{len(truncated)} of {len(records)} records exceed max_seq_len "
-                                   f"{max_seq_len} tokens and would be truncated (e.g. {truncated[0]}); "
-                                   f"raise data.max_seq_len or shorten them")
+            report.warnings.append(
+                f"{len(truncated)} of {len(records)} records exceed max_seq_len "
+                f"{max_seq_len} tokens and would be truncated (e.g. {truncated[0]}); "
+                f"raise data.max_seq_len or shorten them"
+            )
 
     if eval_path:
         eval_path = Path(eval_path)
@@ -149,7 +160,9 @@ def validate_file(path: str | Path, tokenizer=None, max_seq_len: int | None = No
         for lineno, rec in holdout:
             n = train_prompts.get(normalise_key(prompt_of(rec)))
             if n is not None:
-                report.errors.append(f"{eval_path}:{lineno}: the same prompt is in {path}:{n} "
-                                     f"(train/holdout leakage inflates the evaluation)")
+                report.errors.append(
+                    f"{eval_path}:{lineno}: the same prompt is in {path}:{n} "
+                    f"(train/holdout leakage inflates the evaluation)"
+                )
         report.stats["holdout"] = f"{len(holdout)} records checked for leakage"
     return report

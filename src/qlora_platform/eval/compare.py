@@ -7,6 +7,7 @@ Each run folder holds what `qlora train` and `qlora eval` wrote: `config.yaml`,
 Missing pieces show as "-" rather than failing, so a run that was trained but not
 yet evaluated still has its row; a folder with none of them is an error.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,24 @@ import yaml
 
 from ..errors import UserError
 
-COLUMNS = [("run", "run"), ("model", "model"), ("r", "lora_r"), ("alpha", "lora_alpha"), ("lr", "learning_rate"),
-           ("seq", "max_seq_len"), ("batch x accum", "batch"), ("steps", "steps"),
-           ("ppl base", "perplexity_base"), ("ppl tuned", "perplexity_tuned"),
-           ("pass base", "pass_rate_base"), ("pass tuned", "pass_rate_tuned"), ("decode tok/s", "tokens_per_s"),
-           ("train tok/s", "train_tokens_per_s"), ("train peak GiB", "train_peak_memory_gib"),
-           ("train time s", "train_seconds")]
+COLUMNS = [
+    ("run", "run"),
+    ("model", "model"),
+    ("r", "lora_r"),
+    ("alpha", "lora_alpha"),
+    ("lr", "learning_rate"),
+    ("seq", "max_seq_len"),
+    ("batch x accum", "batch"),
+    ("steps", "steps"),
+    ("ppl base", "perplexity_base"),
+    ("ppl tuned", "perplexity_tuned"),
+    ("pass base", "pass_rate_base"),
+    ("pass tuned", "pass_rate_tuned"),
+    ("decode tok/s", "tokens_per_s"),
+    ("train tok/s", "train_tokens_per_s"),
+    ("train peak GiB", "train_peak_memory_gib"),
+    ("train time s", "train_seconds"),
+]
 
 
 def _json(path: Path) -> dict | None:
@@ -49,20 +62,32 @@ def run_row(run: Path) -> dict:
     summary = _json(run / "train_summary.json")
     ev = _find_eval(run)
     if cfg is None and summary is None and ev is None:
-        raise UserError(f"'{run}' has no config.yaml, train_summary.json or eval/eval.json: "
-                        f"is it a 'qlora train' output folder?")
+        raise UserError(
+            f"'{run}' has no config.yaml, train_summary.json or eval/eval.json: is it a 'qlora train' output folder?"
+        )
     cfg, summary, ev = cfg or {}, summary or {}, ev or {}
     lora, tc, data = cfg.get("lora", {}), cfg.get("training", {}), cfg.get("data", {})
     ppl, rate = ev.get("perplexity", {}), ev.get("keyword_pass_rate", {})
     batch = f"{tc['batch_size']} x {tc.get('grad_accum', 1)}" if "batch_size" in tc else None
-    return {"run": str(run), "model": cfg.get("model", {}).get("name") or ev.get("model"),
-            "lora_r": lora.get("r"), "lora_alpha": lora.get("alpha"), "learning_rate": tc.get("learning_rate"),
-            "max_seq_len": data.get("max_seq_len"), "batch": batch, "steps": summary.get("steps"),
-            "perplexity_base": ppl.get("base"), "perplexity_tuned": ppl.get("tuned"),
-            "pass_rate_base": rate.get("base"), "pass_rate_tuned": rate.get("tuned"),
-            "tokens_per_s": ev.get("tokens_per_s"), "train_tokens_per_s": summary.get("tokens_per_s"),
-            "train_peak_memory_gib": summary.get("peak_memory_gib"), "train_seconds": summary.get("train_seconds"),
-            "device": summary.get("device") or ev.get("device")}
+    return {
+        "run": str(run),
+        "model": cfg.get("model", {}).get("name") or ev.get("model"),
+        "lora_r": lora.get("r"),
+        "lora_alpha": lora.get("alpha"),
+        "learning_rate": tc.get("learning_rate"),
+        "max_seq_len": data.get("max_seq_len"),
+        "batch": batch,
+        "steps": summary.get("steps"),
+        "perplexity_base": ppl.get("base"),
+        "perplexity_tuned": ppl.get("tuned"),
+        "pass_rate_base": rate.get("base"),
+        "pass_rate_tuned": rate.get("tuned"),
+        "tokens_per_s": ev.get("tokens_per_s"),
+        "train_tokens_per_s": summary.get("tokens_per_s"),
+        "train_peak_memory_gib": summary.get("peak_memory_gib"),
+        "train_seconds": summary.get("train_seconds"),
+        "device": summary.get("device") or ev.get("device"),
+    }
 
 
 def _fmt(key: str, value) -> str:

@@ -10,13 +10,13 @@ alternative spellings (any one counts). Matching ignores case; a keyword that st
 ends with a letter or digit must match whole words there ("str" does not match "string").
 An answer passes when it hits at least `min_hits` keywords (default: half, rounded up).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
 from pathlib import Path
-from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -37,10 +37,10 @@ class GenerationSettings(_Strict):
 
 
 class BenchmarkPrompt(_Strict):
-    id: Optional[str] = None
+    id: str | None = None
     prompt: str = Field(min_length=1)
-    keywords: list[Union[str, list[str]]] = Field(min_length=1)
-    min_hits: Optional[int] = Field(None, ge=1)
+    keywords: list[str | list[str]] = Field(min_length=1)
+    min_hits: int | None = Field(None, ge=1)
 
     @field_validator("prompt")
     @classmethod
@@ -72,7 +72,7 @@ class BenchmarkPrompt(_Strict):
 class PromptFile(_Strict):
     name: str = "benchmark"
     description: str = ""
-    system: Optional[str] = None
+    system: str | None = None
     generation: GenerationSettings = GenerationSettings()
     prompts: list[BenchmarkPrompt] = Field(min_length=1)
 
@@ -92,8 +92,10 @@ def _explain(err: ValidationError, path: str) -> str:
     loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown field (allowed: id, prompt, keywords, min_hits; top level: name, description, " \
-              "system, generation, prompts)"
+        msg = (
+            "unknown field (allowed: id, prompt, keywords, min_hits; top level: name, description, "
+            "system, generation, prompts)"
+        )
     where = f" {loc}:" if loc else ""
     return f"benchmark prompt file '{path}':{where} {msg}"
 
@@ -101,20 +103,25 @@ def _explain(err: ValidationError, path: str) -> str:
 def load_prompt_file(path: str | Path) -> PromptFile:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"benchmark prompt file '{path}' does not exist; pass --prompts FILE (or leave "
-                        f"--prompts out for the sample domain's prompts)")
+        raise UserError(
+            f"benchmark prompt file '{path}' does not exist; pass --prompts FILE (or leave "
+            f"--prompts out for the sample domain's prompts)"
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise UserError(f"benchmark prompt file '{path}' is not valid JSON: {err.msg} at line {err.lineno} "
-                        f"column {err.colno}") from None
+        raise UserError(
+            f"benchmark prompt file '{path}' is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from None
     except UnicodeDecodeError:
         raise UserError(f"benchmark prompt file '{path}' is not UTF-8 text") from None
     if isinstance(raw, list):
         raw = {"prompts": raw}
     if not isinstance(raw, dict):
-        raise UserError(f"benchmark prompt file '{path}' must hold an object with \"prompts\" or a list of "
-                        f"prompts, not {type(raw).__name__}")
+        raise UserError(
+            f"benchmark prompt file '{path}' must hold an object with \"prompts\" or a list of "
+            f"prompts, not {type(raw).__name__}"
+        )
     try:
         return PromptFile.model_validate(raw)
     except ValidationError as err:
@@ -146,5 +153,10 @@ def score_answer(text: str, prompt: BenchmarkPrompt) -> dict:
     found = [(k, matched_spelling(text, k)) for k in prompt.keywords]
     hits = [spelling for _, spelling in found if spelling is not None]
     missed = [label(k) for k, spelling in found if spelling is None]
-    return {"hits": hits, "missed": missed, "hit_count": len(hits), "needed": prompt.needed,
-            "passed": len(hits) >= prompt.needed}
+    return {
+        "hits": hits,
+        "missed": missed,
+        "hit_count": len(hits),
+        "needed": prompt.needed,
+        "passed": len(hits) >= prompt.needed,
+    }

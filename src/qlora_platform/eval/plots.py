@@ -6,6 +6,7 @@ Matplotlib with the Agg backend (files only, no display). `history` is the run's
 `train_log.jsonl` (a resumed run cuts its log back to the resumed step; where a step still
 appears twice, as in logs of older runs, the last record wins).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,13 @@ def _bars(path: Path, title: str, ylabel: str, base: float, tuned: float, fmt: s
     fig, ax = plt.subplots(figsize=(4.5, 3.6), dpi=110)
     bars = ax.bar(["base", "tuned"], [base, tuned], color=[BASE_COLOUR, TUNED_COLOUR], width=0.55)
     for bar, value in zip(bars, [base, tuned]):
-        ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=10)
+        ax.annotate(
+            fmt.format(value),
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=10,
+        )
     ax.set_title(title, fontsize=11)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, max(base, tuned) * 1.18 or 1)
@@ -38,6 +44,7 @@ def _bars(path: Path, title: str, ylabel: str, base: float, tuned: float, fmt: s
 
 def write_plots(out: Path, history: list[dict], report: dict) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -48,8 +55,13 @@ def write_plots(out: Path, history: list[dict], report: dict) -> list[str]:
     if steps:
         fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
         ax.plot(steps, loss, color=TUNED_COLOUR, label="training loss (answer tokens)")
-        ax.plot([0] + eval_steps, [base_loss] + eval_loss, "o--", color="#d62728",
-                label="holdout loss (step 0 = base model)")
+        ax.plot(
+            [0] + eval_steps,
+            [base_loss] + eval_loss,
+            "o--",
+            color="#d62728",
+            label="holdout loss (step 0 = base model)",
+        )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("mean cross-entropy (nats/token)")
         ax.set_title("Training and holdout loss", fontsize=11)
@@ -60,11 +72,23 @@ def write_plots(out: Path, history: list[dict], report: dict) -> list[str]:
         plt.close(fig)
         written.append("loss.png")
     ppl = report["perplexity"]
-    _bars(out / "perplexity.png", f"Holdout perplexity ({ppl['tokens']} answer tokens, lower is better)",
-          "perplexity", ppl["base"], ppl["tuned"], "{:.2f}")
+    _bars(
+        out / "perplexity.png",
+        f"Holdout perplexity ({ppl['tokens']} answer tokens, lower is better)",
+        "perplexity",
+        ppl["base"],
+        ppl["tuned"],
+        "{:.2f}",
+    )
     written.append("perplexity.png")
     rate = report["keyword_pass_rate"]
-    _bars(out / "keywords.png", f"Keyword benchmark pass rate ({report['keyword_benchmark']['prompts']} prompts)",
-          "pass rate (%)", 100 * rate["base"], 100 * rate["tuned"], "{:.0f}%")
+    _bars(
+        out / "keywords.png",
+        f"Keyword benchmark pass rate ({report['keyword_benchmark']['prompts']} prompts)",
+        "pass rate (%)",
+        100 * rate["base"],
+        100 * rate["tuned"],
+        "{:.0f}%",
+    )
     written.append("keywords.png")
     return written

@@ -6,6 +6,7 @@
 `keyword_pass_rate.base`, `keyword_pass_rate.tuned`, `tokens_per_s` (batch-1 decode
 of the tuned model), `speed`, `keyword_benchmark`, `prompts`, `train`, `plots`.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ SCHEMA_VERSION = 1
 def _cell(text: str, limit: int = 0) -> str:
     text = " ".join(str(text).split())
     if limit and len(text) > limit:
-        text = text[:limit - 1] + "…"
+        text = text[: limit - 1] + "…"
     return text.replace("|", "\\|")
 
 
@@ -27,58 +28,92 @@ def _answer_block(text: str) -> str:
 
 
 def render_markdown(report: dict) -> str:
-    ppl, rate, speed, bench = report["perplexity"], report["keyword_pass_rate"], report["speed"], \
-        report["keyword_benchmark"]
-    lines = [f"# Evaluation: {report['model']}", "",
-             f"Adapter `{report['adapter']}` on {report['device']} ({report['weights']}), "
-             f"{report['created']}. Reproduce: `{report['command']}`", "",
-             "| metric | base | tuned |", "|---|---|---|",
-             f"| holdout perplexity | {ppl['base']:.3f} | {ppl['tuned']:.3f} ({ppl['reduction_pct']:.1f}% lower) |"
-             if ppl['reduction_pct'] >= 0 else
-             f"| holdout perplexity | {ppl['base']:.3f} | {ppl['tuned']:.3f} ({-ppl['reduction_pct']:.1f}% higher) |",
-             f"| holdout loss (nats/token) | {ppl['base_loss']:.4f} | {ppl['tuned_loss']:.4f} |",
-             f"| keyword pass rate | {100 * rate['base']:.1f}% ({bench['base_passed']}/{bench['prompts']}) | "
-             f"{100 * rate['tuned']:.1f}% ({bench['tuned_passed']}/{bench['prompts']}) |", "",
-             f"Perplexity is exp of the mean negative log-likelihood over the assistant-answer tokens only "
-             f"(prompts and system text excluded), token-weighted: {ppl['tokens']} tokens in "
-             f"{ppl['examples']} holdout examples of `{ppl['eval_file']}` (max {ppl['max_seq_len']} tokens each). "
-             f"Base = the same weights with the LoRA adapter switched off.", "",
-             "## Speed (tuned model, batch 1)", "",
-             "| prefill tokens/s | decode tokens/s | time to first token | peak memory | device |",
-             "|---|---|---|---|---|",
-             f"| {speed['prefill_tokens_per_s']:.1f} | {speed['decode_tokens_per_s']:.1f} | {speed['ttft_ms']:.0f} ms | "
-             f"{speed['peak_memory_gib']:.2f} GiB ({speed['peak_memory_kind']}) | {speed['device']} |", "",
-             f"Median of {speed['runs']} runs after a warm-up: {speed['prompt_tokens']}-token prompt, "
-             f"{speed['new_tokens']} new tokens, greedy, EOS ignored; LoRA unmerged.", ""]
+    ppl, rate, speed, bench = (
+        report["perplexity"],
+        report["keyword_pass_rate"],
+        report["speed"],
+        report["keyword_benchmark"],
+    )
+    lines = [
+        f"# Evaluation: {report['model']}",
+        "",
+        f"Adapter `{report['adapter']}` on {report['device']} ({report['weights']}), "
+        f"{report['created']}. Reproduce: `{report['command']}`",
+        "",
+        "| metric | base | tuned |",
+        "|---|---|---|",
+        f"| holdout perplexity | {ppl['base']:.3f} | {ppl['tuned']:.3f} ({ppl['reduction_pct']:.1f}% lower) |"
+        if ppl["reduction_pct"] >= 0
+        else f"| holdout perplexity | {ppl['base']:.3f} | {ppl['tuned']:.3f} ({-ppl['reduction_pct']:.1f}% higher) |",
+        f"| holdout loss (nats/token) | {ppl['base_loss']:.4f} | {ppl['tuned_loss']:.4f} |",
+        f"| keyword pass rate | {100 * rate['base']:.1f}% ({bench['base_passed']}/{bench['prompts']}) | "
+        f"{100 * rate['tuned']:.1f}% ({bench['tuned_passed']}/{bench['prompts']}) |",
+        "",
+        f"Perplexity is exp of the mean negative log-likelihood over the assistant-answer tokens only "
+        f"(prompts and system text excluded), token-weighted: {ppl['tokens']} tokens in "
+        f"{ppl['examples']} holdout examples of `{ppl['eval_file']}` (max {ppl['max_seq_len']} tokens each). "
+        f"Base = the same weights with the LoRA adapter switched off.",
+        "",
+        "## Speed (tuned model, batch 1)",
+        "",
+        "| prefill tokens/s | decode tokens/s | time to first token | peak memory | device |",
+        "|---|---|---|---|---|",
+        f"| {speed['prefill_tokens_per_s']:.1f} | {speed['decode_tokens_per_s']:.1f} | {speed['ttft_ms']:.0f} ms | "
+        f"{speed['peak_memory_gib']:.2f} GiB ({speed['peak_memory_kind']}) | {speed['device']} |",
+        "",
+        f"Median of {speed['runs']} runs after a warm-up: {speed['prompt_tokens']}-token prompt, "
+        f"{speed['new_tokens']} new tokens, greedy, EOS ignored; LoRA unmerged.",
+        "",
+    ]
     gen = bench["generation"]
-    lines += ["## Keyword benchmark", "",
-              f"`{bench['file']}` ({bench['name']}): {bench['prompts']} prompts, greedy decoding, "
-              f"max {gen['max_new_tokens']} new tokens, repetition penalty {gen['repetition_penalty']}. "
-              f"A prompt passes when the answer names at least the needed number of its keywords "
-              f"(case-insensitive, whole words).", ""]
+    lines += [
+        "## Keyword benchmark",
+        "",
+        f"`{bench['file']}` ({bench['name']}): {bench['prompts']} prompts, greedy decoding, "
+        f"max {gen['max_new_tokens']} new tokens, repetition penalty {gen['repetition_penalty']}. "
+        f"A prompt passes when the answer names at least the needed number of its keywords "
+        f"(case-insensitive, whole words).",
+        "",
+    ]
     if bench.get("in_training_data") is not None:
-        lines += [f"{bench['in_training_data']} of the {bench['prompts']} prompts appear word for word "
-                  f"among the training questions.", ""]
+        lines += [
+            f"{bench['in_training_data']} of the {bench['prompts']} prompts appear word for word "
+            f"among the training questions.",
+            "",
+        ]
     lines += ["| prompt | keywords | needed | base hits | tuned hits | base | tuned |", "|---|---|---|---|---|---|---|"]
     for p in report["prompts"]:
-        lines.append(f"| {_cell(p['id'])} | {_cell('; '.join(p['keywords']), 60)} | {p['needed']} | "
-                     f"{_cell(', '.join(p['base']['hits']) or '-', 40)} | {_cell(', '.join(p['tuned']['hits']) or '-', 40)} | "
-                     f"{'pass' if p['base']['passed'] else 'fail'} | {'pass' if p['tuned']['passed'] else 'fail'} |")
+        lines.append(
+            f"| {_cell(p['id'])} | {_cell('; '.join(p['keywords']), 60)} | {p['needed']} | "
+            f"{_cell(', '.join(p['base']['hits']) or '-', 40)} | {_cell(', '.join(p['tuned']['hits']) or '-', 40)} | "
+            f"{'pass' if p['base']['passed'] else 'fail'} | {'pass' if p['tuned']['passed'] else 'fail'} |"
+        )
     lines += ["", "## Answers side by side", ""]
-    for p in report["prompts"][:report["samples_shown"]]:
-        lines += [f"### {_cell(p['id'])}: {_cell(p['prompt'])}", "",
-                  f"**base** ({'pass' if p['base']['passed'] else 'fail'}, {p['base']['tokens']} tokens):", "",
-                  _answer_block(p["base"]["answer"]), "",
-                  f"**tuned** ({'pass' if p['tuned']['passed'] else 'fail'}, {p['tuned']['tokens']} tokens):", "",
-                  _answer_block(p["tuned"]["answer"]), ""]
+    for p in report["prompts"][: report["samples_shown"]]:
+        lines += [
+            f"### {_cell(p['id'])}: {_cell(p['prompt'])}",
+            "",
+            f"**base** ({'pass' if p['base']['passed'] else 'fail'}, {p['base']['tokens']} tokens):",
+            "",
+            _answer_block(p["base"]["answer"]),
+            "",
+            f"**tuned** ({'pass' if p['tuned']['passed'] else 'fail'}, {p['tuned']['tokens']} tokens):",
+            "",
+            _answer_block(p["tuned"]["answer"]),
+            "",
+        ]
     if report["plots"]:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]] + [""]
     train = report.get("train")
     if train:
-        lines += ["## Training run", "",
-                  f"{train.get('steps')} steps in {train.get('train_seconds')} s at {train.get('tokens_per_s')} "
-                  f"tokens/s, peak memory {train.get('peak_memory_gib')} GiB on {train.get('device')}; "
-                  f"training loss {train.get('train_loss_first', 0) or 0:.3f} -> {train.get('train_loss_last', 0) or 0:.3f}.", ""]
+        lines += [
+            "## Training run",
+            "",
+            f"{train.get('steps')} steps in {train.get('train_seconds')} s at {train.get('tokens_per_s')} "
+            f"tokens/s, peak memory {train.get('peak_memory_gib')} GiB on {train.get('device')}; "
+            f"training loss {train.get('train_loss_first', 0) or 0:.3f} -> {train.get('train_loss_last', 0) or 0:.3f}.",
+            "",
+        ]
     return "\n".join(lines)
 
 

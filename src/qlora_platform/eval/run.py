@@ -7,6 +7,7 @@ LoRA adapter switched off, so the two differ only by what training changed. The
 prompt file is validated before any model is loaded. Writes `<out>/eval.json`,
 `eval.md` and PNG plots (default out: `<run>/eval`).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,21 +23,25 @@ from ..errors import UserError
 from ..infer.generation import single_turn
 from ..infer.load import load_for_inference
 from ..infer.sampling import SamplingParams
+from ..infer.speed import measure_speed
 from ..models.loader import training_numerics
 from ..models.scoring import holdout_perplexity
 from .keywords import DEFAULT_PROMPTS, label, load_prompt_file, score_answer
 from .plots import write_plots
 from .report import SCHEMA_VERSION, write_report
-from ..infer.speed import measure_speed
 
 
 def _answers(loaded, bench, prompts: list[list[int]], batch_size: int) -> list:
     gen = bench.generation
-    params = SamplingParams(max_new_tokens=gen.max_new_tokens, repetition_penalty=gen.repetition_penalty,
-                            temperature=gen.temperature, seed=0)
+    params = SamplingParams(
+        max_new_tokens=gen.max_new_tokens,
+        repetition_penalty=gen.repetition_penalty,
+        temperature=gen.temperature,
+        seed=0,
+    )
     results = []
     for k in range(0, len(prompts), batch_size):
-        results += loaded.engine.generate(prompts[k:k + batch_size], params)
+        results += loaded.engine.generate(prompts[k : k + batch_size], params)
     return results
 
 
@@ -56,27 +61,40 @@ def _read_history(run_dir: Path) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path)] if path.is_file() else []
 
 
-def run_eval(adapter: str, prompts: str | None = None, out: str | None = None, eval_file: str | None = None,
-             device: str = "auto", speed_runs: int = 3, speed_tokens: int = 64, samples: int = 6,
-             batch_size: int = 8, trust_remote_code: bool = False, log=print) -> dict:
+def run_eval(
+    adapter: str,
+    prompts: str | None = None,
+    out: str | None = None,
+    eval_file: str | None = None,
+    device: str = "auto",
+    speed_runs: int = 3,
+    speed_tokens: int = 64,
+    samples: int = 6,
+    batch_size: int = 8,
+    trust_remote_code: bool = False,
+    log=print,
+) -> dict:
     start = time.time()
     bench_path = prompts or DEFAULT_PROMPTS
     bench = load_prompt_file(bench_path)
-    loaded = load_for_inference(adapter=adapter, device=device, trust_remote_code=trust_remote_code, log=log,
-                                warm_up=False)
+    loaded = load_for_inference(
+        adapter=adapter, device=device, trust_remote_code=trust_remote_code, log=log, warm_up=False
+    )
     cfg, tok = loaded.cfg, loaded.tokenizer
     run_dir = Path(adapter).parent
     out_dir = Path(out) if out else run_dir / "eval"
     eval_file = eval_file or cfg.data.eval_file
     if not eval_file or not Path(eval_file).is_file():
-        raise UserError(f"holdout file '{eval_file}' not found; pass --eval-file FILE (the eval.jsonl that "
-                        f"'qlora prepare' wrote)")
+        raise UserError(
+            f"holdout file '{eval_file}' not found; pass --eval-file FILE (the eval.jsonl that 'qlora prepare' wrote)"
+        )
     examples, _ = encode_records(tok, load_records(eval_file, "eval_file"), cfg.data.max_seq_len)
     if not examples:
-        raise UserError(f"no holdout example of '{eval_file}' has an answer token within "
-                        f"{cfg.data.max_seq_len} tokens")
-    log(f"eval: {loaded.model_name} + {adapter} on {loaded.device}; {len(examples)} holdout examples, "
-        f"{len(bench.prompts)} benchmark prompts")
+        raise UserError(f"no holdout example of '{eval_file}' has an answer token within {cfg.data.max_seq_len} tokens")
+    log(
+        f"eval: {loaded.model_name} + {adapter} on {loaded.device}; {len(examples)} holdout examples, "
+        f"{len(bench.prompts)} benchmark prompts"
+    )
 
     # Scored as training scored it (the same batch size and 4-bit numerics), before any generation.
     ppl_batch = max(1, cfg.training.batch_size)
@@ -93,10 +111,16 @@ def run_eval(adapter: str, prompts: str | None = None, out: str | None = None, e
     tuned_answers = _answers(loaded, bench, prompt_ids, batch_size)
     rows = []
     for p, b, t in zip(bench.prompts, base_answers, tuned_answers):
-        rows.append({"id": p.id, "prompt": p.prompt, "keywords": [label(k) for k in p.keywords],
-                     "needed": p.needed,
-                     "base": {"answer": b.text, "tokens": b.completion_tokens, **score_answer(b.text, p)},
-                     "tuned": {"answer": t.text, "tokens": t.completion_tokens, **score_answer(t.text, p)}})
+        rows.append(
+            {
+                "id": p.id,
+                "prompt": p.prompt,
+                "keywords": [label(k) for k in p.keywords],
+                "needed": p.needed,
+                "base": {"answer": b.text, "tokens": b.completion_tokens, **score_answer(b.text, p)},
+                "tuned": {"answer": t.text, "tokens": t.completion_tokens, **score_answer(t.text, p)},
+            }
+        )
     n = len(rows)
     base_passed = sum(r["base"]["passed"] for r in rows)
     tuned_passed = sum(r["tuned"]["passed"] for r in rows)
@@ -106,27 +130,45 @@ def run_eval(adapter: str, prompts: str | None = None, out: str | None = None, e
     log(f"speed: prefill {speed['prefill_tokens_per_s']} tokens/s, decode {speed['decode_tokens_per_s']} tokens/s")
 
     train_questions = _training_questions(cfg.data.train_file)
-    in_train = None if train_questions is None else sum(
-        " ".join(p.prompt.split()).lower() in train_questions for p in bench.prompts)
+    in_train = (
+        None
+        if train_questions is None
+        else sum(" ".join(p.prompt.split()).lower() in train_questions for p in bench.prompts)
+    )
     summary_path = run_dir / "train_summary.json"
     report = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "qlora eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["eval"]
+        "command": "qlora eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if sys.argv[1:2] == ["eval"]
         else f"qlora eval --adapter {adapter}",
-        "model": loaded.model_name, "adapter": str(adapter), "run_dir": str(run_dir),
+        "model": loaded.model_name,
+        "adapter": str(adapter),
+        "run_dir": str(run_dir),
         "device": speed["device"],
         "weights": "4-bit NF4" if cfg.quantization.load_in_4bit else "16-bit",
-        "perplexity": {"base": base_ppl["perplexity"], "tuned": tuned_ppl["perplexity"],
-                       "base_loss": base_ppl["loss"], "tuned_loss": tuned_ppl["loss"],
-                       "reduction_pct": 100 * (1 - tuned_ppl["perplexity"] / base_ppl["perplexity"]),
-                       "tokens": tuned_ppl["tokens"], "examples": len(examples), "eval_file": str(eval_file),
-                       "max_seq_len": cfg.data.max_seq_len,
-                       "method": "exp(mean NLL over assistant-answer tokens), token-weighted"},
+        "perplexity": {
+            "base": base_ppl["perplexity"],
+            "tuned": tuned_ppl["perplexity"],
+            "base_loss": base_ppl["loss"],
+            "tuned_loss": tuned_ppl["loss"],
+            "reduction_pct": 100 * (1 - tuned_ppl["perplexity"] / base_ppl["perplexity"]),
+            "tokens": tuned_ppl["tokens"],
+            "examples": len(examples),
+            "eval_file": str(eval_file),
+            "max_seq_len": cfg.data.max_seq_len,
+            "method": "exp(mean NLL over assistant-answer tokens), token-weighted",
+        },
         "keyword_pass_rate": {"base": base_passed / n, "tuned": tuned_passed / n},
-        "keyword_benchmark": {"file": str(bench_path), "name": bench.name, "prompts": n,
-                              "base_passed": base_passed, "tuned_passed": tuned_passed,
-                              "in_training_data": in_train, "generation": bench.generation.model_dump()},
+        "keyword_benchmark": {
+            "file": str(bench_path),
+            "name": bench.name,
+            "prompts": n,
+            "base_passed": base_passed,
+            "tuned_passed": tuned_passed,
+            "in_training_data": in_train,
+            "generation": bench.generation.model_dump(),
+        },
         "tokens_per_s": speed["decode_tokens_per_s"],
         "speed": speed,
         "prompts": rows,

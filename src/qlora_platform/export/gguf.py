@@ -12,6 +12,7 @@ GGUF (llama-bench) against the HF model on the same machine. Also writes an Olla
 `Modelfile` for the first quantized file. `--lora-only` converts the adapter alone
 (`convert_lora_to_gguf.py`) plus the base to F16, and checks they load together.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -22,16 +23,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import UserError
 from .llama_cpp import LlamaCpp
 
 QUANT_TYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "Q4_K_S", "Q5_K_S", "Q3_K_M", "Q2_K", "IQ4_XS"]
 END_MARKER = "[end of text]"  # llama-completion prints it after EOS
-SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                   "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM"}
+SUPPORTED_ARCHS = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Phi3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+}
 
 
 def _run(cmd: list, what: str, env: dict | None = None, timeout: int = 3600) -> subprocess.CompletedProcess:
@@ -45,12 +53,16 @@ def _run(cmd: list, what: str, env: dict | None = None, timeout: int = 3600) -> 
 def check_architecture(model_dir: Path) -> str:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
-        raise UserError(f"'{model_dir}' has no config.json; --model must be a Hugging Face model folder "
-                        f"(use --adapter for a LoRA adapter)")
+        raise UserError(
+            f"'{model_dir}' has no config.json; --model must be a Hugging Face model folder "
+            f"(use --adapter for a LoRA adapter)"
+        )
     archs = json.loads(cfg_path.read_text()).get("architectures") or ["unknown"]
     if archs[0] not in SUPPORTED_ARCHS:
-        raise UserError(f"architecture {archs[0]} is not one this exporter supports ({', '.join(sorted(SUPPORTED_ARCHS))}); "
-                        f"llama.cpp may still convert it: run convert_hf_to_gguf.py yourself")
+        raise UserError(
+            f"architecture {archs[0]} is not one this exporter supports ({', '.join(sorted(SUPPORTED_ARCHS))}); "
+            f"llama.cpp may still convert it: run convert_hf_to_gguf.py yourself"
+        )
     return archs[0]
 
 
@@ -65,20 +77,49 @@ def _written(out_file: Path, step) -> Path:
 
 
 def convert_to_f16(tools: LlamaCpp, model_dir: Path, out_file: Path) -> Path:
-    return _written(out_file, lambda: _run(
-        [sys.executable, tools.script("convert_hf_to_gguf.py"), model_dir, "--outfile", out_file, "--outtype", "f16"],
-        "convert_hf_to_gguf.py", env=tools.python_env()))
+    return _written(
+        out_file,
+        lambda: _run(
+            [
+                sys.executable,
+                tools.script("convert_hf_to_gguf.py"),
+                model_dir,
+                "--outfile",
+                out_file,
+                "--outtype",
+                "f16",
+            ],
+            "convert_hf_to_gguf.py",
+            env=tools.python_env(),
+        ),
+    )
 
 
 def convert_lora(tools: LlamaCpp, adapter: Path, base_dir: Path, out_file: Path) -> Path:
-    return _written(out_file, lambda: _run(
-        [sys.executable, tools.script("convert_lora_to_gguf.py"), adapter, "--base", base_dir, "--outfile", out_file,
-         "--outtype", "f16"], "convert_lora_to_gguf.py", env=tools.python_env()))
+    return _written(
+        out_file,
+        lambda: _run(
+            [
+                sys.executable,
+                tools.script("convert_lora_to_gguf.py"),
+                adapter,
+                "--base",
+                base_dir,
+                "--outfile",
+                out_file,
+                "--outtype",
+                "f16",
+            ],
+            "convert_lora_to_gguf.py",
+            env=tools.python_env(),
+        ),
+    )
 
 
 def quantize(tools: LlamaCpp, f16: Path, out_file: Path, qtype: str) -> Path:
-    return _written(out_file, lambda: _run([tools.binary("llama-quantize"), f16, out_file, qtype],
-                                           f"llama-quantize to {qtype}"))
+    return _written(
+        out_file, lambda: _run([tools.binary("llama-quantize"), f16, out_file, qtype], f"llama-quantize to {qtype}")
+    )
 
 
 def _last(pattern: str, log: str):
@@ -111,12 +152,25 @@ def parse_generation_stats(log: str, eos: bool, produced_text: bool = True) -> d
         tokens = None
     if eos and not produced_text:
         tokens = 0  # EOS came first
-    return {"tokens": max(tokens, 0) if tokens is not None else None, "eos": eos, "eval_runs": runs,
-            "tokens_per_s": _rate(speed), "prompt_tokens_per_s": _rate(prompt)}
+    return {
+        "tokens": max(tokens, 0) if tokens is not None else None,
+        "eos": eos,
+        "eval_runs": runs,
+        "tokens_per_s": _rate(speed),
+        "prompt_tokens_per_s": _rate(prompt),
+    }
 
 
-def stream_completion(tools: LlamaCpp, gguf: Path, prompt: str, stats: dict, n_predict: int = 64,
-                      temperature: float = 0.0, threads: int | None = None, extra: list | None = None) -> Iterator[str]:
+def stream_completion(
+    tools: LlamaCpp,
+    gguf: Path,
+    prompt: str,
+    stats: dict,
+    n_predict: int = 64,
+    temperature: float = 0.0,
+    threads: int | None = None,
+    extra: list | None = None,
+) -> Iterator[str]:
     """Raw-prompt completion through llama-completion, yielding text as it comes; when done, `stats`
     holds the tokens generated (EOS not counted), whether EOS ended it, and tokens/s by llama.cpp's timers.
 
@@ -126,12 +180,29 @@ def stream_completion(tools: LlamaCpp, gguf: Path, prompt: str, stats: dict, n_p
     with tempfile.TemporaryDirectory(prefix="qlora-gguf-") as tmp:
         prompt_file = Path(tmp) / "prompt.txt"
         prompt_file.write_bytes(prompt.encode("utf-8"))
-        cmd = [tools.binary("llama-completion"), "-m", gguf, "--binary-file", prompt_file, "--no-escape",
-               "-n", str(n_predict), "-no-cnv", "--no-display-prompt", "--temp", str(temperature), "--simple-io",
-               "-t", str(threads or os.cpu_count() or 2), "--no-warmup", *(extra or [])]
+        cmd = [
+            tools.binary("llama-completion"),
+            "-m",
+            gguf,
+            "--binary-file",
+            prompt_file,
+            "--no-escape",
+            "-n",
+            str(n_predict),
+            "-no-cnv",
+            "--no-display-prompt",
+            "--temp",
+            str(temperature),
+            "--simple-io",
+            "-t",
+            str(threads or os.cpu_count() or 2),
+            "--no-warmup",
+            *(extra or []),
+        ]
         with open(Path(tmp) / "stderr.log", "w+b") as err_file:
-            proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=err_file,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=err_file, stdin=subprocess.DEVNULL
+            )
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             pending = ""  # held back while it could be the start of llama.cpp's end-of-text marker
             eos = produced = finished = False
@@ -139,7 +210,7 @@ def stream_completion(tools: LlamaCpp, gguf: Path, prompt: str, stats: dict, n_p
                 for chunk in iter(lambda: proc.stdout.read1(256), b""):
                     pending += decoder.decode(chunk)
                     if END_MARKER in pending:
-                        pending = pending[:pending.index(END_MARKER)].rstrip(" ")
+                        pending = pending[: pending.index(END_MARKER)].rstrip(" ")
                         eos = True
                         break
                     safe = len(pending) - len(END_MARKER)
@@ -173,21 +244,55 @@ def run_completion(tools: LlamaCpp, gguf: Path, prompt: str, **kw) -> dict:
 
 
 def llama_perplexity(tools: LlamaCpp, gguf: Path, text_file: Path, n_ctx: int, threads: int | None = None) -> dict:
-    done = _run([tools.binary("llama-perplexity"), "-m", gguf, "-f", text_file, "-c", str(n_ctx), "-b", str(n_ctx),
-                 "-t", str(threads or os.cpu_count() or 2)], f"llama-perplexity on {gguf.name}")
+    done = _run(
+        [
+            tools.binary("llama-perplexity"),
+            "-m",
+            gguf,
+            "-f",
+            text_file,
+            "-c",
+            str(n_ctx),
+            "-b",
+            str(n_ctx),
+            "-t",
+            str(threads or os.cpu_count() or 2),
+        ],
+        f"llama-perplexity on {gguf.name}",
+    )
     log = done.stderr + done.stdout
     final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log)
     chunks = re.search(r"calculating perplexity over (\d+) chunks", log)
     if not final:
         raise UserError(f"llama-perplexity printed no estimate for {gguf.name}")
-    return {"perplexity": float(final.group(1)), "stderr": float(final.group(2)),
-            "chunks": int(chunks.group(1)) if chunks else None}
+    return {
+        "perplexity": float(final.group(1)),
+        "stderr": float(final.group(2)),
+        "chunks": int(chunks.group(1)) if chunks else None,
+    }
 
 
-def llama_bench(tools: LlamaCpp, gguf: Path, prompt_tokens: int = 32, new_tokens: int = 64,
-                threads: int | None = None) -> dict:
-    done = _run([tools.binary("llama-bench"), "-m", gguf, "-p", str(prompt_tokens), "-n", str(new_tokens), "-r", "3",
-                 "-t", str(threads or os.cpu_count() or 2), "-o", "json"], f"llama-bench on {gguf.name}")
+def llama_bench(
+    tools: LlamaCpp, gguf: Path, prompt_tokens: int = 32, new_tokens: int = 64, threads: int | None = None
+) -> dict:
+    done = _run(
+        [
+            tools.binary("llama-bench"),
+            "-m",
+            gguf,
+            "-p",
+            str(prompt_tokens),
+            "-n",
+            str(new_tokens),
+            "-r",
+            "3",
+            "-t",
+            str(threads or os.cpu_count() or 2),
+            "-o",
+            "json",
+        ],
+        f"llama-bench on {gguf.name}",
+    )
     rows = json.loads(done.stdout)
     out = {}
     for row in rows:
@@ -197,7 +302,7 @@ def llama_bench(tools: LlamaCpp, gguf: Path, prompt_tokens: int = 32, new_tokens
 
 
 def size_mib(path: Path) -> float:
-    return round(path.stat().st_size / 2 ** 20, 1)
+    return round(path.stat().st_size / 2**20, 1)
 
 
 def timed(fn, *args, **kw):

@@ -14,6 +14,7 @@ The build goes to `<cache>/llama.cpp/build-<version>` (cache: `$QLORA_CACHE` or
 the same source and targets. A missing cmake or compiler, or a failed build, is one
 `UserError` that names the fix and the log file.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ PINNED_SDIST = "llama-cpp-python==0.3.36"
 # "update llama.cpp to ggml-org/llama.cpp@0c1e57098"). Change both together.
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 TARGETS = ["llama-quantize", "llama-cli", "llama-server", "llama-perplexity", "llama-completion", "llama-bench"]
-CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+CMAKE_FLAGS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+]
 GIT_URL = "https://github.com/ggml-org/llama.cpp"
 
 
@@ -72,8 +79,10 @@ def obtain_source(log=print) -> Path:
     if custom:
         path = Path(custom).expanduser()
         if not _valid_source(path):
-            raise UserError(f"LLAMA_CPP_DIR='{custom}' is not a llama.cpp checkout (no CMakeLists.txt and "
-                            f"convert_hf_to_gguf.py); unset it to use the pinned copy")
+            raise UserError(
+                f"LLAMA_CPP_DIR='{custom}' is not a llama.cpp checkout (no CMakeLists.txt and "
+                f"convert_hf_to_gguf.py); unset it to use the pinned copy"
+            )
         return path
     version = PINNED_SDIST.split("==")[1]
     unpacked = _root() / f"src-{version}"
@@ -82,12 +91,28 @@ def obtain_source(log=print) -> Path:
         return vendored
     unpacked.mkdir(parents=True, exist_ok=True)
     log(f"llama.cpp: downloading the pinned source ({PINNED_SDIST} sdist from PyPI, ~77 MB)")
-    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                          PINNED_SDIST, "-d", str(unpacked)], capture_output=True, text=True)
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            PINNED_SDIST,
+            "-d",
+            str(unpacked),
+        ],
+        capture_output=True,
+        text=True,
+    )
     archives = sorted(unpacked.glob("llama_cpp_python-*.tar.gz"))
     if got.returncode == 0 and archives:
         with tarfile.open(archives[0]) as tar:
-            members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name or m.name.endswith("vendor/llama.cpp")]
+            members = [
+                m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name or m.name.endswith("vendor/llama.cpp")
+            ]
             tar.extractall(unpacked, members=members, filter="data")
         archives[0].unlink()
         if _valid_source(vendored):
@@ -102,9 +127,11 @@ def obtain_source(log=print) -> Path:
         if not git_said:
             return clone
     said = [ln.strip() for ln in (got.stderr or got.stdout).splitlines() if "error" in ln.lower()][:2]
-    raise UserError(f"cannot obtain llama.cpp: 'pip download {PINNED_SDIST}' failed ({' / '.join(said) or 'no output'}) "
-                    f"and git did too ({git_said or 'git is not installed'}); connect to PyPI or GitHub, or set "
-                    f"LLAMA_CPP_DIR to a llama.cpp checkout")
+    raise UserError(
+        f"cannot obtain llama.cpp: 'pip download {PINNED_SDIST}' failed ({' / '.join(said) or 'no output'}) "
+        f"and git did too ({git_said or 'git is not installed'}); connect to PyPI or GitHub, or set "
+        f"LLAMA_CPP_DIR to a llama.cpp checkout"
+    )
 
 
 def _checked_out(repo: Path) -> str | None:
@@ -120,9 +147,12 @@ def _git_fetch_commit(url: str, commit: str, dest: Path) -> str:
             return f"'{dest}' exists and is not a git checkout; remove it"
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    steps = [["git", "init", "-q"], ["git", "remote", "add", "origin", url],
-             ["git", "fetch", "-q", "--depth", "1", "origin", commit],
-             ["git", "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"]]
+    steps = [
+        ["git", "init", "-q"],
+        ["git", "remote", "add", "origin", url],
+        ["git", "fetch", "-q", "--depth", "1", "origin", commit],
+        ["git", "-c", "advice.detachedHead=false", "checkout", "-q", "FETCH_HEAD"],
+    ]
     for cmd in steps:
         done = subprocess.run(cmd, cwd=dest, capture_output=True, text=True)
         if done.returncode != 0:
@@ -141,9 +171,11 @@ def _check_toolchain() -> None:
     if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
         missing.append("a C++ compiler")
     if missing:
-        raise UserError(f"building llama.cpp needs {' and '.join(missing)}: install them (Debian/Ubuntu: "
-                        f"'sudo apt install cmake build-essential'; macOS: 'xcode-select --install && brew "
-                        f"install cmake') and re-run 'qlora setup llama-cpp'")
+        raise UserError(
+            f"building llama.cpp needs {' and '.join(missing)}: install them (Debian/Ubuntu: "
+            f"'sudo apt install cmake build-essential'; macOS: 'xcode-select --install && brew "
+            f"install cmake') and re-run 'qlora setup llama-cpp'"
+        )
 
 
 def _stamp(source: Path) -> dict:
@@ -166,14 +198,18 @@ def ensure_llama_cpp(log=print, force: bool = False) -> LlamaCpp:
     jobs = str(os.cpu_count() or 2)
     log(f"llama.cpp: building {', '.join(TARGETS)} in {build} (about 4 minutes on 2 cores; once)")
     with log_file.open("w") as fh:
-        steps = [["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS],
-                 ["cmake", "--build", str(build), "--config", "Release", "-j", jobs, "--target", *TARGETS]]
+        steps = [
+            ["cmake", "-S", str(source), "-B", str(build), *CMAKE_FLAGS],
+            ["cmake", "--build", str(build), "--config", "Release", "-j", jobs, "--target", *TARGETS],
+        ]
         for cmd in steps:
             fh.write("$ " + " ".join(cmd) + "\n")
             fh.flush()
             if subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode != 0:
                 tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
-                raise UserError(f"building llama.cpp failed at '{' '.join(cmd[:3])}'; full log: {log_file}. "
-                                f"Last lines: {' / '.join(tail)}")
+                raise UserError(
+                    f"building llama.cpp failed at '{' '.join(cmd[:3])}'; full log: {log_file}. "
+                    f"Last lines: {' / '.join(tail)}"
+                )
     stamp_file.write_text(json.dumps(_stamp(source)))
     return LlamaCpp(source, build)

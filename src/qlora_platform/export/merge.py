@@ -22,6 +22,7 @@ complete. An existing `--out` is replaced only when it is empty or an earlier me
 Note the merged weights are the 16-bit base plus the update, while training saw
 the NF4-rounded base plus the update: `qlora export` measures what that costs.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # up to half a unit in the last place (bf16: 2^-8 relative, fp16: 2^-11) and the errors of every layer add
 # up; 25 such units leave room for deep models (SmolLM2-135M lands near 2.5% in bf16) while an overflow or
 # a broken cast lands far past it.
-ROUNDING_TOLERANCE = {"bf16": 25 * 2.0 ** -8, "fp16": 25 * 2.0 ** -11}
+ROUNDING_TOLERANCE = {"bf16": 25 * 2.0**-8, "fp16": 25 * 2.0**-11}
 MARKER = "merge_report.json"
 
 
@@ -51,8 +52,10 @@ def check_merge_target(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"'{out_dir}' is a file; choose a folder for --out")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
-        raise UserError(f"'{out_dir}' exists and is not an earlier merge (no {MARKER}); choose an empty --out "
-                        f"folder, or move its files away")
+        raise UserError(
+            f"'{out_dir}' exists and is not an earlier merge (no {MARKER}); choose an empty --out "
+            f"folder, or move its files away"
+        )
 
 
 def _move_into_place(staged: Path, out_dir: Path) -> None:
@@ -73,10 +76,12 @@ def rounding_verdict(report: dict) -> str:
     diff, limit = report[f"max_logit_diff_after_{dtype}"], report["rounding_tolerance"]
     share = 100 * diff / max(report["logit_scale"], 1.0)
     verdict = "ok" if report["rounding_ok"] else "FAILED"
-    return (f"after rounding to {dtype} the largest logit difference is {diff:.3g} ({share:.1f}% of the largest "
-            f"logit, {report['logit_scale']:.1f}): {verdict}, tolerance {limit:.3g} for {dtype} rounding; the "
-            f"merge itself is checked in fp32 ({report['max_logit_diff_fp32']:.2e}, tolerance "
-            f"{report['tolerance']:.2g})")
+    return (
+        f"after rounding to {dtype} the largest logit difference is {diff:.3g} ({share:.1f}% of the largest "
+        f"logit, {report['logit_scale']:.1f}): {verdict}, tolerance {limit:.3g} for {dtype} rounding; the "
+        f"merge itself is checked in fp32 ({report['max_logit_diff_fp32']:.2e}, tolerance "
+        f"{report['tolerance']:.2g})"
+    )
 
 
 @torch.no_grad()
@@ -98,9 +103,16 @@ def merge_adapter(adapter: str, out: str, dtype: str = "bf16", tolerance: float 
     tokenizer = adapter_tokenizer(cfg, adapter_dir)
     base = load_base_model(cfg, "cpu", for_training=False, quantize=False)
     model = load_adapter(base, adapter_dir).eval()
-    batches = [torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
-                                                           add_generation_prompt=True, return_dict=True)["input_ids"]])
-               for p in PARITY_PROMPTS]
+    batches = [
+        torch.tensor(
+            [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True, return_dict=True
+                )["input_ids"]
+            ]
+        )
+        for p in PARITY_PROMPTS
+    ]
     reference = _logits(model, batches)
     merged = model.merge_and_unload()
     after = _logits(merged, batches)
@@ -108,8 +120,10 @@ def merge_adapter(adapter: str, out: str, dtype: str = "bf16", tolerance: float 
     scale = max(float(r.abs().max()) for r in reference)
     log(f"merge: largest logit difference merged vs base+adapter {max_diff:.2e} (logits up to {scale:.1f})")
     if max_diff > tolerance * max(scale, 1.0):
-        raise UserError(f"the merged model's logits differ from base+adapter by {max_diff:.3g} (tolerance "
-                        f"{tolerance * max(scale, 1.0):.3g}); the merge is wrong, nothing was saved")
+        raise UserError(
+            f"the merged model's logits differ from base+adapter by {max_diff:.3g} (tolerance "
+            f"{tolerance * max(scale, 1.0):.3g}); the merge is wrong, nothing was saved"
+        )
     # The rounded weights, computed in fp32 (module.float() converts in place; the values stay the rounded
     # ones, so converting back to the dtype for saving is exact).
     rounded = _logits(merged.to(DTYPES[dtype]).float(), batches)
@@ -117,15 +131,25 @@ def merge_adapter(adapter: str, out: str, dtype: str = "bf16", tolerance: float 
     if not all(bool(torch.isfinite(a).all()) for a in rounded):
         saved_diff = float("inf")  # an overflow (fp16 past 65504): NaN would slip through max()
     limit = ROUNDING_TOLERANCE.get(dtype, tolerance) * max(scale, 1.0)
-    report = {"adapter": str(adapter_dir), "base_model": cfg.model.name, "dtype": dtype,
-              "max_logit_diff_fp32": max_diff, f"max_logit_diff_after_{dtype}": saved_diff,
-              "logit_scale": scale, "tolerance": tolerance * max(scale, 1.0), "rounding_tolerance": limit,
-              "rounding_ok": saved_diff <= limit, "prompts": PARITY_PROMPTS}
+    report = {
+        "adapter": str(adapter_dir),
+        "base_model": cfg.model.name,
+        "dtype": dtype,
+        "max_logit_diff_fp32": max_diff,
+        f"max_logit_diff_after_{dtype}": saved_diff,
+        "logit_scale": scale,
+        "tolerance": tolerance * max(scale, 1.0),
+        "rounding_tolerance": limit,
+        "rounding_ok": saved_diff <= limit,
+        "prompts": PARITY_PROMPTS,
+    }
     log(f"merge: {rounding_verdict(report)}")
     if not report["rounding_ok"]:
-        raise UserError(f"the merged model's logits after rounding to {dtype} differ from base+adapter by "
-                        f"{saved_diff:.3g}, past the {limit:.3g} that {dtype} rounding explains; nothing was saved "
-                        f"(try --dtype fp32, or bf16 where fp16 overflows)")
+        raise UserError(
+            f"the merged model's logits after rounding to {dtype} differ from base+adapter by "
+            f"{saved_diff:.3g}, past the {limit:.3g} that {dtype} rounding explains; nothing was saved "
+            f"(try --dtype fp32, or bf16 where fp16 overflows)"
+        )
     merged = merged.to(DTYPES[dtype])
     merged.config.use_cache = True
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -13,35 +13,52 @@ that ends with three quotes, and the rest would be read as commands (`ADAPTER ..
 file must parse back to exactly the commands meant; a prompt that cannot be
 written safely is refused with the line that ends the block.
 """
+
 from __future__ import annotations
 
 from ..errors import UserError
 
 FAMILIES = {
-    "chatml": ('<|im_start|>', '''{{ if .System }}<|im_start|>system
+    "chatml": (
+        "<|im_start|>",
+        """{{ if .System }}<|im_start|>system
 {{ .System }}<|im_end|>
 {{ end }}{{ if .Prompt }}<|im_start|>user
 {{ .Prompt }}<|im_end|>
 {{ end }}<|im_start|>assistant
 {{ .Response }}<|im_end|>
-''', ["<|im_start|>", "<|im_end|>"]),
-    "llama3": ('<|start_header_id|>', '''{{ if .System }}<|start_header_id|>system<|end_header_id|>
+""",
+        ["<|im_start|>", "<|im_end|>"],
+    ),
+    "llama3": (
+        "<|start_header_id|>",
+        """{{ if .System }}<|start_header_id|>system<|end_header_id|>
 
 {{ .System }}<|eot_id|>{{ end }}{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>
 
 {{ .Prompt }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>
 
-{{ .Response }}<|eot_id|>''', ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
-    "phi3": ('<|assistant|>', '''{{ if .System }}<|system|>
+{{ .Response }}<|eot_id|>""",
+        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    ),
+    "phi3": (
+        "<|assistant|>",
+        """{{ if .System }}<|system|>
 {{ .System }}<|end|>
 {{ end }}{{ if .Prompt }}<|user|>
 {{ .Prompt }}<|end|>
 {{ end }}<|assistant|>
 {{ .Response }}<|end|>
-''', ["<|end|>", "<|user|>", "<|assistant|>"]),
-    "mistral": ('[INST]', '''[INST] {{ if .System }}{{ .System }}
+""",
+        ["<|end|>", "<|user|>", "<|assistant|>"],
+    ),
+    "mistral": (
+        "[INST]",
+        """[INST] {{ if .System }}{{ .System }}
 
-{{ end }}{{ .Prompt }} [/INST] {{ .Response }}''', ["[INST]", "[/INST]", "</s>"]),
+{{ end }}{{ .Prompt }} [/INST] {{ .Response }}""",
+        ["[INST]", "[/INST]", "</s>"],
+    ),
 }
 
 
@@ -52,8 +69,19 @@ def template_family(chat_template: str | None) -> str | None:
     return None
 
 
-COMMANDS = {"from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter",
-            "message", "requires"}
+COMMANDS = {
+    "from",
+    "license",
+    "template",
+    "system",
+    "adapter",
+    "draft",
+    "renderer",
+    "parser",
+    "parameter",
+    "message",
+    "requires",
+}
 
 
 def _printable(ch: str) -> bool:
@@ -134,19 +162,26 @@ def system_command(system: str) -> str:
         parsed = []
     if parsed != [("model", "./model.gguf"), ("system", kept)]:
         lines = system.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        bad = next((n for n, ln in enumerate(lines[:-1], 1)
-                    if "".join(c for c in ln if _printable(c) or c == "\t").rstrip().endswith('"""')), None)
-        where = f"its line {bad} ends with three quotes (\"\"\")" if bad else "it cannot be quoted"
-        raise UserError(f"the system prompt cannot be written into the Ollama Modelfile: {where}, which would "
-                        f"end the SYSTEM \"\"\"...\"\"\" block early and let the rest act as Modelfile commands "
-                        f"(the format has no escapes); change that line of the system prompt in the data")
+        bad = next(
+            (
+                n
+                for n, ln in enumerate(lines[:-1], 1)
+                if "".join(c for c in ln if _printable(c) or c == "\t").rstrip().endswith('"""')
+            ),
+            None,
+        )
+        where = f'its line {bad} ends with three quotes (""")' if bad else "it cannot be quoted"
+        raise UserError(
+            f"the system prompt cannot be written into the Ollama Modelfile: {where}, which would "
+            f'end the SYSTEM """...""" block early and let the rest act as Modelfile commands '
+            f"(the format has no escapes); change that line of the system prompt in the data"
+        )
     return line
 
 
-def modelfile(gguf_name: str, chat_template: str | None, system: str | None = None,
-              temperature: float = 0.7) -> str:
+def modelfile(gguf_name: str, chat_template: str | None, system: str | None = None, temperature: float = 0.7) -> str:
     family = template_family(chat_template)
-    lines = [f"# Ollama: ollama create my-model -f Modelfile && ollama run my-model", f"FROM ./{gguf_name}", ""]
+    lines = ["# Ollama: ollama create my-model -f Modelfile && ollama run my-model", f"FROM ./{gguf_name}", ""]
     if family:
         _, template, stops = FAMILIES[family]
         lines += [f"# chat template: {family} (from the tokenizer's template)", f'TEMPLATE """{template}"""', ""]

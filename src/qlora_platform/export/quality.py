@@ -8,6 +8,7 @@ whole chunks of `n_ctx` tokens (the remainder is dropped), each chunk starts wit
 when the vocabulary adds one, and only the second half of each chunk is scored (each
 scored token has at least n_ctx/2 tokens of context). PPL = exp(mean NLL).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,14 +39,14 @@ def chunked_perplexity(model, tokenizer, text: str, n_ctx: int = 512) -> dict:
     first = n_ctx // 2
     nll, count = 0.0, 0
     for i in range(n_chunks):
-        chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
+        chunk = list(tokens[i * n_ctx : (i + 1) * n_ctx])
         if add_bos:
             chunk[0] = tokenizer.bos_token_id
         ids = torch.tensor([chunk], device=device)
         logits = model(input_ids=ids).logits[0].float()
         # Logits at positions first .. n_ctx-2 predict tokens first+1 .. n_ctx-1.
-        logp = torch.log_softmax(logits[first:n_ctx - 1], dim=-1)
-        target = ids[0, first + 1:n_ctx]
+        logp = torch.log_softmax(logits[first : n_ctx - 1], dim=-1)
+        target = ids[0, first + 1 : n_ctx]
         nll -= float(logp.gather(1, target.unsqueeze(1)).sum())
         count += n_ctx - first - 1
     return {"perplexity": math.exp(nll / count), "chunks": n_chunks, "tokens_scored": count, "n_ctx": n_ctx}

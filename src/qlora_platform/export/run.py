@@ -12,6 +12,7 @@ GGUF files are written into a staging folder inside `out` and get their final
 names only once llama.cpp has loaded them and generated text; a failed export
 leaves no half-written or unchecked file under a final name.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,18 @@ from ..config import load_config
 from ..errors import UserError
 from ..infer.generation import single_turn
 from ..infer.load import adapter_run_config, run_config_for
-from .gguf import (QUANT_TYPES, check_architecture, convert_lora, convert_to_f16, llama_bench, llama_perplexity,
-                   quantize, run_completion, size_mib, timed)
+from .gguf import (
+    QUANT_TYPES,
+    check_architecture,
+    convert_lora,
+    convert_to_f16,
+    llama_bench,
+    llama_perplexity,
+    quantize,
+    run_completion,
+    size_mib,
+    timed,
+)
 from .llama_cpp import ensure_llama_cpp
 from .merge import check_merge_target
 from .ollama import modelfile, system_command
@@ -40,10 +51,12 @@ def _source_dir(model: str) -> Path:
     if Path(source).is_dir():
         return Path(source)
     from huggingface_hub import snapshot_download
+
     try:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as err:  # noqa: BLE001
         from ..models.loader import hub_error
+
         raise hub_error(model, err) from None
 
 
@@ -51,8 +64,10 @@ def _holdout_records(eval_file: str | None) -> list[dict]:
     from ..data.formats import load_records
 
     if not eval_file or not Path(eval_file).is_file():
-        raise UserError(f"holdout file '{eval_file}' not found; pass --eval-file FILE (or --no-quality to skip "
-                        f"the perplexity table)")
+        raise UserError(
+            f"holdout file '{eval_file}' not found; pass --eval-file FILE (or --no-quality to skip "
+            f"the perplexity table)"
+        )
     return load_records(eval_file, "eval_file")
 
 
@@ -60,8 +75,8 @@ def _hf_quality(model_dir: Path, text: str, n_ctx: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..infer.speed import measure_speed
     from ..infer.engine import Engine
+    from ..infer.speed import measure_speed
     from .quality import chunked_perplexity
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -70,12 +85,26 @@ def _hf_quality(model_dir: Path, text: str, n_ctx: int) -> dict:
     engine = Engine(model, tok)
     prompt = engine.encode_chat([{"role": "user", "content": SMOKE_PROMPT}])
     speed = measure_speed(engine, prompt, new_tokens=64, runs=3)
-    return {**ppl, "seconds": seconds, "decode_tokens_per_s": speed["decode_tokens_per_s"],
-            "prefill_tokens_per_s": speed["prefill_tokens_per_s"], "dtype": "fp32 (transformers, CPU)"}
+    return {
+        **ppl,
+        "seconds": seconds,
+        "decode_tokens_per_s": speed["decode_tokens_per_s"],
+        "prefill_tokens_per_s": speed["prefill_tokens_per_s"],
+        "dtype": "fp32 (transformers, CPU)",
+    }
 
 
-def _convert_and_check(tools, source: Path, staging: Path, out_dir: Path, quants: list[str], adapter: str | None,
-                       lora_only: bool, system: str | None, log) -> tuple[list[dict], object]:
+def _convert_and_check(
+    tools,
+    source: Path,
+    staging: Path,
+    out_dir: Path,
+    quants: list[str],
+    adapter: str | None,
+    lora_only: bool,
+    system: str | None,
+    log,
+) -> tuple[list[dict], object]:
     """F16 and quantized GGUFs, made in `staging` and moved to `out_dir` once each has loaded and answered;
     returns their report entries and the tokenizer."""
     from transformers import AutoTokenizer
@@ -101,8 +130,10 @@ def _convert_and_check(tools, source: Path, staging: Path, out_dir: Path, quants
         extra = ["--lora", str(staging / "adapter-F16.gguf")] if lora_only else None
         smoke = run_completion(tools, path, prompt, n_predict=48, extra=extra)
         if not smoke["text"]:
-            raise UserError(f"{path.name} loaded but generated nothing; the export is broken (the earlier files "
-                            f"in {out_dir} are left as they were)")
+            raise UserError(
+                f"{path.name} loaded but generated nothing; the export is broken (the earlier files "
+                f"in {out_dir} are left as they were)"
+            )
         entry["sample"] = smoke["text"]
         log(f"export: {entry['name']} loads and answers: {smoke['text'][:80]!r}")
     for entry in files:  # every file has passed: only now do they take their final names
@@ -110,9 +141,18 @@ def _convert_and_check(tools, source: Path, staging: Path, out_dir: Path, quants
     return files, tok
 
 
-def export_gguf(adapter: str | None = None, model: str | None = None, quants: list[str] | None = None,
-                out: str = "export", lora_only: bool = False, eval_file: str | None = None, n_ctx: int = 512,
-                dtype: str = "bf16", quality: bool = True, log=print) -> dict:
+def export_gguf(
+    adapter: str | None = None,
+    model: str | None = None,
+    quants: list[str] | None = None,
+    out: str = "export",
+    lora_only: bool = False,
+    eval_file: str | None = None,
+    n_ctx: int = 512,
+    dtype: str = "bf16",
+    quality: bool = True,
+    log=print,
+) -> dict:
     start = time.time()
     if bool(adapter) == bool(model):
         raise UserError("give either --adapter DIR (merged first) or --model DIR (a Hugging Face model folder)")
@@ -137,10 +177,16 @@ def export_gguf(adapter: str | None = None, model: str | None = None, quants: li
             raise UserError(f"{eval_file}: {err}") from None
     tools = ensure_llama_cpp(log)
 
-    report = {"adapter": adapter, "model": model or (cfg.model.name if cfg else None), "llama_cpp": str(tools.source),
-              "files": [], "quants": quants}
+    report = {
+        "adapter": adapter,
+        "model": model or (cfg.model.name if cfg else None),
+        "llama_cpp": str(tools.source),
+        "files": [],
+        "quants": quants,
+    }
     if adapter:
         from ..export.merge import merge_adapter
+
         source = out_dir / "merged"
         if lora_only:
             source = _source_dir(adapter_run_config(Path(adapter)).model.name)
@@ -158,6 +204,7 @@ def export_gguf(adapter: str | None = None, model: str | None = None, quants: li
 
     if quality and not lora_only:
         from .quality import holdout_text
+
         text_file = out_dir / "holdout.txt"
         text_file.write_text(holdout_text(records))
         log(f"quality: perplexity of the merged HF model on {text_file} (n_ctx {n_ctx})")
@@ -173,6 +220,7 @@ def export_gguf(adapter: str | None = None, model: str | None = None, quants: li
     (out_dir / "Modelfile").write_text(modelfile(first_quant, tok.chat_template, system))
     report["seconds"] = round(time.time() - start, 1)
     from .report import write_export_report
+
     write_export_report(out_dir, report)
     log(f"export: done in {report['seconds']} s; report {out_dir / 'export_report.md'}")
     return report

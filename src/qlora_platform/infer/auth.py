@@ -12,11 +12,13 @@ A key source that is given but holds no key (`--api-key "$KEY"` with KEY unset, 
 empty or comment-only key file, QLORA_API_KEYS set to nothing) is a startup error:
 serving without keys must be a choice (no key source at all), never an accident.
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import UserError
@@ -37,29 +39,43 @@ class ApiKeys:
         self._digests = [_digest(k) for k in dict.fromkeys(cleaned)]
 
     @classmethod
-    def gather(cls, cli_keys: list[str] | None = None, key_file: str | None = None,
-               environ: dict | None = None) -> "ApiKeys":
+    def gather(
+        cls, cli_keys: list[str] | None = None, key_file: str | None = None, environ: Mapping[str, str] | None = None
+    ) -> ApiKeys:
         """Keys from --api-key (each), $QLORA_API_KEYS (comma-separated), $QLORA_API_KEY and a key
         file; UserError when any of these is given yet yields no key."""
-        environ = os.environ if environ is None else environ
+        env: Mapping[str, str] = os.environ if environ is None else environ
         sources: list[tuple[str, list[str], str]] = []
         for given in cli_keys or []:
-            sources.append(("--api-key", [given],
-                            "the value is empty (an unset shell variable?); pass the key itself, or use "
-                            "$QLORA_API_KEYS or --api-key-file"))
-        if ENV_KEYS[0] in environ:
-            sources.append((f"${ENV_KEYS[0]}", environ[ENV_KEYS[0]].split(","),
-                            "it is set but holds no key; set it to comma-separated keys or unset it"))
-        if ENV_KEYS[1] in environ:
-            sources.append((f"${ENV_KEYS[1]}", [environ[ENV_KEYS[1]]],
-                            "it is set but empty; set it to a key or unset it"))
+            sources.append(
+                (
+                    "--api-key",
+                    [given],
+                    "the value is empty (an unset shell variable?); pass the key itself, or use "
+                    "$QLORA_API_KEYS or --api-key-file",
+                )
+            )
+        if ENV_KEYS[0] in env:
+            sources.append(
+                (
+                    f"${ENV_KEYS[0]}",
+                    env[ENV_KEYS[0]].split(","),
+                    "it is set but holds no key; set it to comma-separated keys or unset it",
+                )
+            )
+        if ENV_KEYS[1] in env:
+            sources.append((f"${ENV_KEYS[1]}", [env[ENV_KEYS[1]]], "it is set but empty; set it to a key or unset it"))
         if key_file:
             path = Path(key_file)
             if not path.is_file():
                 raise UserError(f"API key file '{path}' does not exist")
-            sources.append((f"API key file '{path}'",
-                            [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")],
-                            "it holds no key (only blank lines or # comments); put one key per line"))
+            sources.append(
+                (
+                    f"API key file '{path}'",
+                    [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")],
+                    "it holds no key (only blank lines or # comments); put one key per line",
+                )
+            )
         keys = []
         for name, found, fix in sources:
             found = [k.strip() for k in found if k.strip()]

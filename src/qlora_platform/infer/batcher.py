@@ -21,11 +21,13 @@ whole step (the model's forward) ends every request in flight, those being admit
 Every request gets either its result or an error, so no caller waits forever and the
 server's generation slot it holds is released.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,8 +45,8 @@ class Unbatched(Exception):
 class _Request:
     prompt: list[int]
     params: SamplingParams
-    on_text: object
-    cancelled: object
+    on_text: Callable[[str], None] | None
+    cancelled: Callable[[], bool] | None
     text: TextRow
     history: torch.Tensor
     generator: torch.Generator | None
@@ -60,11 +62,11 @@ class Batcher:
         self.engine, self.slots, self.max_len = engine, slots, max_len
         self.waiting: queue.Queue[_Request] = queue.Queue()
         self.active: dict[int, _Request] = {}
-        self.decoder = None
-        self.next_tokens = None
+        self.decoder: StaticDecoder | None = None  # built by the model's thread (_loop)
+        self.next_tokens: list[int] = []  # each row's token for the next step, on the host
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self.broken: str | None = None      # why batching is off for good (the engine decodes alone)
+        self.broken: str | None = None  # why batching is off for good (the engine decodes alone)
 
     def fits(self, prompt: list[int], params: SamplingParams) -> bool:
         return len(prompt) + params.max_new_tokens < self.max_len
@@ -77,8 +79,16 @@ class Batcher:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=eng.device).manual_seed(params.seed)
-        req = _Request(prompt, params, on_text, cancelled, TextRow(eng.tokenizer, params.stop),
-                       torch.tensor([prompt], device=eng.device), generator, start=time.perf_counter())
+        req = _Request(
+            prompt,
+            params,
+            on_text,
+            cancelled,
+            TextRow(eng.tokenizer, params.stop),
+            torch.tensor([prompt], device=eng.device),
+            generator,
+            start=time.perf_counter(),
+        )
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="qlora-batcher", daemon=True)
@@ -87,6 +97,7 @@ class Batcher:
         req.done.wait()
         if req.error is not None:
             raise req.error
+        assert req.result is not None  # set before done, when there is no error
         return req.result
 
     # -- the model's thread -------------------------------------------------------------------
@@ -97,9 +108,9 @@ class Batcher:
             self.decoder = StaticDecoder(eng.model, self.slots, self.max_len, eng.cuda_graphs)
         except Exception as err:  # noqa: BLE001 - e.g. a model whose cache is not plain attention
             self.broken = failure_reason(err)
-            while True:   # hand everything back to the engine, now and later
+            while True:  # hand everything back to the engine, now and later
                 self._fail(self.waiting.get(), Unbatched(self.broken))
-        self.next_tokens = [eng.pad_id] * self.slots      # on the host: one copy per step
+        self.next_tokens = [eng.pad_id] * self.slots  # on the host: one copy per step
         eng.model.eval()
         admitting: list[_Request] = []
         while True:
@@ -118,22 +129,24 @@ class Batcher:
         this turn, so the loop can fail them too when the turn breaks before they are active."""
         free = [r for r in range(self.slots) if r not in self.active]
         while len(admitting) < len(free):
-            try:   # wait for work only when nothing runs
+            try:  # wait for work only when nothing runs
                 admitting.append(self.waiting.get(block=not self.active and not admitting))
             except queue.Empty:
                 break
         if admitting:
-            self._admit(free[:len(admitting)], admitting)
+            self._admit(free[: len(admitting)], admitting)
         if not self.active:
             return
+        assert self.decoder is not None
         with torch.no_grad():
-            logits = self.decoder.step(torch.tensor(self.next_tokens))   # one copy to the device
+            logits = self.decoder.step(torch.tensor(self.next_tokens))  # one copy to the device
         self._advance(logits)
         self.decoder.park([r for r in range(self.slots) if r not in self.active])
 
     def _admit(self, rows: list[int], reqs: list[_Request]) -> None:
         """Prompts that arrived together share one prefill (left-padded to the longest)."""
         ids, mask = left_padded([r.prompt for r in reqs], self.engine.pad_id, self.engine.device)
+        assert self.decoder is not None
         try:
             logits = self.decoder.prefill(ids, mask, row=rows)
         except Exception as err:  # noqa: BLE001 - nothing emitted yet: the engine runs them alone
@@ -172,14 +185,14 @@ class Batcher:
         rows, each other row sampled with its own settings and seed; a row whose sampling
         raises gets the error instead of a token."""
         plain = [r.params.greedy and r.params.repetition_penalty == 1.0 for r in reqs]
-        best = logits.argmax(-1).tolist() if any(plain) else None
+        best = logits.argmax(-1).tolist() if any(plain) else []
         chosen = {}
         for row, req, is_plain in zip(rows, reqs, plain):
             if is_plain:
                 chosen[row] = best[row]
                 continue
             try:
-                chosen[row] = int(choose_next(logits[row:row + 1], req.params, req.history, req.generator)[0])
+                chosen[row] = int(choose_next(logits[row : row + 1], req.params, req.history, req.generator)[0])
             except Exception as err:  # noqa: BLE001 - ends this row's request only
                 chosen[row] = err
         return chosen
@@ -196,7 +209,7 @@ class Batcher:
         if text.finish is None and req.cancelled is not None and req.cancelled():
             text.finish = "cancelled"
         if text.finish is None:
-            if req.params.repetition_penalty != 1.0:   # the only reader of the history
+            if req.params.repetition_penalty != 1.0:  # the only reader of the history
                 req.history = torch.cat([req.history, torch.tensor([[token]], device=eng.device)], dim=1)
             self.next_tokens[row] = token
             return
@@ -204,9 +217,14 @@ class Batcher:
         if piece and req.on_text:
             req.on_text(piece)
         end = time.perf_counter()
-        req.result = Generation(text=text.text, token_ids=text.ids, prompt_tokens=len(req.prompt),
-                                finish_reason=text.finish, prefill_s=req.first_token_at - req.start,
-                                decode_s=end - req.first_token_at)
+        req.result = Generation(
+            text=text.text,
+            token_ids=text.ids,
+            prompt_tokens=len(req.prompt),
+            finish_reason=text.finish,
+            prefill_s=req.first_token_at - req.start,
+            decode_s=end - req.first_token_at,
+        )
         del self.active[row]
         self.next_tokens[row] = eng.pad_id
         req.done.set()

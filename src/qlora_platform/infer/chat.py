@@ -8,8 +8,10 @@ prompt (and resets), `/exit` (or Ctrl-D) leaves; Ctrl-C stops the answer being
 written, not the session. Tokens are printed as they are generated; a line
 with tokens/s follows each answer on stderr.
 """
+
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import sys
 from pathlib import Path
@@ -22,8 +24,10 @@ HELP = "commands: /reset  /system TEXT  /exit"
 
 
 def _stats(result) -> str:
-    return (f"[{result.completion_tokens} tokens, {result.decode_tokens_per_s:.1f} tokens/s, "
-            f"first token after {1000 * result.prefill_s:.0f} ms, {result.finish_reason}]")
+    return (
+        f"[{result.completion_tokens} tokens, {result.decode_tokens_per_s:.1f} tokens/s, "
+        f"first token after {1000 * result.prefill_s:.0f} ms, {result.finish_reason}]"
+    )
 
 
 def _trim_history(engine, messages: list[dict], params: SamplingParams) -> list[int]:
@@ -34,9 +38,11 @@ def _trim_history(engine, messages: list[dict], params: SamplingParams) -> list[
             return ids
         first_turn = 1 if messages and messages[0]["role"] == "system" else 0
         if len(messages) - first_turn <= 1:
-            raise UserError(f"the message has {len(ids)} tokens and max_tokens is {params.max_new_tokens}: "
-                            f"over the context of {engine.max_context}; shorten it or lower --max-tokens")
-        del messages[first_turn:first_turn + 2]
+            raise UserError(
+                f"the message has {len(ids)} tokens and max_tokens is {params.max_new_tokens}: "
+                f"over the context of {engine.max_context}; shorten it or lower --max-tokens"
+            )
+        del messages[first_turn : first_turn + 2]
 
 
 def line_editing(history_file: Path | None) -> None:
@@ -62,14 +68,19 @@ def line_editing(history_file: Path | None) -> None:
 
 
 def _save_history(readline, history_file: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         readline.write_history_file(history_file)
-    except OSError:
-        pass
 
 
-def chat_repl(engine, params: SamplingParams, system: str | None = None, read=input, write=None,
-              err=None, label: str | None = None) -> int:
+def chat_repl(
+    engine,
+    params: SamplingParams,
+    system: str | None = None,
+    read=input,
+    write=None,
+    err=None,
+    label: str | None = None,
+) -> int:
     """`label` names what is answering (the adapter folder, or the model) in the banner."""
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     err = err or (lambda s: print(s, file=sys.stderr))
@@ -96,7 +107,7 @@ def chat_repl(engine, params: SamplingParams, system: str | None = None, read=in
             err("(conversation cleared)")
             continue
         if text.startswith("/system"):
-            new_system = text[len("/system"):].strip()
+            new_system = text[len("/system") :].strip()
             messages = [{"role": "system", "content": new_system}] if new_system else []
             err(f"(system prompt {'set' if new_system else 'removed'}; conversation cleared)")
             continue
@@ -126,16 +137,14 @@ def chat_repl(engine, params: SamplingParams, system: str | None = None, read=in
         err(_stats(result))
 
 
-def generate_once(engine, prompt: str, params: SamplingParams, system: str | None = None, raw: bool = False,
-                  write=None, err=None) -> int:
+def generate_once(
+    engine, prompt: str, params: SamplingParams, system: str | None = None, raw: bool = False, write=None, err=None
+) -> int:
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     err = err or (lambda s: print(s, file=sys.stderr))
     if not prompt.strip():
         raise UserError("--prompt is empty")
-    if raw:
-        ids = engine.encode_text(prompt)
-    else:
-        ids = engine.encode_chat(single_turn(prompt, system))
+    ids = engine.encode_text(prompt) if raw else engine.encode_chat(single_turn(prompt, system))
     for piece in engine.stream(ids, params):
         write(piece)
     write("\n")

@@ -13,11 +13,13 @@ clients that go away, and batches of prompts of different lengths (left padding)
     result = engine.last                      # Generation: text, tokens, timings
     results = engine.generate([ids_a, ids_b], SamplingParams())   # batched
 """
+
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,10 +27,20 @@ from ..errors import UserError
 from .generation import Generation, TextRow, left_padded
 from .sampling import SamplingParams, choose_next
 
+if TYPE_CHECKING:
+    from .batcher import Batcher
+    from .static_decode import StaticDecoder
+
 
 class Engine:
-    def __init__(self, model, tokenizer, max_context: int | None = None, static_cache: bool | None = None,
-                 cuda_graphs: bool | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_context: int | None = None,
+        static_cache: bool | None = None,
+        cuda_graphs: bool | None = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         # On CUDA: a preallocated KV cache and the decode step replayed as a CUDA graph
@@ -37,13 +49,14 @@ class Engine:
         on_gpu = self.device.type == "cuda"
         self.static_cache = on_gpu if static_cache is None else static_cache
         self.cuda_graphs = on_gpu if cuda_graphs is None else cuda_graphs
-        self._decoders: dict[tuple, object] = {}
+        self._decoders: dict[tuple, StaticDecoder] = {}
         self._decoder_lock = threading.Lock()
         self._busy: set[tuple] = set()
         self.static_fallback_reason: str | None = None
-        self.batcher = None
-        self._lora_layer = next((m for m in model.modules() if hasattr(m, "disable_adapters")
-                                 and hasattr(m, "merged")), None)
+        self.batcher: Batcher | None = None
+        self._lora_layer = next(
+            (m for m in model.modules() if hasattr(m, "disable_adapters") and hasattr(m, "merged")), None
+        )
         config = getattr(model, "config", None)
         self.max_context = max_context or getattr(config, "max_position_embeddings", None) or 2048
         eos = tokenizer.eos_token_id
@@ -64,8 +77,9 @@ class Engine:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Messages -> prompt ids through the tokenizer's own (sandboxed Jinja) chat template."""
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"]
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
         except Exception as err:  # noqa: BLE001 - template errors come as several types
             raise UserError(f"the chat template cannot render these messages: {str(err).splitlines()[0]}") from None
         return list(ids)
@@ -74,8 +88,9 @@ class Engine:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     # -- generation -----------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 cancelled: Callable[[], bool] | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, cancelled: Callable[[], bool] | None = None
+    ) -> list[Generation]:
         """Run prompts together to the end (greedy results equal one-at-a-time runs up to float noise)."""
         results: list[Generation] = []
         for _ in self._steps(prompts, params, cancelled, results):
@@ -86,26 +101,34 @@ class Engine:
         """Concurrent `run` calls share decode steps from now on (batcher.py); the server turns
         this on for GPUs. Requests longer than max_len still run on their own."""
         from .batcher import Batcher
+
         self.batcher = Batcher(self, slots, max_len or min(self.max_context, 4096))
 
-    def run(self, prompt: list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None,
-            cancelled: Callable[[], bool] | None = None) -> Generation:
+    def run(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Generation:
         """One prompt; `on_text(piece)` is called as text becomes final. Safe to call from several threads."""
         if self.batcher is not None and prompt and self.batcher.fits(prompt, params):
             from .batcher import Unbatched
+
             params.validate(self.max_context, len(prompt))
             try:
                 return self.batcher.run(prompt, params, on_text, cancelled)
             except Unbatched:
-                pass   # decoded alone below (why: self.batcher.broken, if for good)
+                pass  # decoded alone below (why: self.batcher.broken, if for good)
         results: list[Generation] = []
         for piece in self._pieces(prompt, params, cancelled, results):
             if on_text:
                 on_text(piece)
         return results[0]
 
-    def stream(self, prompt: list[int], params: SamplingParams,
-               cancelled: Callable[[], bool] | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: list[int], params: SamplingParams, cancelled: Callable[[], bool] | None = None
+    ) -> Iterator[str]:
         """Text pieces of one prompt as they are decoded; `self.last` holds the full result after
         (one caller at a time: concurrent callers use `run`)."""
         results: list[Generation] = []
@@ -160,6 +183,7 @@ class Engine:
         """This model cannot decode on a static cache: the dynamic cache from now on, and why."""
         self.static_cache = False
         from .static_decode import failure_reason
+
         self.static_fallback_reason = failure_reason(err)
         with self._decoder_lock:
             self._busy.discard(key)
@@ -171,8 +195,9 @@ class Engine:
             self._decoders[decoder.key] = decoder
 
     @torch.no_grad()
-    def _steps(self, prompts: list[list[int]], params: SamplingParams, cancelled,
-               results: list[Generation]) -> Iterator[list[TextRow]]:
+    def _steps(
+        self, prompts: list[list[int]], params: SamplingParams, cancelled, results: list[Generation]
+    ) -> Iterator[list[TextRow]]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("empty prompt: there is nothing to continue")
         longest = max(len(p) for p in prompts)
@@ -210,9 +235,17 @@ class Engine:
         first_token_at = clock["first"] or end
         for r in rows:
             r.finish = r.finish or "length"
-        results[:] = [Generation(text=r.text, token_ids=r.ids, prompt_tokens=len(p),
-                                    finish_reason=r.finish, prefill_s=first_token_at - start,
-                                    decode_s=end - first_token_at) for r, p in zip(rows, prompts)]
+        results[:] = [
+            Generation(
+                text=r.text,
+                token_ids=r.ids,
+                prompt_tokens=len(p),
+                finish_reason=r.finish or "length",
+                prefill_s=first_token_at - start,
+                decode_s=end - first_token_at,
+            )
+            for r, p in zip(rows, prompts)
+        ]
 
     def _read(self, rows: list[TextRow], tokens: list[int], params: SamplingParams, clock: dict) -> None:
         if clock["first"] is None:
@@ -229,8 +262,14 @@ class Engine:
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         step_input = ids
         for _ in range(params.max_new_tokens):
-            out = self.model(input_ids=step_input, attention_mask=mask, position_ids=position,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=step_input,
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             cache = out.past_key_values
             next_ids = choose_next(out.logits[:, -1], params, history, generator)
             tokens = next_ids.tolist()  # also the device sync that makes the timings true
@@ -239,8 +278,9 @@ class Engine:
             if all(r.finish for r in rows) or self._cancel(rows, cancelled):
                 break
             # Finished rows keep stepping with a pad token (their output is ignored).
-            step_input = torch.tensor([t if r.finish is None else self.pad_id for r, t in zip(rows, tokens)],
-                                      device=dev).unsqueeze(1)
+            step_input = torch.tensor(
+                [t if r.finish is None else self.pad_id for r, t in zip(rows, tokens)], device=dev
+            ).unsqueeze(1)
             history = torch.cat([history, step_input], dim=1)
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=dev)], dim=1)
             position = position[:, -1:] + 1
@@ -261,7 +301,7 @@ class Engine:
                 copied.record()
             following = None
             if step + 1 < params.max_new_tokens:
-                if params.repetition_penalty != 1.0:       # the history's only reader
+                if params.repetition_penalty != 1.0:  # the history's only reader
                     history = torch.cat([history, next_ids.unsqueeze(1)], dim=1)
                 following = choose_next(decoder.step(next_ids), params, history, generator)
             if copied is not None:

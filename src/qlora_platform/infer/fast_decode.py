@@ -16,6 +16,7 @@ at batch 1 beyond reading the weights (the generation issue measures both).
 Models outside the family, or with sliding windows, biased norms or head sizes the
 kernels do not tile, raise `Unsupported` and keep the stock forward (the reason is kept).
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,26 +68,28 @@ class DecodeStep:
         self.norms = [layer.input_layernorm for layer in self.layers] + [lm.model.norm]
 
     @classmethod
-    def build(cls, model, cache_layers, writes, mask, max_len: int) -> "DecodeStep":
+    def build(cls, model, cache_layers, writes, mask, max_len: int) -> DecodeStep:
         lm = causal_lm(model)
         check_supported(lm, max_len)
         return cls(lm, cache_layers, writes, mask)
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         lm = self.lm
-        hidden = lm.model.embed_tokens(token)                     # (B, 1, H), the residual stream
+        hidden = lm.model.embed_tokens(token)  # (B, 1, H), the residual stream
         rope = self.rope(hidden, position)
         x = _add_norm(None, hidden, self.norms[0])
         for i in range(len(self.layers)):
             x = self.layer(i, hidden, x, rope)
         return lm.lm_head(x)[:, -1]
 
-    def rope(self, hidden, position):
-        cos, sin = self.lm.model.rotary_emb(hidden, position)     # (B, 1, D) in the model's dtype
+    def rope(self, hidden, position) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.lm.model.rotary_emb(hidden, position)  # (B, 1, D) in the model's dtype
         rows = hidden.shape[0]
         return cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
 
-    def layer(self, i: int, hidden: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
+    def layer(
+        self, i: int, hidden: torch.Tensor, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         """Decoder layer i on the residual stream `hidden` (updated in place) whose norm is x;
         returns the norm the next layer (or the head) takes."""
         layer, rows = self.layers[i], hidden.shape[0]
@@ -99,7 +102,7 @@ class DecodeStep:
         out = decode_attention(q, cache.keys, cache.values, self.mask, columns, self.scale)
         x = _add_norm(attn.o_proj(out.view(rows, 1, -1)), hidden, layer.post_attention_layernorm)
         mlp_out = mlp.down_proj(swiglu_forward(mlp.gate_proj(x), mlp.up_proj(x)))
-        return _add_norm(mlp_out, hidden, self.norms[i + 1])   # the next layer's (or the final) norm
+        return _add_norm(mlp_out, hidden, self.norms[i + 1])  # the next layer's (or the final) norm
 
 
 def _add_norm(delta, hidden, norm):

@@ -4,6 +4,7 @@
 tokens into text as they come (stop strings included), `left_padded` lays prompts
 of different lengths out for one batched forward pass.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str          # "stop" (EOS or a stop string), "length", or "cancelled"
-    prefill_s: float            # prompt forward + first token: the time to first token
-    decode_s: float             # every later token
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled"
+    prefill_s: float  # prompt forward + first token: the time to first token
+    decode_s: float  # every later token
 
     @property
     def completion_tokens(self) -> int:
@@ -45,8 +46,8 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), longest), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
+        ids[i, longest - len(p) :] = torch.tensor(p)
+        mask[i, longest - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -62,16 +63,17 @@ class TextRow:
     it could end in the new text. Every token costs the same however long the output.
     """
 
-    MAX_PENDING = 8    # tokens decoded again while their text ends in a partial character
-    MAX_CONTEXT = 16   # tokens kept as context while the last ones make no text
+    MAX_PENDING = 8  # tokens decoded again while their text ends in a partial character
+    MAX_CONTEXT = 16  # tokens kept as context while the last ones make no text
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
-        self.done, self.tail = "", ""      # final text; provisional text of ids[read:]
+        self.done, self.tail = "", ""  # final text; provisional text of ids[read:]
         self.prefix = self.read = 0
-        self.prefix_text = ""              # text of ids[prefix:read]
-        self.emitted, self.finish = 0, None
+        self.prefix_text = ""  # text of ids[prefix:read]
+        self.emitted = 0
+        self.finish: str | None = None  # why the sequence ended, once it has
         self.hold = max((len(s) for s in stop), default=1) - 1
 
     @property
@@ -87,9 +89,12 @@ class TextRow:
             return
         before = len(self.done)
         self.ids.append(token)
-        window = self._decode(self.ids[self.prefix:])
-        new = window[len(self.prefix_text):] if window.startswith(self.prefix_text) else \
-            window[min(len(self.prefix_text), len(window)):]
+        window = self._decode(self.ids[self.prefix :])
+        new = (
+            window[len(self.prefix_text) :]
+            if window.startswith(self.prefix_text)
+            else window[min(len(self.prefix_text), len(window)) :]
+        )
         if new.endswith("\ufffd") and len(self.ids) - self.read < self.MAX_PENDING:
             self.tail = new
         else:
@@ -98,17 +103,17 @@ class TextRow:
             # The context moves up to the tokens just read, unless they make no text (special
             # tokens): a window must begin with text for a leading space to decode as in the full text.
             start, self.read = self.read, len(self.ids)
-            context = self._decode(self.ids[start:self.read])
+            context = self._decode(self.ids[start : self.read])
             if context or self.read - self.prefix > self.MAX_CONTEXT:
                 self.prefix, self.prefix_text = start, context
             else:
-                self.prefix_text = self._decode(self.ids[self.prefix:self.read])
+                self.prefix_text = self._decode(self.ids[self.prefix : self.read])
         if self.stop:
             start = max(0, before - self.hold)
             region = self.done[start:] + self.tail
             cuts = [c for c in (region.find(s) for s in self.stop) if c >= 0]
             if cuts:
-                self.done, self.tail, self.finish = self.text[:start + min(cuts)], "", "stop"
+                self.done, self.tail, self.finish = self.text[: start + min(cuts)], "", "stop"
 
     def new_text(self) -> str:
         """Text safe to show now: not a partial UTF-8 character, not a possible stop-string start."""
@@ -118,6 +123,6 @@ class TextRow:
             end -= self.hold
             while end > self.emitted and text[end - 1] == "\ufffd":
                 end -= 1
-        piece = text[self.emitted:max(end, self.emitted)]
+        piece = text[self.emitted : max(end, self.emitted)]
         self.emitted += len(piece)
         return piece

@@ -15,10 +15,12 @@ counted as the HF path counts them (the EOS is not one), and the finish reason i
 tools and the completion call come from the caller (export.llama_cpp and
 export.gguf build and run them), so inference does not depend on export.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 from ..errors import UserError
 from .generation import Generation
@@ -39,18 +41,22 @@ class GgufEngine:
         self.path = path
         self.tools, self.complete = ensure_tools(), complete
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as err:  # noqa: BLE001
             raise UserError(f"cannot read the tokenizer of '{path}': {str(err).splitlines()[0]}") from None
         from gguf import GGUFReader
+
         reader = GGUFReader(str(path))
         ctx = next((f for name, f in reader.fields.items() if name.endswith(".context_length")), None)
         self.max_context = int(ctx.parts[ctx.data[0]][0]) if ctx else 2048
         self.last: Generation | None = None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True)["input_ids"])
+        return list(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -58,8 +64,16 @@ class GgufEngine:
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         params.validate(self.max_context, len(prompt))
         text = self.tokenizer.decode(prompt, skip_special_tokens=False)
-        extra = ["--top-p", str(params.top_p), "--top-k", str(params.top_k), "--repeat-penalty",
-                 str(params.repetition_penalty), "-c", str(min(self.max_context, len(prompt) + params.max_new_tokens + 8))]
+        extra = [
+            "--top-p",
+            str(params.top_p),
+            "--top-k",
+            str(params.top_k),
+            "--repeat-penalty",
+            str(params.repetition_penalty),
+            "-c",
+            str(min(self.max_context, len(prompt) + params.max_new_tokens + 8)),
+        ]
         if params.seed is not None:
             extra += ["-s", str(params.seed)]
         if params.ignore_eos:
@@ -68,15 +82,22 @@ class GgufEngine:
         out, emitted, finish = "", 0, None
         hold = max((len(s) for s in params.stop), default=1) - 1
         # llama-completion has no stop strings outside interactive mode: they are applied here.
-        for piece in self.complete(self.tools, self.path, text, stats, n_predict=params.max_new_tokens,
-                                   temperature=params.temperature, extra=extra):
+        for piece in self.complete(
+            self.tools,
+            self.path,
+            text,
+            stats,
+            n_predict=params.max_new_tokens,
+            temperature=params.temperature,
+            extra=extra,
+        ):
             out += piece
             cut = min((out.index(s) for s in params.stop if s in out), default=None)
             if cut is not None:
                 out, finish = out[:cut], "stop"
                 break
             if len(out) - hold > emitted:
-                yield out[emitted:len(out) - hold]
+                yield out[emitted : len(out) - hold]
                 emitted = len(out) - hold
         if len(out) > emitted:
             yield out[emitted:]
@@ -86,6 +107,11 @@ class GgufEngine:
         if finish is None:
             finish = "stop" if stats.get("eos") else "length"
         rate, prompt_rate = stats.get("tokens_per_s") or 0.0, stats.get("prompt_tokens_per_s") or 0.0
-        self.last = Generation(text=out, token_ids=list(range(n)), prompt_tokens=len(prompt), finish_reason=finish,
-                               prefill_s=len(prompt) / prompt_rate if prompt_rate else 0.0,
-                               decode_s=(n - 1) / rate if rate and n > 1 else 0.0)
+        self.last = Generation(
+            text=out,
+            token_ids=list(range(n)),
+            prompt_tokens=len(prompt),
+            finish_reason=finish,
+            prefill_s=len(prompt) / prompt_rate if prompt_rate else 0.0,
+            decode_s=(n - 1) / rate if rate and n > 1 else 0.0,
+        )

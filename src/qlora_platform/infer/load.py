@@ -10,6 +10,7 @@ An adapter folder is `<run>/final_adapter` or `<run>/checkpoint-N`; the run's
 were used, so evaluation and chat see the model exactly as it was trained.
 Without a run config the adapter's own `base_model_name_or_path` is used.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,14 @@ from pathlib import Path
 
 from ..config import Config, load_config
 from ..errors import UserError
-from ..models.loader import check_adapter_folder, load_adapter, load_base_model, load_tokenizer, match_training_precision, pick_device
+from ..models.loader import (
+    check_adapter_folder,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    match_training_precision,
+    pick_device,
+)
 from .engine import Engine
 
 
@@ -57,20 +65,30 @@ def resolve_adapter_dir(path: str | Path) -> Path:
         return path
     if (path / "final_adapter" / "adapter_config.json").is_file():
         return path / "final_adapter"
-    checkpoints = sorted((int(c.name.split("-")[1]), c) for c in path.glob("checkpoint-[0-9]*")
-                         if c.name.split("-")[1].isdigit() and (c / "adapter_config.json").is_file())
+    checkpoints = sorted(
+        (int(c.name.split("-")[1]), c)
+        for c in path.glob("checkpoint-[0-9]*")
+        if c.name.split("-")[1].isdigit() and (c / "adapter_config.json").is_file()
+    )
     return checkpoints[-1][1] if checkpoints else path
 
 
 def check_adapter_dir(adapter_dir: Path) -> None:
     if not adapter_dir.is_dir():
-        raise UserError(f"adapter folder '{adapter_dir}' does not exist; it is <run>/final_adapter "
-                        f"(for the demo: runs/demo/final_adapter)")
+        raise UserError(
+            f"adapter folder '{adapter_dir}' does not exist; it is <run>/final_adapter "
+            f"(for the demo: runs/demo/final_adapter)"
+        )
     check_adapter_folder(adapter_dir)
 
 
-def adapter_run_config(adapter_dir: Path, config: str | None = None, overrides: dict | None = None,
-                       trust_remote_code: bool = False, log=print) -> Config:
+def adapter_run_config(
+    adapter_dir: Path,
+    config: str | None = None,
+    overrides: dict | None = None,
+    trust_remote_code: bool = False,
+    log=print,
+) -> Config:
     """The training run's config of an adapter; without one, defaults with the adapter's own base model.
 
     An adapter folder may come from anywhere, so its config.yaml never decides whether the
@@ -79,14 +97,18 @@ def adapter_run_config(adapter_dir: Path, config: str | None = None, overrides: 
     run_cfg = config or run_config_for(adapter_dir)
     cfg = load_config(run_cfg, overrides or {})
     if cfg.model.trust_remote_code and not trust_remote_code:
-        log(f"note: {run_cfg} asks for model.trust_remote_code; ignored (code shipped with a model or "
-            f"adapter runs only with --trust-remote-code on the command line)")
+        log(
+            f"note: {run_cfg} asks for model.trust_remote_code; ignored (code shipped with a model or "
+            f"adapter runs only with --trust-remote-code on the command line)"
+        )
     cfg.model.trust_remote_code = trust_remote_code
     if run_cfg is None:
         base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
-            raise UserError(f"cannot tell the base model of '{adapter_dir}': no run config.yaml next to it "
-                            f"and no base_model_name_or_path; pass --config of the training run")
+            raise UserError(
+                f"cannot tell the base model of '{adapter_dir}': no run config.yaml next to it "
+                f"and no base_model_name_or_path; pass --config of the training run"
+            )
         cfg.model.name = base
     return cfg
 
@@ -97,10 +119,17 @@ def adapter_tokenizer(cfg: Config, adapter_dir: Path | None):
     return load_tokenizer(cfg.model, source=str(adapter_dir) if saved else None)
 
 
-def load_for_inference(adapter: str | None = None, model: str | None = None, config: str | None = None,
-                       device: str = "auto", load_in_4bit: bool | None = None,
-                       overrides: dict | None = None, trust_remote_code: bool = False, log=print,
-                       warm_up: bool = True) -> Loaded:
+def load_for_inference(
+    adapter: str | None = None,
+    model: str | None = None,
+    config: str | None = None,
+    device: str = "auto",
+    load_in_4bit: bool | None = None,
+    overrides: dict | None = None,
+    trust_remote_code: bool = False,
+    log=print,
+    warm_up: bool = True,
+) -> Loaded:
     """Exactly one of `adapter` (a LoRA folder) or `model` (hub id, folder, .gguf, bundled:NAME).
 
     `warm_up=False` leaves the model untouched by any forward pass, so that scoring under
@@ -112,6 +141,7 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, con
         check_adapter_dir(adapter_dir)
         cfg = adapter_run_config(adapter_dir, config, overrides, trust_remote_code, log)
     else:
+        assert model is not None  # exactly one of adapter and model, checked above
         cfg = load_config(config, overrides or {})
         cfg.model.name = model
         cfg.model.trust_remote_code = trust_remote_code
@@ -128,5 +158,12 @@ def load_for_inference(adapter: str | None = None, model: str | None = None, con
     engine = Engine(net, tokenizer)
     if warm_up:
         engine.warm_up()
-    return Loaded(model=net, tokenizer=tokenizer, engine=engine, cfg=cfg, device=dev,
-                  adapter=str(adapter_dir) if adapter_dir else None, model_name=cfg.model.name)
+    return Loaded(
+        model=net,
+        tokenizer=tokenizer,
+        engine=engine,
+        cfg=cfg,
+        device=dev,
+        adapter=str(adapter_dir) if adapter_dir else None,
+        model_name=cfg.model.name,
+    )

@@ -8,6 +8,7 @@ process (tests) do not collide. Queue depth and active generations are read from
 the scheduler at scrape time, and the rows of the continuous batcher in use from
 `rows` (0 without a batcher): after any burst, all three return to 0.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,10 +25,16 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter("qlora_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.tokens = Counter("qlora_tokens", "Tokens processed", ["kind"], registry=r)  # prompt | completion
-        self.latency = Histogram("qlora_request_latency_seconds", "Generation request latency", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("qlora_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
-                              registry=r)
+        self.latency = Histogram(
+            "qlora_request_latency_seconds",
+            "Generation request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "qlora_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.rejected = Counter("qlora_rejected", "Requests refused for load", ["reason"], registry=r)
         queue = Gauge("qlora_queue_depth", "Generations waiting for a slot", registry=r)
         queue.set_function(lambda: scheduler.waiting)

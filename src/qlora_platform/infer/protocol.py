@@ -15,9 +15,10 @@ overflow the logits), penalties and seeds have finite ranges. Text that is not
 valid Unicode (a lone surrogate from a `\\ud800` JSON escape) is refused here
 rather than failing in the tokenizer.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -29,8 +30,7 @@ def valid_unicode(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ValueError(f"is not valid Unicode (a lone surrogate at character {err.start}); "
-                         f"send UTF-8 text") from None
+        raise ValueError(f"is not valid Unicode (a lone surrogate at character {err.start}); send UTF-8 text") from None
     return value
 
 
@@ -44,14 +44,9 @@ class TextPart(BaseModel):
         return valid_unicode(value)
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
 
     @field_validator("content")
     @classmethod
@@ -69,29 +64,29 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: Optional[dict[str, Any]] = None
-    response_format: Optional[dict[str, Any]] = None
-    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: Optional[Union[str, list[str]]] = None
+    logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    logprobs: Optional[Union[bool, int]] = None
-    top_logprobs: Optional[int] = None
-    tools: Optional[list] = None
-    functions: Optional[list] = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    functions: list | None = None
     echo: bool = False
-    suffix: Optional[str] = None
-    best_of: Optional[int] = Field(None, ge=1, le=1, description="one choice per request")
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=1, description="one choice per request")
 
     @field_validator("model")
     @classmethod
@@ -122,8 +117,10 @@ class _Sampling(BaseModel):
     @classmethod
     def _no_penalty(cls, value, info):
         if value:
-            raise ValueError(f"{info.field_name} is not supported by this server; leave it 0 "
-                             f"(repetition_penalty is: 1.0 is off, 1.1 a mild penalty)")
+            raise ValueError(
+                f"{info.field_name} is not supported by this server; leave it 0 "
+                f"(repetition_penalty is: 1.0 is off, 1.1 a mild penalty)"
+            )
         return value
 
     @field_validator("response_format")
@@ -135,9 +132,15 @@ class _Sampling(BaseModel):
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         limit = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        return SamplingParams(max_new_tokens=limit, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-                              stop=list(self.stop or []), seed=self.seed)
+        return SamplingParams(
+            max_new_tokens=limit,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            stop=list(self.stop or []),
+            seed=self.seed,
+        )
 
     @property
     def explicit_max_tokens(self) -> bool:
@@ -156,7 +159,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
 
     @field_validator("prompt")
     @classmethod
@@ -172,8 +175,9 @@ class CompletionRequest(_Sampling):
 
 class GenerateRequest(_Sampling):
     """The plan's endpoint: a prompt in, text out; `chat` wraps the prompt in the chat template."""
+
     prompt: str = Field(min_length=1)
-    system: Optional[str] = None
+    system: str | None = None
     chat: bool = True
     temperature: float = Field(0.7, ge=0, le=2)
 

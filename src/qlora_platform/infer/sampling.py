@@ -11,6 +11,7 @@ token already in the row, prompt included, so results match `generate`. A row wh
 probabilities are not finite (a model that overflowed, an extreme setting) takes its
 argmax instead of failing the sampler, so one row can never break a batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,46 +20,54 @@ import torch
 
 from ..errors import UserError
 
-MIN_TEMPERATURE = 1e-5           # below: greedy
-MIN_REPETITION_PENALTY = 0.01    # below, penalised logits overflow float32
-SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)
+MIN_TEMPERATURE = 1e-5  # below: greedy
+MIN_REPETITION_PENALTY = 0.01  # below, penalised logits overflow float32
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 0.0      # 0: greedy
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int = 0                # 0: off
+    top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    ignore_eos: bool = False      # benchmarks decode a fixed number of tokens
+    ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
 
-    def validate(self, context_len: int | None = None, prompt_len: int | None = None) -> "SamplingParams":
+    def validate(self, context_len: int | None = None, prompt_len: int | None = None) -> SamplingParams:
         checks = [
             (self.max_new_tokens >= 1, f"max_tokens must be at least 1 (got {self.max_new_tokens})"),
             (0 <= self.temperature <= 2, f"temperature must be between 0 and 2 (got {self.temperature})"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
             (self.top_k >= 0, f"top_k must be 0 (off) or positive (got {self.top_k})"),
-            (MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10,
-             f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and 10 (got {self.repetition_penalty})"),
-            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
-             f"seed must be a 64-bit signed integer (got {self.seed})"),
-            (len(self.stop) <= 8 and all(isinstance(s, str) and s for s in self.stop),
-             "stop must be at most 8 non-empty strings"),
+            (
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10,
+                f"repetition_penalty must be between {MIN_REPETITION_PENALTY} and 10 (got {self.repetition_penalty})",
+            ),
+            (
+                self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                f"seed must be a 64-bit signed integer (got {self.seed})",
+            ),
+            (
+                len(self.stop) <= 8 and all(isinstance(s, str) and s for s in self.stop),
+                "stop must be at most 8 non-empty strings",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
         if context_len is not None and prompt_len is not None and prompt_len + self.max_new_tokens > context_len:
-            raise UserError(f"the prompt has {prompt_len} tokens and max_tokens is {self.max_new_tokens}: "
-                            f"{prompt_len + self.max_new_tokens} is over the model's context of "
-                            f"{context_len} tokens; shorten the prompt or lower max_tokens")
+            raise UserError(
+                f"the prompt has {prompt_len} tokens and max_tokens is {self.max_new_tokens}: "
+                f"{prompt_len + self.max_new_tokens} is over the model's context of "
+                f"{context_len} tokens; shorten the prompt or lower max_tokens"
+            )
         return self
 
 
@@ -71,8 +80,9 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits.scatter(1, history, seen)
 
 
-def choose_next(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
+def choose_next(
+    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None, generator: torch.Generator | None
+) -> torch.Tensor:
     """The next token of each row: logits (B, V) of the last position -> ids (B,)."""
     logits = logits.float()
     if history is not None:

@@ -13,11 +13,12 @@ given, runs in the job's thread once the job holds its queue place and before it
 waits for a slot: the server tokenizes there, off the event loop and only for
 requests it has admitted. The counters feed /metrics.
 """
+
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 _DONE = object()
 
@@ -27,8 +28,9 @@ class QueueTimeout(Exception):
 
 
 class Job:
-    def __init__(self, scheduler: "Scheduler", work: Callable, loop: asyncio.AbstractEventLoop,
-                 prepare: Callable | None = None):
+    def __init__(
+        self, scheduler: Scheduler, work: Callable, loop: asyncio.AbstractEventLoop, prepare: Callable | None = None
+    ):
         self.scheduler, self.work, self.loop, self.prepare = scheduler, work, loop, prepare
         self.queue: asyncio.Queue = asyncio.Queue()
         self._cancel = threading.Event()

@@ -20,6 +20,7 @@ receive channel); SIGTERM lets in-flight requests finish (uvicorn's graceful
 shutdown, `--drain-timeout`) before exiting. The model loads in a background thread
 so /health answers from the first second. docs/security.md states the security model.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,6 +31,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,14 +46,25 @@ from .metrics import ServerMetrics
 from .protocol import ChatRequest, CompletionRequest, GenerateRequest
 from .scheduler import QueueTimeout, Scheduler
 
+if TYPE_CHECKING:
+    from .load import Loaded
+
 log = logging.getLogger("qlora.serve")
 PUBLIC_PATHS = {"/health"}
 ROUTES = ("/health", "/status", "/generate", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
 CLOSE = {"Connection": "close"}
-_PREPARED = object()   # a job's first event: its prompt is tokenized and its settings are valid
+_PREPARED = object()  # a job's first event: its prompt is tokenized and its settings are valid
 
 
 @dataclass
@@ -66,14 +79,19 @@ class ServerSettings:
     max_queue: int = 8
     queue_timeout: float = 60.0
     max_body_bytes: int = 1_000_000
-    body_timeout: float = 10.0              # seconds to receive a whole request body
+    body_timeout: float = 10.0  # seconds to receive a whole request body
     default_max_tokens: int = 256
-    max_model_len: int | None = None        # prompt + max_tokens; None: the model's context
+    max_model_len: int | None = None  # prompt + max_tokens; None: the model's context
 
 
 def error_response(status: int, message: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "code": code or ERROR_TYPES.get(status, "error")}}
+    body = {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "invalid_request_error"),
+            "code": code or ERROR_TYPES.get(status, "error"),
+        }
+    }
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -126,9 +144,14 @@ class Gate:
         headers = Headers(scope=scope)
         if scope["path"] not in PUBLIC_PATHS and scope["method"] != "OPTIONS" and not self.keys.allows(headers):
             given = ApiKeys.presented(headers)
-            response = error_response(401, "invalid API key" if given else
-                                      "an API key is required: send 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'",
-                                      "invalid_api_key", CLOSE)
+            response = error_response(
+                401,
+                "invalid API key"
+                if given
+                else "an API key is required: send 'Authorization: Bearer KEY' or 'X-Api-Key: KEY'",
+                "invalid_api_key",
+                CLOSE,
+            )
             return await response(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
@@ -138,8 +161,12 @@ class Gate:
         try:
             body = await asyncio.wait_for(self._read(receive), self.timeout)
         except asyncio.TimeoutError:
-            response = error_response(408, f"the request body did not arrive within {self.timeout:g} s; "
-                                           f"send it whole and promptly", "body_timeout", CLOSE)
+            response = error_response(
+                408,
+                f"the request body did not arrive within {self.timeout:g} s; send it whole and promptly",
+                "body_timeout",
+                CLOSE,
+            )
             return await response(scope, receive, send)
         if body is None:
             return  # the client left before sending its body
@@ -169,20 +196,22 @@ class Gate:
                 return b"".join(chunks)
 
     async def _too_big(self, scope, receive, send):
-        response = error_response(413, f"the request body is over the server's limit of {self.limit} bytes",
-                                  "body_too_large", CLOSE)
+        response = error_response(
+            413, f"the request body is over the server's limit of {self.limit} bytes", "body_too_large", CLOSE
+        )
         return await response(scope, receive, send)
 
 
 class ServerState:
     def __init__(self, settings: ServerSettings, loader):
         self.settings, self.loader = settings, loader
-        self.loaded = None
+        self.loaded: Loaded | None = None
         self.load_error: str | None = None
         self.scheduler = Scheduler(settings.max_active, settings.max_queue, settings.queue_timeout)
         self.metrics = ServerMetrics(self.scheduler, rows=self.batch_rows)
-        self.name = settings.served_name or settings.adapter or settings.model
-        self.encode_lock = threading.Lock()   # one tokenization at a time across worker threads
+        # One of adapter and model is always set (the command line checks it).
+        self.name: str = settings.served_name or settings.adapter or settings.model or ""
+        self.encode_lock = threading.Lock()  # one tokenization at a time across worker threads
 
     def batch_rows(self) -> int:
         batcher = self.loaded.engine.batcher if self.loaded is not None else None
@@ -190,11 +219,11 @@ class ServerState:
 
     def load(self) -> None:
         try:
-            self.loaded = self.loader(adapter=self.settings.adapter, model=self.settings.model,
-                                      device=self.settings.device)
-            if self.loaded.device == "cuda" and self.settings.max_active > 1:
+            loaded = self.loader(adapter=self.settings.adapter, model=self.settings.model, device=self.settings.device)
+            self.loaded = loaded
+            if loaded.device == "cuda" and self.settings.max_active > 1:
                 # Concurrent requests share each decode step (continuous batching).
-                self.loaded.engine.enable_batching(self.settings.max_active)
+                loaded.engine.enable_batching(self.settings.max_active)
             log.info("model ready: %s", self.name)
         except UserError as err:
             self.load_error = str(err)
@@ -212,24 +241,35 @@ class ServerState:
 
     def check_model(self, requested: str | None) -> None:
         if requested and requested not in (self.name, "default"):
-            raise ApiError(404, f"model '{requested}' is not served here; this server serves '{self.name}' "
-                                f"(see GET /v1/models)", "model_not_found")
+            raise ApiError(
+                404,
+                f"model '{requested}' is not served here; this server serves '{self.name}' (see GET /v1/models)",
+                "model_not_found",
+            )
 
 
 def _params(engine, req, prompt_ids, settings: ServerSettings):
     """The request's SamplingParams, checked against the context and the server's --max-model-len."""
     limit = min(engine.max_context, settings.max_model_len or engine.max_context)
-    where = (f"this server's limit of {limit} tokens (--max-model-len)" if limit < engine.max_context else
-             f"the model's context of {limit} tokens")
+    where = (
+        f"this server's limit of {limit} tokens (--max-model-len)"
+        if limit < engine.max_context
+        else f"the model's context of {limit} tokens"
+    )
     room = limit - len(prompt_ids)
     if not req.explicit_max_tokens and room < 1:
-        raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, which fills {where}; shorten it",
-                       "context_length_exceeded")
+        raise ApiError(
+            400, f"the prompt has {len(prompt_ids)} tokens, which fills {where}; shorten it", "context_length_exceeded"
+        )
     params = req.sampling(min(settings.default_max_tokens, room) if room > 0 else settings.default_max_tokens)
     if len(prompt_ids) + params.max_new_tokens > limit:
-        raise ApiError(400, f"max_tokens: the prompt has {len(prompt_ids)} tokens and max_tokens is "
-                            f"{params.max_new_tokens}: {len(prompt_ids) + params.max_new_tokens} is over {where}; "
-                            f"shorten the prompt or lower max_tokens", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"max_tokens: the prompt has {len(prompt_ids)} tokens and max_tokens is "
+            f"{params.max_new_tokens}: {len(prompt_ids) + params.max_new_tokens} is over {where}; "
+            f"shorten the prompt or lower max_tokens",
+            "context_length_exceeded",
+        )
     try:
         return params.validate(limit, len(prompt_ids))
     except UserError as err:
@@ -237,8 +277,11 @@ def _params(engine, req, prompt_ids, settings: ServerSettings):
 
 
 def _usage(result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
 
 
 def _sse(obj) -> str:
@@ -263,12 +306,18 @@ def create_app(settings: ServerSettings, loader=None, load_in_background: bool =
     app = FastAPI(title="qlora-platform", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qlora = state
     # add_middleware puts each one outside those before: the gate first, CORS around it.
-    app.add_middleware(Gate, keys=settings.keys, limit=settings.max_body_bytes, timeout=settings.body_timeout,
-                       metrics=state.metrics)
+    app.add_middleware(
+        Gate, keys=settings.keys, limit=settings.max_body_bytes, timeout=settings.body_timeout, metrics=state.metrics
+    )
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Api-Key"],
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):
@@ -295,17 +344,26 @@ def create_app(settings: ServerSettings, loader=None, load_in_background: bool =
     async def health():
         if state.loaded is not None:
             return {"status": "ok"}
-        return JSONResponse({"status": "error" if state.load_error else "loading"}, status_code=503,
-                            headers={"Retry-After": "5"})
+        return JSONResponse(
+            {"status": "error" if state.load_error else "loading"}, status_code=503, headers={"Retry-After": "5"}
+        )
 
     @app.get("/status")
     async def status():
         s, loaded = state.scheduler, state.loaded
-        return {"status": "ok" if loaded is not None else "error" if state.load_error else "loading",
-                "model": state.name, "adapter": settings.adapter, "base_model": settings.model,
-                "device": getattr(loaded, "device", None), "load_error": state.load_error,
-                "active": s.active, "waiting": s.waiting, "max_active": s.max_active, "max_queue": s.max_queue,
-                "batch_rows_active": state.batch_rows()}
+        return {
+            "status": "ok" if loaded is not None else "error" if state.load_error else "loading",
+            "model": state.name,
+            "adapter": settings.adapter,
+            "base_model": settings.model,
+            "device": getattr(loaded, "device", None),
+            "load_error": state.load_error,
+            "active": s.active,
+            "waiting": s.waiting,
+            "max_active": s.max_active,
+            "max_queue": s.max_queue,
+            "batch_rows_active": state.batch_rows(),
+        }
 
     @app.get("/metrics")
     async def metrics():
@@ -313,8 +371,10 @@ def create_app(settings: ServerSettings, loader=None, load_in_background: bool =
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "qlora-platform"}]}
+        return {
+            "object": "list",
+            "data": [{"id": state.name, "object": "model", "created": int(time.time()), "owned_by": "qlora-platform"}],
+        }
 
     async def generation(request: Request, route: str, encode, req, render):
         """Admit, prepare, run and answer one generation. `encode(engine)` gives the prompt ids; it
@@ -334,18 +394,23 @@ def create_app(settings: ServerSettings, loader=None, load_in_background: bool =
             job.emit(_PREPARED)
 
         def work(job):
-            result = engine.run(prepared["prompt"], prepared["params"], on_text=job.emit,
-                                cancelled=lambda: job.cancelled)
+            result = engine.run(
+                prepared["prompt"], prepared["params"], on_text=job.emit, cancelled=lambda: job.cancelled
+            )
             job.emit(result)
 
         started = time.perf_counter()
         job = state.scheduler.submit(work, prepare)
         if job is None:
-            raise ApiError(429, f"the server is busy ({state.scheduler.active} generating, "
-                                f"{state.scheduler.waiting} waiting); retry later", "queue_full",
-                           retry_after=state.scheduler.retry_after_s)
+            raise ApiError(
+                429,
+                f"the server is busy ({state.scheduler.active} generating, "
+                f"{state.scheduler.waiting} waiting); retry later",
+                "queue_full",
+                retry_after=state.scheduler.retry_after_s,
+            )
         rid = f"{render.prefix}-{uuid.uuid4().hex[:24]}"
-        first = [None]
+        first: list[float | None] = [None]  # when the first token came (set from the stream)
 
         def account(result):
             m = state.metrics
@@ -377,7 +442,7 @@ def create_app(settings: ServerSettings, loader=None, load_in_background: bool =
             account(result)
             return render.full(rid, result)
 
-        try:   # errors of the request itself (bad prompt, too long) are still a plain 4xx
+        try:  # errors of the request itself (bad prompt, too long) are still a plain 4xx
             if await events.__anext__() is not _PREPARED:
                 raise RuntimeError("a generation job must report its preparation first")
         except StopAsyncIteration:
@@ -400,31 +465,48 @@ def create_app(settings: ServerSettings, loader=None, load_in_background: bool =
                     account(result)
                     yield render.end(rid, result, req)
             except QueueTimeout as err:
-                yield _sse({"error": {"message": f"{err}; retry later", "type": "service_unavailable",
-                                      "code": "queue_timeout"}})
+                yield _sse(
+                    {
+                        "error": {
+                            "message": f"{err}; retry later",
+                            "type": "service_unavailable",
+                            "code": "queue_timeout",
+                        }
+                    }
+                )
             except Exception:  # noqa: BLE001 - the stream has begun: report in-band
                 log.exception("generation failed")
-                yield _sse({"error": {"message": "internal server error; see the server log",
-                                      "type": "server_error", "code": "internal_error"}})
+                yield _sse(
+                    {
+                        "error": {
+                            "message": "internal server error; see the server log",
+                            "type": "server_error",
+                            "code": "internal_error",
+                        }
+                    }
+                )
             finally:
                 job.cancel()  # no-op when finished; stops the worker when the client went away
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         state.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return await generation(request, "/v1/chat/completions", lambda engine: engine.encode_chat(messages), req,
-                                ChatRender(state.name))
+        return await generation(
+            request, "/v1/chat/completions", lambda engine: engine.encode_chat(messages), req, ChatRender(state.name)
+        )
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         state.check_model(req.model)
-        return await generation(request, "/v1/completions", lambda engine: engine.encode_text(req.prompt), req,
-                                CompletionRender(state.name))
+        return await generation(
+            request, "/v1/completions", lambda engine: engine.encode_text(req.prompt), req, CompletionRender(state.name)
+        )
 
     @app.post("/generate")
     async def generate(req: GenerateRequest, request: Request):
@@ -448,43 +530,79 @@ async def _cancel_on_disconnect(request: Request, job) -> None:
             return
 
 
-def uvicorn_config(app, host: str, port: int, drain_timeout: float = 30.0, log_level: str = "info",
-                   access_log: bool = False, max_connections: int = 128):
+def uvicorn_config(
+    app,
+    host: str,
+    port: int,
+    drain_timeout: float = 30.0,
+    log_level: str = "info",
+    access_log: bool = False,
+    max_connections: int = 128,
+):
     """uvicorn's settings for the app: connections beyond `max_connections` are answered 503 at
     once, idle keep-alive connections close after 5 s, the access log is on only when asked."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
-                          access_log=access_log, limit_concurrency=max_connections, timeout_keep_alive=5)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]  # uvicorn waits on a float as well
+        access_log=access_log,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+    )
 
 
-def serve(settings: ServerSettings, host: str, port: int, drain_timeout: float, log_level: str = "info",
-          access_log: bool = False, max_connections: int = 128) -> int:
+def serve(
+    settings: ServerSettings,
+    host: str,
+    port: int,
+    drain_timeout: float,
+    log_level: str = "info",
+    access_log: bool = False,
+    max_connections: int = 128,
+) -> int:
     import uvicorn
 
     from .chat import is_loopback
 
     if not is_loopback(host) and not settings.keys.enabled:
-        print(f"warning: serving on {host} with no API key: anyone who can reach this port can use the model; "
-              f"set --api-key-file or $QLORA_API_KEYS", file=sys.stderr)
+        print(
+            f"warning: serving on {host} with no API key: anyone who can reach this port can use the model; "
+            f"set --api-key-file or $QLORA_API_KEYS",
+            file=sys.stderr,
+        )
     app = create_app(settings)
     config = uvicorn_config(app, host, port, drain_timeout, log_level, access_log, max_connections)
-    print(f"serving {settings.served_name or settings.adapter or settings.model} on http://{host}:{port} "
-          f"({'keys required' if settings.keys.enabled else 'no keys'}, at most {max_connections} connections); "
-          f"/health turns 200 when the model is loaded", file=sys.stderr)
+    print(
+        f"serving {settings.served_name or settings.adapter or settings.model} on http://{host}:{port} "
+        f"({'keys required' if settings.keys.enabled else 'no keys'}, at most {max_connections} connections); "
+        f"/health turns 200 when the model is loaded",
+        file=sys.stderr,
+    )
     uvicorn.Server(config).run()
     return 0
 
 
 class ChatRender:
-    prefix, chunk_object, final_delta = "chatcmpl", "chat.completion.chunk", {}
+    prefix, chunk_object = "chatcmpl", "chat.completion.chunk"
+    final_delta: dict | str = {}
 
     def __init__(self, model: str):
         self.model, self.created = model, int(time.time())
 
     def _chunk(self, rid, delta, finish=None) -> str:
-        return _sse({"id": rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        return _sse(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+        )
 
     def start(self, rid):
         return self._chunk(rid, {"role": "assistant", "content": ""})
@@ -495,22 +613,48 @@ class ChatRender:
     def end(self, rid, result, req):
         out = self._chunk(rid, self.final_delta, result.finish_reason)
         if req.stream_options and req.stream_options.include_usage:
-            out += _sse({"id": rid, "object": self.chunk_object, "created": self.created, "model": self.model,
-                         "choices": [], "usage": _usage(result)})
+            out += _sse(
+                {
+                    "id": rid,
+                    "object": self.chunk_object,
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": _usage(result),
+                }
+            )
         return out
 
     def full(self, rid, result):
-        return {"id": rid, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.finish_reason}], "usage": _usage(result)}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": _usage(result),
+        }
 
 
 class CompletionRender(ChatRender):
     prefix, chunk_object, final_delta = "cmpl", "text_completion", ""
 
     def _chunk(self, rid, text, finish=None) -> str:
-        return _sse({"id": rid, "object": "text_completion", "created": self.created, "model": self.model,
-                     "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]})
+        return _sse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            }
+        )
 
     def start(self, rid):
         return ""
@@ -519,9 +663,14 @@ class CompletionRender(ChatRender):
         return self._chunk(rid, text)
 
     def full(self, rid, result):
-        return {"id": rid, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason,
-                             "logprobs": None}], "usage": _usage(result)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}],
+            "usage": _usage(result),
+        }
 
 
 class GenerateRender:
@@ -537,7 +686,14 @@ class GenerateRender:
         return _sse({"done": True, "finish_reason": result.finish_reason, "usage": _usage(result)})
 
     def full(self, rid, result):
-        return {"id": rid, "text": result.text, "finish_reason": result.finish_reason, "usage": _usage(result),
-                "timings": {"time_to_first_token_s": round(result.prefill_s, 4),
-                            "decode_s": round(result.decode_s, 4),
-                            "decode_tokens_per_s": round(result.decode_tokens_per_s, 1)}}
+        return {
+            "id": rid,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "usage": _usage(result),
+            "timings": {
+                "time_to_first_token_s": round(result.prefill_s, 4),
+                "decode_s": round(result.decode_s, 4),
+                "decode_tokens_per_s": round(result.decode_tokens_per_s, 1),
+            },
+        }

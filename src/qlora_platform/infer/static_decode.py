@@ -26,6 +26,7 @@ For Llama-family models the step is the platform's own (fast_decode.py: fused ke
 over the same cache tensors), checked once against the model's forward (`fast_reason`
 says why it is off); prompts always go through the model's forward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,9 +66,10 @@ class PositionedLayer(StaticLayer):
         w = self.writes
         if not self.is_initialized:
             rows = w.all_rows.numel()
-            self.lazy_initialization(key_states.expand(rows, *key_states.shape[1:]),
-                                     value_states.expand(rows, *value_states.shape[1:]))
-        if w.prefill_rows is not None:   # the prompt attends to its own columns only
+            self.lazy_initialization(
+                key_states.expand(rows, *key_states.shape[1:]), value_states.expand(rows, *value_states.shape[1:])
+            )
+        if w.prefill_rows is not None:  # the prompt attends to its own columns only
             length = key_states.shape[-2]
             self.keys[w.prefill_rows, :, :length] = key_states
             self.values[w.prefill_rows, :, :length] = value_states
@@ -76,7 +78,9 @@ class PositionedLayer(StaticLayer):
         self.values[w.all_rows, :, w.columns] = value_states[:, :, 0]
         return self.keys, self.values
 
-    def get_seq_length(self) -> torch.Tensor:
+    # A device tensor rather than the int transformers declares: a captured CUDA graph reads it
+    # without a host sync.
+    def get_seq_length(self) -> torch.Tensor:  # type: ignore[override]
         return self.writes.query_offset
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -103,30 +107,38 @@ class StaticDecoder:
         self.writes = _Writes(rows, self.device)
         self.cache = positioned_cache(model, max_len, self.writes)
         self.graphs = graphs and self.device.type == "cuda"
-        self.graph = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None  # the engine's cache key, while the engine keeps this decoder
         self.fallback_reason: str | None = None
         self.checks_left = 3
         # The step's inputs and output live at fixed addresses (a graph replays on them).
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         self.mask = torch.zeros(rows, max_len, dtype=torch.long, device=self.device)
-        self.mask[:, 0] = 1                       # an idle row must see something (no all -inf)
+        self.mask[:, 0] = 1  # an idle row must see something (no all -inf)
         self._one = torch.ones((), dtype=torch.long, device=self.device)
-        self.lengths = [0] * rows                 # columns used per row, kept on the host (no sync)
+        self.lengths = [0] * rows  # columns used per row, kept on the host (no sync)
         self.logits = None
         # Decode steps run the platform's own step for Llama-family models (fast_decode.py),
         # checked once against the model's forward; otherwise, or if they differ, the model's.
         self.fast, self.fast_reason, self.fast_checked = None, None, False
         if fast_step:
             from .fast_decode import DecodeStep, Unsupported
+
             try:
                 self.fast = DecodeStep.build(model, self.cache.layers, self.writes, self.mask, max_len)
             except Unsupported as err:
                 self.fast_reason = str(err)
 
     def _forward(self, ids, mask, position):
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=position,
-                          past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, row: int | list[int] = 0) -> torch.Tensor:
@@ -135,14 +147,17 @@ class StaticDecoder:
         n, length = ids.shape
         if length >= self.max_len:
             raise ValueError(f"prompt of {length} tokens does not fit a cache of {self.max_len}")
-        listed = isinstance(row, list)
-        rows = torch.tensor(row, device=self.device) if listed else slice(row, row + n)
+        rows: torch.Tensor | slice
+        if isinstance(row, list):
+            rows, row_ids = torch.tensor(row, device=self.device), row
+        else:
+            rows, row_ids = slice(row, row + n), list(range(row, row + n))
         self.mask[rows] = 0
         self.mask[rows, :length] = mask
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         self.position[rows] = position[:, -1:]
         self.writes.columns[rows] = length
-        for r in (row if listed else range(row, row + n)):
+        for r in row_ids:
             self.lengths[r] = length
         self.writes.prefill_rows = rows
         self.writes.query_offset.zero_()
@@ -160,7 +175,7 @@ class StaticDecoder:
             raise ValueError(f"the cache of {self.max_len} tokens is full")
         self.token.copy_(next_ids.view(-1, 1))
         self.position += 1
-        self.mask.index_put_((self.writes.all_rows, self.writes.columns), self._one)   # no host scalar: no sync
+        self.mask.index_put_((self.writes.all_rows, self.writes.columns), self._one)  # no host scalar: no sync
         logits = self._run_step()
         self.writes.columns += 1
         self.lengths = [n + 1 for n in self.lengths]
@@ -205,7 +220,7 @@ class StaticDecoder:
             return self._eager_step()
         if self.graph is None:
             self._capture()
-            if self.graph is None:   # capture failed: eager from now on
+            if self.graph is None:  # capture failed: eager from now on
                 return self._eager_step()
         self.graph.replay()
         if self.checks_left > 0:

@@ -24,6 +24,11 @@ forward otherwise. Against the stock layer it buys two things:
   B x heads x S floats); the recompute then skips attention's forward and backward calls
   cuDNN's attention backward directly (`_KnownAttention`). At b4 x s4096 on an H100 that
   saves about 0.9 ms a layer (attention_probe.py) for 134 MB more PCIe traffic each way.
+- packed rows (train/batching.py) pass `cu_seq_lens`, their sequences' boundaries over the
+  flattened rows: attention is then causal within each sequence, with no mask. On CUDA it
+  is FlashAttention's variable-length kernel (fixed shapes whatever the boundaries, so a
+  CUDA graph captures it), kept and reused by the recompute like cuDNN's above
+  (`_VarlenAttention`); elsewhere `varlen_attention_reference`, a dense block-diagonal mask.
 """
 from __future__ import annotations
 
@@ -174,6 +179,82 @@ def _direct_attention(attn, q, k, v, keep):
     return a
 
 
+def varlen_attention_reference(q, k, v, cu_seq_lens, scale):
+    """Causal attention within each sequence that `cu_seq_lens` bounds over the flattened rows
+    (boundaries at row ends included), in plain PyTorch through a dense mask. q: (B, S, hq, d);
+    k, v: (B, S, hkv, d), hq a multiple of hkv. Returns (B, S, hq * d)."""
+    b, s, hq, d = q.shape
+    tokens = torch.arange(b * s, device=q.device)
+    seq = torch.searchsorted(cu_seq_lens[1:].to(device=q.device, dtype=torch.long), tokens, right=True).view(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    mask = (seq[:, :, None] == seq[:, None, :]) & causal
+    rep = hq // k.shape[2]
+    k, v = (t.repeat_interleave(rep, dim=2) if rep > 1 else t for t in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2).reshape(b, s, hq * d)
+
+
+def _flash_varlen(q, k, v, cu_seq_lens, scale):
+    """FlashAttention's variable-length causal forward over the flattened rows; the longest
+    sequence is bounded by the row width, a constant, so the call's shapes never change."""
+    b, s, hq, d = q.shape
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        q.reshape(b * s, hq, d), k.reshape(b * s, -1, d), v.reshape(b * s, -1, d), cu_seq_lens, cu_seq_lens,
+        s, s, 0.0, True, False, scale=scale)
+    return out.view(b, s, hq * d), lse, (rng, unused)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """Variable-length causal attention on CUDA (`_flash_varlen`); with `known` (a recompute)
+    the output and log-sum-exp are the first pass's and forward computes nothing. Backward is
+    FlashAttention's variable-length backward. q: (B, S, hq, d); k, v: (B, S, hkv, d)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seq_lens, scale, known):
+        if known is None:
+            out, lse, aux = _flash_varlen(q, k, v, cu_seq_lens, scale)
+        else:
+            out, lse, aux = known["attn"], known["lse"], known["varlen_aux"]
+        ctx.save_for_backward(q, k, v, out, lse, cu_seq_lens)
+        ctx.aux, ctx.scale = aux, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        b, s, hq, d = q.shape
+        flat = [t.reshape(b * s, -1, d) for t in (dout, q, k, v, out)]
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            flat[0].contiguous(), *flat[1:], lse, cu, cu, s, s, 0.0, True, *ctx.aux, scale=ctx.scale)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None, None
+
+
+def _flash_varlen_applies(attn, q, window) -> bool:
+    s = q.shape[1]
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and (window is None or s <= window)
+            and not (attn.training and attn.attention_dropout))
+
+
+def _varlen_attention(attn, q, k, v, cu_seq_lens, window, keep=None, kept=None):
+    """Attention of packed rows, (B, S, heads * head_dim); see the module doc."""
+    if kept is not None and "varlen_aux" in kept:
+        return _VarlenAttention.apply(q, k, v, cu_seq_lens, attn.scaling, kept)
+    if not _flash_varlen_applies(attn, q, window):
+        if window is not None and q.shape[1] > window:
+            raise ValueError("packed rows longer than the sliding window need a mask; "
+                             "pass position_ids without cu_seq_lens")
+        return varlen_attention_reference(q, k, v, cu_seq_lens, attn.scaling)
+    if keep is None:
+        return _VarlenAttention.apply(q, k, v, cu_seq_lens, attn.scaling, None)
+    out, lse, aux = _flash_varlen(q, k, v, cu_seq_lens, attn.scaling)
+    keep("attn", out)
+    keep("lse", lse, park=False)              # heads x tokens floats: stays on the GPU
+    keep("varlen_aux", aux, park=False)
+    return out
+
+
 def _attention_kwargs(attn) -> dict:
     """The keyword arguments the stock attention passes to its attention function."""
     name = type(attn).__name__
@@ -185,10 +266,11 @@ def _attention_kwargs(attn) -> dict:
 
 
 def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, attention_mask, kept=None,
-                   keep=None, **kwargs):
+                   keep=None, cu_seq_lens=None, **kwargs):
     """Attention up to (not including) o_proj: (B, S, heads * head_dim). With `kept` (a
     recompute) the rotated q, k and v are those of the first pass, not new products; with
-    `keep` (a first pass under the checkpoint) they are handed to it."""
+    `keep` (a first pass under the checkpoint) they are handed to it. With `cu_seq_lens`
+    (packed rows) attention is causal within each sequence and any mask is ignored."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     b, s = x.shape[:2]
@@ -200,6 +282,8 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
         attention_mask = None
     if kept is not None:
         q, k, v = _KnownRotated.apply(*lora_projections(x, qkv, output=False), cos, sin, kept)
+        if cu_seq_lens is not None:
+            return _varlen_attention(attn, q, k, v, cu_seq_lens, window, kept=kept)
         if "attn" in kept:
             return _KnownAttention.apply(q, k, v, kept, attn.scaling)
     else:
@@ -214,10 +298,14 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
             else:
                 for name, t in (("q", q), ("k", k), ("v", v)):
                     keep(name, t)
+            if cu_seq_lens is not None:
+                return _varlen_attention(attn, q, k, v, cu_seq_lens, window, keep=keep)
             if _direct_attention_applies(attn, q, attention_mask, window):
                 a = _direct_attention(attn, q, k, v, keep)
                 if a is not None:
                     return a
+    if cu_seq_lens is not None:
+        return _varlen_attention(attn, q, k, v, cu_seq_lens, window)
     eager = sys.modules[type(attn).__module__].eager_attention_forward
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
     out, _ = interface(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

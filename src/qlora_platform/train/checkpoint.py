@@ -14,8 +14,10 @@ checkpoint cannot run code.
     path = newest_loadable(out_dir, log)         # Path or None, skipping damaged ones
     state = load_checkpoint(path, model, optimizer, scheduler)
 """
+
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -92,8 +94,10 @@ def newest_loadable(out_dir: str | Path, log=print) -> Path | None:
         problems.append(f"{path.name}: {problem}")
         log(f"--resume: {path} cannot be loaded: {problem}")
     if problems:
-        raise UserError(f"--resume: no checkpoint in {out_dir} can be loaded ({'; '.join(problems)}); delete "
-                        f"the damaged checkpoint folders to start from step 0, or start again with --overwrite")
+        raise UserError(
+            f"--resume: no checkpoint in {out_dir} can be loaded ({'; '.join(problems)}); delete "
+            f"the damaged checkpoint folders to start from step 0, or start again with --overwrite"
+        )
     return None
 
 
@@ -115,10 +119,8 @@ def _fsync(path: Path) -> None:
 def _fsync_dir(path: Path) -> None:
     """Flush a folder's entries (new names, renames). Some filesystems refuse fsync on a folder;
     there the rename is as durable as the filesystem makes it."""
-    try:
+    with contextlib.suppress(OSError):
         _fsync(path)
-    except OSError:
-        pass
 
 
 def sync_tree(folder: Path) -> None:
@@ -153,8 +155,7 @@ def replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler, state: dict,
-                    keep: int) -> Path:
+def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f"checkpoint-{step}.tmp"
@@ -167,7 +168,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
         torch.save(_rng_state(), tmp / "rng_state.pt")
         publish(tmp, final, {**state, "global_step": step}, out_dir, keep)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)   # a full disk must not leave a half folder behind
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not leave a half folder behind
         raise
     return final
 
@@ -192,8 +193,10 @@ def load_adapter_weights(path: Path, model) -> None:
         raise UserError(f"checkpoint '{path}' has no adapter_model.safetensors; delete it and resume again")
     result = set_peft_model_state_dict(model, load_file(str(weights)))
     if getattr(result, "unexpected_keys", None):
-        raise UserError(f"checkpoint '{path}' does not match this model/LoRA config "
-                        f"(unexpected keys such as {result.unexpected_keys[0]})")
+        raise UserError(
+            f"checkpoint '{path}' does not match this model/LoRA config "
+            f"(unexpected keys such as {result.unexpected_keys[0]})"
+        )
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -209,8 +212,10 @@ def _load(file: Path, map_location=None):
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(f"checkpoint file '{file}' holds objects other than tensors and numbers; it is "
-                        f"refused because loading it could run code (delete that checkpoint)") from None
+        raise UserError(
+            f"checkpoint file '{file}' holds objects other than tensors and numbers; it is "
+            f"refused because loading it could run code (delete that checkpoint)"
+        ) from None
 
 
 def load_training_state(path: Path, optimizer, scheduler, device, suffix: str = "") -> dict:
@@ -218,12 +223,14 @@ def load_training_state(path: Path, optimizer, scheduler, device, suffix: str = 
     process's own optimizer and RNG files in a multi-process checkpoint ("-rank1")."""
     try:
         optimizer.load_state_dict(_load(path / f"optimizer{suffix}.pt", map_location=device))
-    except ValueError as err:   # e.g. saved per tensor, resumed with one flat buffer (fast kernels)
-        raise UserError(f"checkpoint '{path}': the optimizer state does not fit this run's parameters "
-                        f"({err}); resume with the settings it was saved with, or start a new "
-                        f"output.dir") from None
+    except ValueError as err:  # e.g. saved per tensor, resumed with one flat buffer (fast kernels)
+        raise UserError(
+            f"checkpoint '{path}': the optimizer state does not fit this run's parameters "
+            f"({err}); resume with the settings it was saved with, or start a new "
+            f"output.dir"
+        ) from None
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
-    rng = _load(path / f"rng_state{suffix}.pt")   # random.getstate() is a tuple of ints: plain data
+    rng = _load(path / f"rng_state{suffix}.pt")  # random.getstate() is a tuple of ints: plain data
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

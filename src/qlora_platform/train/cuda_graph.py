@@ -14,11 +14,14 @@ How: the first batch of a shape runs eagerly (it compiles kernels, builds cuBLAS
 and shows how much memory the step takes); the second is captured into a graph (forward,
 loss scaled by a tensor, backward into the existing gradient buffers, offloaded checkpoints
 included: kernels/offload.py keeps its copies capturable) and replayed from then on, with the
-batch copied into the graph's input tensors. All graphs share one memory pool. Only batches
-that need no attention mask are offered (`graphable`), and the capture runs inside
-`capture_context` (kernels.decoder_layer.plain_causal_attention: under capture transformers
-builds a dense causal mask, as it cannot look at the batch, and attention would then leave
-its fastest kernels).
+batch copied into the graph's input tensors. All graphs share one memory pool (and the
+offloader's pinned host buffers: they replay one after another on one stream). Only batches
+that need no attention mask are offered (`graphable`): right-padded batches (causal
+attention keeps real tokens off the pads) and packed rows with their boundaries as a tensor
+(`cu_seq_lens`, variable-length attention); train/batching.py gives both a few fixed shapes.
+The capture runs inside `capture_context` (kernels.decoder_layer.plain_causal_attention:
+under capture transformers builds a dense causal mask, as it cannot look at the batch, and
+attention would then leave its fastest kernels).
 
 When a graph is not made (the batch runs eagerly): not CUDA; `graphable=False`; more shapes
 than `max_graphs`; too little free memory to hold the graph's working memory next to an eager

@@ -14,6 +14,7 @@ and scales its summed loss by the world size so that the engine's gradient avera
 the single-process gradient. The GPU fast path (flat adapter buffer, logits-free loss,
 offloaded checkpoints, patched layers) is a single-process path for now and is switched off.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,10 @@ def launch(argv: list[str], num_processes: int) -> int:
         return int(exit_.code or 0)
     except Exception as err:  # noqa: BLE001 - torchrun's ChildFailedError names the failing rank
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        print(f"error: a training process failed ({lines[0] if lines else type(err).__name__}); its "
-              f"traceback is above", file=sys.stderr)
+        print(
+            f"error: a training process failed ({lines[0] if lines else type(err).__name__}); its traceback is above",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -51,19 +54,38 @@ def launch(argv: list[str], num_processes: int) -> int:
 def accelerate_config(cfg: Config, num_processes: int, device: str) -> str:
     """An accelerate config (YAML) for `accelerate launch` users, matching training.strategy."""
     strategy = cfg.training.strategy
-    lines = ["compute_environment: LOCAL_MACHINE", f"num_processes: {num_processes}", "num_machines: 1",
-             "machine_rank: 0", "main_training_function: main", "mixed_precision: 'no'",
-             f"use_cpu: {'true' if device == 'cpu' else 'false'}"]
+    lines = [
+        "compute_environment: LOCAL_MACHINE",
+        f"num_processes: {num_processes}",
+        "num_machines: 1",
+        "machine_rank: 0",
+        "main_training_function: main",
+        "mixed_precision: 'no'",
+        f"use_cpu: {'true' if device == 'cpu' else 'false'}",
+    ]
     if strategy == "ddp":
         lines.append(f"distributed_type: {'MULTI_CPU' if device == 'cpu' else 'MULTI_GPU'}")
     elif strategy == "fsdp":
-        lines += ["distributed_type: FSDP", "fsdp_config:", "  fsdp_version: 1",
-                  "  fsdp_sharding_strategy: FULL_SHARD", "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
-                  "  fsdp_use_orig_params: false", "  fsdp_cpu_ram_efficient_loading: true",
-                  "  fsdp_sync_module_states: true", "  fsdp_state_dict_type: FULL_STATE_DICT"]
+        lines += [
+            "distributed_type: FSDP",
+            "fsdp_config:",
+            "  fsdp_version: 1",
+            "  fsdp_sharding_strategy: FULL_SHARD",
+            "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
+            "  fsdp_use_orig_params: false",
+            "  fsdp_cpu_ram_efficient_loading: true",
+            "  fsdp_sync_module_states: true",
+            "  fsdp_state_dict_type: FULL_STATE_DICT",
+        ]
     else:
-        lines += ["distributed_type: DEEPSPEED", "deepspeed_config:", "  zero_stage: 3",
-                  "  zero3_init_flag: false", "  offload_optimizer_device: none", "  offload_param_device: none"]
+        lines += [
+            "distributed_type: DEEPSPEED",
+            "deepspeed_config:",
+            "  zero_stage: 3",
+            "  zero3_init_flag: false",
+            "  offload_optimizer_device: none",
+            "  offload_param_device: none",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -79,9 +101,12 @@ class Distributed:
             try:
                 import deepspeed  # noqa: F401
             except ImportError:
-                raise UserError("training.strategy deepspeed-zero3 needs DeepSpeed: pip install deepspeed "
-                                "(or use training.strategy fsdp, which needs nothing more)") from None
+                raise UserError(
+                    "training.strategy deepspeed-zero3 needs DeepSpeed: pip install deepspeed "
+                    "(or use training.strategy fsdp, which needs nothing more)"
+                ) from None
             from accelerate import DeepSpeedPlugin
+
             kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=1)
         self.accelerator = Accelerator(**kwargs)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
@@ -102,15 +127,20 @@ class Distributed:
             # Every process loads the same files with the same seed; on GPUs rank 0's copy is
             # broadcast anyway (FSDP can only do that from GPU memory).
             on_gpu = self.device.type == "cuda"
-            model = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
-                         sharding_strategy=ShardingStrategy.FULL_SHARD, sync_module_states=on_gpu,
-                         device_id=self.device if on_gpu else torch.device("cpu"))
+            model = FSDP(
+                model,
+                auto_wrap_policy=fsdp_auto_wrap_policy(model),
+                use_orig_params=False,
+                sharding_strategy=ShardingStrategy.FULL_SHARD,
+                sync_module_states=on_gpu,
+                device_id=self.device if on_gpu else torch.device("cpu"),
+            )
             return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         return self.accelerator.prepare(model, optimizer)
 
     def clip_grad_norm(self, model, params, max_norm: float):
-        if self.strategy == "fsdp":   # the norm over every shard, not this process's part
+        if self.strategy == "fsdp":  # the norm over every shard, not this process's part
             return model.clip_grad_norm_(max_norm)
         return self.accelerator.clip_grad_norm_(params, max_norm)
 
@@ -120,9 +150,10 @@ class Distributed:
             from torch.distributed.fsdp import FullStateDictConfig, StateDictType
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-            on_gpu = self.device.type == "cuda"   # gathering into CPU memory is for GPUs only
-            with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                      FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=on_gpu)):
+            on_gpu = self.device.type == "cuda"  # gathering into CPU memory is for GPUs only
+            with FSDP.state_dict_type(
+                model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=on_gpu)
+            ):
                 return model.state_dict()
         return self.accelerator.get_state_dict(model)
 
@@ -131,6 +162,7 @@ class Distributed:
 
     def mean(self, value: float) -> float:
         import torch
+
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(t, reduction="mean")[0])
 
@@ -139,7 +171,7 @@ class Distributed:
 
     def my_rows(self, rows: list) -> list:
         """This process's share of a global batch's rows (the same plan on every process)."""
-        return rows[self.rank::self.world]
+        return rows[self.rank :: self.world]
 
 
 def save_adapter(trainer, path) -> None:
@@ -164,9 +196,11 @@ def _save_fsdp_adapter(peft_model, state: dict, path: Path) -> None:
 
     adapter = "default"
     config = peft_model.peft_config[adapter]
-    weights = {key.replace(f".{adapter}", ""): tensor.detach().cpu().contiguous()
-               for key, tensor in state.items()
-               if (".lora_A." in key or ".lora_B." in key) and f".{adapter}." in key}
+    weights = {
+        key.replace(f".{adapter}", ""): tensor.detach().cpu().contiguous()
+        for key, tensor in state.items()
+        if (".lora_A." in key or ".lora_B." in key) and f".{adapter}." in key
+    }
     path.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     inference = config.inference_mode
@@ -208,5 +242,5 @@ def load_distributed_state(trainer, ckpt: Path) -> dict:
     from .checkpoint import load_training_state
 
     device = trainer.dist.device
-    where = device if device.type == "cuda" else "cpu"      # accelerate names the CPU "cpu:0"
+    where = device if device.type == "cuda" else "cpu"  # accelerate names the CPU "cpu:0"
     return load_training_state(ckpt, trainer.optimizer, trainer.scheduler, where, f"-rank{trainer.dist.rank}")

@@ -42,7 +42,9 @@ def build_training_model(cfg: Config, device: str, log=print, distributed: bool 
 
 
 def summed_nll(model, fused, labels: torch.Tensor, **inputs) -> torch.Tensor:
-    """Negative log-likelihood summed over labelled tokens (token t predicts t+1), fp32."""
+    """Negative log-likelihood summed over labelled tokens (token t predicts t+1), fp32. Packed
+    rows pass `cu_seq_lens` (train/batching.py) for the fast layers' variable-length attention."""
+    inputs.setdefault("use_cache", False)
     if fused is None:
         return summed_answer_nll(model(**inputs).logits, labels)
     from ..kernels import linear_cross_entropy, shift_labels
@@ -61,6 +63,7 @@ def loss_backward(model, fused, cfg: Config, device: str, log=print):
     from .cuda_graph import LossBackward
 
     run = LossBackward(lambda labels, **inputs: summed_nll(model, fused, labels, **inputs), device,
-                       offloader=offloader_of(model), log=log, capture_context=plain_causal_attention)
+                       offloader=offloader_of(model), log=log, capture_context=plain_causal_attention,
+                       max_graphs=8)   # padded widths come in buckets (batching.py): a handful of shapes
     run.enabled = run.enabled and cfg.training.cuda_graphs and fast_kernels_on(cfg, device)
     return run

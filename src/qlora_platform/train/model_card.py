@@ -4,6 +4,7 @@ YAML front matter (base_model, library_name: peft, tags, datasets, license)
 makes the adapter render and index properly on the hub; the body records the
 training config and the final metrics so the folder explains itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,16 +23,21 @@ HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 def base_model_id(name: str) -> str:
     if name.startswith(BUNDLED_PREFIX):
-        return HUB_IDS.get(name[len(BUNDLED_PREFIX):], name)
+        return HUB_IDS.get(name[len(BUNDLED_PREFIX) :], name)
     return name
 
 
 def write_model_card(folder: Path, cfg: Config, metrics: dict) -> Path:
     base = base_model_id(cfg.model.name)
     license_ = next((v for k, v in KNOWN_LICENSES.items() if k in base.lower()), "other")
-    front = {"base_model": base, "library_name": "peft", "license": license_,
-             "tags": ["fine-tuned", "qlora", "lora", "peft", "qlora-platform"],
-             "datasets": [Path(cfg.data.train_file).name], "pipeline_tag": "text-generation"}
+    front = {
+        "base_model": base,
+        "library_name": "peft",
+        "license": license_,
+        "tags": ["fine-tuned", "qlora", "lora", "peft", "qlora-platform"],
+        "datasets": [Path(cfg.data.train_file).name],
+        "pipeline_tag": "text-generation",
+    }
     body = [
         f"# {Path(cfg.output.dir).name}: a QLoRA adapter for {base}",
         "",
@@ -60,7 +66,7 @@ def write_model_card(folder: Path, cfg: Config, metrics: dict) -> Path:
         "",
     ]
     path = Path(folder) / "README.md"
-    tmp = path.with_name(path.name + ".tmp")   # written whole, then renamed: never a half card
+    tmp = path.with_name(path.name + ".tmp")  # written whole, then renamed: never a half card
     tmp.write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(body))
     os.replace(tmp, path)
     return path

@@ -9,6 +9,7 @@ resumed run first cuts it back to the step it resumes from (`truncate_log`), so
 each step appears once. TensorBoard events go to `<out_dir>/logs`. W&B runs offline when no API key is
 configured, so it never blocks on a login.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,17 +49,20 @@ class Tracker:
         self.tb = self.wandb = None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "logs"))
         if "wandb" in report_to:
             try:
                 import wandb
             except ImportError:
-                raise UserError("report_to includes 'wandb' but the package is missing: "
-                                "pip install 'qlora-platform[wandb]'") from None
+                raise UserError(
+                    "report_to includes 'wandb' but the package is missing: pip install 'qlora-platform[wandb]'"
+                ) from None
             if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
                 os.environ["WANDB_MODE"] = "offline"  # no login: keep the run local, sync later
-            self.wandb = wandb.init(project=cfg.training.wandb_project, dir=str(out_dir),
-                                    config=cfg.model_dump(), name=Path(out_dir).name)
+            self.wandb = wandb.init(
+                project=cfg.training.wandb_project, dir=str(out_dir), config=cfg.model_dump(), name=Path(out_dir).name
+            )
 
     def log(self, record: dict, step: int) -> None:
         self.jsonl.write(json.dumps(record) + "\n")

@@ -20,6 +20,7 @@ output goes to a pipe whose reader is gone (progress output then stops instead
 of killing the run). An output.dir that holds a run is continued (`--resume`)
 or started again (`--overwrite`), never mixed with a second run.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,33 +37,42 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, dump_config
-from ..data.collate import collate
+from ..config import Config, dump_config, resolve, resume_keys
 from ..data.formats import load_records
 from ..data.tokenize import IGNORE, encode_records
 from ..errors import UserError
-from ..models.loader import device_label, fast_kernels_on, load_tokenizer, pick_device
+from ..models.loader import device_label, load_tokenizer, pick_device
 from ..models.memory import memory_advice, peak_memory_gib
 from ..models.scoring import holdout_perplexity
-from .batching import plan_epoch
-from .checkpoint import (latest_checkpoint, load_adapter_weights, load_checkpoint, newest_loadable,
-                         replace_folder, save_checkpoint)
-from .flat_params import FlatParams
+from .batching import collate, plan_epoch
+from .checkpoint import (
+    latest_checkpoint,
+    load_adapter_weights,
+    load_checkpoint,
+    newest_loadable,
+    replace_folder,
+    save_checkpoint,
+)
 from .distributed import world_size
+from .flat_params import FlatParams
 from .model import build_training_model, loss_backward, summed_nll
 from .model_card import write_model_card
 from .tracking import LOG_FILE, NullTracker, Tracker, truncate_log
 
-# Changing any of these between a checkpoint and --resume changes the data order or shapes.
-RESUME_KEYS = [("training", "batch_size"), ("training", "grad_accum"), ("training", "seed"),
-               ("data", "max_seq_len"), ("data", "packing"), ("data", "train_file"), ("lora", "r"),
-               ("lora", "target_modules"), ("model", "name"), ("training", "fast_kernels")]
-
 SUMMARY_FILE = "train_summary.json"
 # What a training run writes into output.dir: --overwrite removes these (and checkpoint-N);
 # a log, a summary, a final adapter or a checkpoint mark the folder as used.
-RUN_FILES = (LOG_FILE, SUMMARY_FILE, "config.yaml", "final_adapter", "final_adapter.tmp", "final_adapter.old",
-             "logs", "wandb", "eval")
+RUN_FILES = (
+    LOG_FILE,
+    SUMMARY_FILE,
+    "config.yaml",
+    "final_adapter",
+    "final_adapter.tmp",
+    "final_adapter.old",
+    "logs",
+    "wandb",
+    "eval",
+)
 USED_MARKS = (LOG_FILE, SUMMARY_FILE, "final_adapter")
 _CHECKPOINT = re.compile(r"^checkpoint-\d+(\.tmp)?$")
 
@@ -83,9 +93,11 @@ def claim_output_dir(out: Path, resume: bool, overwrite: bool, log=print, clear:
     if not used:
         return
     if not overwrite:
-        raise UserError(f"output.dir '{out}' already holds a training run ({', '.join(used[:4])}); continue it "
-                        f"with --resume, or start again with --overwrite (deletes its checkpoints, logs, final "
-                        f"adapter and eval report), or set another --output.dir")
+        raise UserError(
+            f"output.dir '{out}' already holds a training run ({', '.join(used[:4])}); continue it "
+            f"with --resume, or start again with --overwrite (deletes its checkpoints, logs, final "
+            f"adapter and eval report), or set another --output.dir"
+        )
     if clear:
         for path in out.iterdir():
             if path.name in RUN_FILES or _CHECKPOINT.match(path.name):
@@ -153,11 +165,13 @@ def flush_quietly(stream) -> None:
 
 def guard_log(log):
     """`log` (print by default) that stops printing, instead of raising, once stdout is gone."""
+
     def guarded(*args, **kwargs):
         try:
             log(*args, **kwargs)
-        except OSError:   # BrokenPipeError, or EIO from a terminal that closed
+        except OSError:  # BrokenPipeError, or EIO from a terminal that closed
             silence(kwargs.get("file") or sys.stdout)
+
     return guarded
 
 
@@ -220,14 +234,13 @@ class StopRequest:
 
 
 def build_optimizer(params, cfg: Config, device: str):
-    name = cfg.training.optimizer
-    if name == "auto":
-        name = "paged_adamw_8bit" if device == "cuda" else "adamw"
+    name = resolve(cfg, device).optimizer
     lr, wd = cfg.training.learning_rate, cfg.training.weight_decay
     if name in ("paged_adamw_8bit", "adamw_8bit"):
         if device != "cuda":
             raise UserError(f"training.optimizer '{name}' needs a GPU; use 'adamw' on the CPU")
         import bitsandbytes as bnb
+
         cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
         return cls(params, lr=lr, weight_decay=wd)
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
@@ -256,6 +269,8 @@ class Trainer:
         claim_output_dir(self.out, resume, overwrite, log, clear=int(os.environ.get("RANK", "0")) == 0)
         tc = cfg.training
         self.device = pick_device(tc.device)
+        # Every device-dependent default, decided once; the set-up below reads these values.
+        self.resolved = resolve(cfg, self.device)
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
         train_records = load_records(cfg.data.train_file, "train_file")
@@ -264,19 +279,28 @@ class Trainer:
         self.train_examples, dropped = encode_records(self.tokenizer, train_records, cfg.data.max_seq_len)
         self.eval_examples, eval_dropped = encode_records(self.tokenizer, eval_records, cfg.data.max_seq_len)
         truncated = sum(ex["truncated"] for ex in self.train_examples)
-        self.data_stats = {"train_records": len(train_records), "train_examples": len(self.train_examples),
-                           "eval_examples": len(self.eval_examples), "truncated": truncated,
-                           "dropped_no_labels": dropped + eval_dropped}
-        log(f"data: {len(self.train_examples)} training examples ({truncated} truncated to "
+        self.data_stats = {
+            "train_records": len(train_records),
+            "train_examples": len(self.train_examples),
+            "eval_examples": len(self.eval_examples),
+            "truncated": truncated,
+            "dropped_no_labels": dropped + eval_dropped,
+        }
+        log(
+            f"data: {len(self.train_examples)} training examples ({truncated} truncated to "
             f"{cfg.data.max_seq_len} tokens, {dropped} dropped with no answer token left), "
-            f"{len(self.eval_examples)} holdout examples")
+            f"{len(self.eval_examples)} holdout examples"
+        )
         if not self.train_examples:
-            raise UserError(f"no usable training example in '{cfg.data.train_file}' "
-                            f"(all answers were truncated away? raise data.max_seq_len)")
+            raise UserError(
+                f"no usable training example in '{cfg.data.train_file}' "
+                f"(all answers were truncated away? raise data.max_seq_len)"
+            )
         # Several processes (torchrun / accelerate launch): accelerate's DDP, FSDP or ZeRO-3.
         self.dist = None
         if world_size() > 1:
             from .distributed import Distributed
+
             self.dist = Distributed(cfg, self.device)
             if not self.dist.is_main:
                 self.log = log = _quiet
@@ -291,7 +315,7 @@ class Trainer:
         self.step, self.history = 0, []
         self.train_seconds, self.train_tokens = 0.0, 0
         self.resumed, self.finished, self.summary = resume, False, None
-        self._saved_step: int | None = None     # the step of the checkpoint on disk for this run
+        self._saved_step: int | None = None  # the step of the checkpoint on disk for this run
         self._evaluating = False
         self._resume_from = self._resume_checkpoint() if resume else None
         if self._resume_from is not None and self._finished_run():
@@ -304,42 +328,49 @@ class Trainer:
         self.model, self.fused_loss = build_training_model(cfg, self.device, log, distributed=bool(self.dist))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # With the fast kernels the adapter lives in one flat buffer: one optimizer launch a step.
-        self.flat = FlatParams(self.trainable) if fast_kernels_on(cfg, self.device) and not self.dist else None
+        self.flat = FlatParams(self.trainable) if self.resolved.fast_kernels and not self.dist else None
         self.optimized = [self.flat.param] if self.flat else self.trainable
         # Forward + backward of a batch; CUDA graphs need gradients that stay put (FlatParams).
         self.run_batch = loss_backward(self.model, self.fused_loss, cfg, self.device, log)
         self.run_batch.enabled = self.run_batch.enabled and self.flat is not None
         self.optimizer = None if self.dist else build_optimizer(self.optimized, cfg, self.device)
         if self.dist and self._resume_from is not None:
-            load_adapter_weights(self._resume_from, self.model)   # before wrapping: FSDP shards what it is given
+            load_adapter_weights(self._resume_from, self.model)  # before wrapping: FSDP shards what it is given
         if self.dist:
             self.model, self.optimizer = self.dist.wrap(self.model, lambda ps: build_optimizer(ps, cfg, self.device))
             self.optimized = [p for p in self.model.parameters() if p.requires_grad]
         from transformers import get_scheduler
-        self.scheduler = get_scheduler(tc.lr_scheduler if tc.lr_scheduler != "constant" else "constant_with_warmup",
-                                       self.optimizer, num_warmup_steps=int(tc.warmup_ratio * self.total_steps),
-                                       num_training_steps=self.total_steps)
+
+        self.scheduler = get_scheduler(
+            tc.lr_scheduler if tc.lr_scheduler != "constant" else "constant_with_warmup",
+            self.optimizer,
+            num_warmup_steps=int(tc.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
         if self._resume_from is not None:
             self._resume()
 
     # -- set-up helpers ---------------------------------------------------------------
     def _preflight(self):
-        from ..models.memory import check_fits, estimate_training_memory
-        from ..models.loader import resolve_model_source
         from transformers import AutoConfig
 
-        mc = AutoConfig.from_pretrained(resolve_model_source(self.cfg.model.name),
-                                        trust_remote_code=self.cfg.model.trust_remote_code)
+        from ..models.loader import resolve_model_source
+        from ..models.memory import check_fits, estimate_training_memory
+
+        mc = AutoConfig.from_pretrained(
+            resolve_model_source(self.cfg.model.name), trust_remote_code=self.cfg.model.trust_remote_code
+        )
         free, _ = torch.cuda.mem_get_info()
-        est = estimate_training_memory(mc, self.cfg, self.dist.world if self.dist else 1)
+        est = estimate_training_memory(mc, self.resolved, self.dist.world if self.dist else 1)
         check_fits(est, free, torch.cuda.get_device_name(), self.cfg)
 
     def _plan(self, epoch: int):
         """Global batches: batch_size rows for each process, the same plan on every process."""
         tc = self.cfg.training
         world = self.dist.world if self.dist else 1
-        return plan_epoch(self.lengths, epoch, tc.seed, tc.batch_size * world, self.cfg.data.max_seq_len,
-                          self.cfg.data.packing)
+        return plan_epoch(
+            self.lengths, epoch, tc.seed, tc.batch_size * world, self.cfg.data.max_seq_len, self.cfg.data.packing
+        )
 
     def _micro_batches(self, skip: int):
         """Endless (epoch, batch rows) in the deterministic order, the first `skip` passed over."""
@@ -362,20 +393,32 @@ class Trainer:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         saved, now = state.get("config", {}), self.cfg.model_dump()
         changed = changed_keys(saved, now)
-        refused = [f"{section}.{key} was {old!r} in {ckpt} but is {new!r} now"
-                   for section, key, old, new in changed if (section, key) in RESUME_KEYS]
+        refused = [
+            f"{section}.{key} was {old!r} in {ckpt} but is {new!r} now"
+            for section, key, old, new in changed
+            if (section, key) in resume_keys()
+        ]
         if refused:
-            raise UserError(f"--resume: {'; '.join(refused)}; restore {'it' if len(refused) == 1 else 'them'}, "
-                            f"or start a new output.dir (or again with --overwrite)")
+            raise UserError(
+                f"--resume: {'; '.join(refused)}; restore {'it' if len(refused) == 1 else 'them'}, "
+                f"or start a new output.dir (or again with --overwrite)"
+            )
         world = self.dist.world if self.dist else 1
         if state.get("world_size", 1) != world:
-            raise UserError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es), this run "
-                            f"has {world}; resume with --num-processes {state.get('world_size', 1)}")
-        notes = [f"{section}.{key}: {old!r} -> {new!r}" for section, key, old, new in changed
-                 if (section, key) != ("output", "dir")]
+            raise UserError(
+                f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es), this run "
+                f"has {world}; resume with --num-processes {state.get('world_size', 1)}"
+            )
+        notes = [
+            f"{section}.{key}: {old!r} -> {new!r}"
+            for section, key, old, new in changed
+            if (section, key) != ("output", "dir")
+        ]
         if notes:
-            self.log(f"--resume: changed since {ckpt.name} (the new values apply from step "
-                     f"{state['global_step'] + 1}): {', '.join(notes)}")
+            self.log(
+                f"--resume: changed since {ckpt.name} (the new values apply from step "
+                f"{state['global_step'] + 1}): {', '.join(notes)}"
+            )
         self._resume_state = state
         return ckpt
 
@@ -393,15 +436,18 @@ class Trainer:
         if self.summary.get("steps") != step:
             return False
         self.step = step
-        self.log(f"--resume: the run in {self.out} is finished ({plural(step, 'step')} of {self.total_steps}, "
-                 f"adapter in {final}); nothing to train. Raise training.max_steps to train on, or start "
-                 f"again with --overwrite")
+        self.log(
+            f"--resume: the run in {self.out} is finished ({plural(step, 'step')} of {self.total_steps}, "
+            f"adapter in {final}); nothing to train. Raise training.max_steps to train on, or start "
+            f"again with --overwrite"
+        )
         return True
 
     def _resume(self):
         ckpt = self._resume_from
         if self.dist:
             from .distributed import load_distributed_state
+
             state = load_distributed_state(self, ckpt)
         else:
             state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
@@ -427,14 +473,19 @@ class Trainer:
         self.scheduler.base_lrs = [tc.learning_rate for _ in groups]
         for group, factor in zip(groups, lambdas):
             group["lr"] = tc.learning_rate * factor(self.scheduler.last_epoch)
-        self.scheduler._last_lr = [group["lr"] for group in groups]   # what get_last_lr() reports
+        self.scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
     # -- evaluation -----------------------------------------------------------------
     def evaluate(self) -> dict | None:
         if not self.eval_examples:
             return None
-        return holdout_perplexity(self.model, self.eval_examples, batch_size=self.cfg.training.batch_size,
-                                  pad_id=self.tokenizer.pad_token_id, progress=True)
+        return holdout_perplexity(
+            self.model,
+            self.eval_examples,
+            batch_size=self.cfg.training.batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+            progress=True,
+        )
 
     # -- training ---------------------------------------------------------------------
     def _batch(self, rows) -> tuple[dict, int, float, bool]:
@@ -448,15 +499,28 @@ class Trainer:
             mine = self.dist.my_rows(rows)
             rows, scale = (mine, float(self.dist.world)) if mine else (rows[:1], 0.0)
         examples = [[self.train_examples[i] for i in row] for row in rows]
-        batch = collate(examples, self.tokenizer.pad_token_id, self.cfg.data.packing)
+        fast = self.flat is not None
+        # The fast path gets batches in a few shapes (full-width packed rows, padded widths in
+        # buckets: batching.py), so that CUDA graphs replay them.
+        batch = collate(
+            examples, self.tokenizer.pad_token_id, self.cfg.data.packing, self.cfg.data.max_seq_len if fast else None
+        )
         dev = self.device
         inputs = {"labels": batch["labels"].to(dev), "input_ids": batch["input_ids"].to(dev)}
+        if fast:
+            # Packed rows carry their sequences' boundaries for variable-length attention
+            # (kernels/decoder_layer.py); right padding needs no mask: under causal attention no
+            # real token sees a pad, and pads carry no label. Either may replay from a graph.
+            if self.cfg.data.packing:
+                inputs["position_ids"] = batch["position_ids"].to(dev)
+                inputs["cu_seq_lens"] = batch["cu_seq_lens"].to(dev)
+            return inputs, batch["num_tokens"] if scale else 0, scale, True
         graphable = False
-        if self.cfg.data.packing:   # boundaries from the positions (batching.py); transformers
+        if self.cfg.data.packing:  # boundaries from the positions (batching.py); transformers
             # reads them only when there is no attention mask and no cache
             inputs["position_ids"] = batch["position_ids"].to(dev)
             inputs["use_cache"] = False
-        elif bool(batch["attention_mask"].all()):   # no padding: the causal mask alone (on the host, no sync)
+        elif bool(batch["attention_mask"].all()):  # no padding: the causal mask alone (on the host, no sync)
             graphable = True
         else:
             inputs["attention_mask"] = batch["attention_mask"].to(dev)
@@ -482,8 +546,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
 
     def _state(self) -> dict:
-        return {"history": self.history, "config": self.cfg.model_dump(), "train_seconds": self.train_seconds,
-                "train_tokens": self.train_tokens, "total_steps": self.total_steps}
+        return {
+            "history": self.history,
+            "config": self.cfg.model_dump(),
+            "train_seconds": self.train_seconds,
+            "train_tokens": self.train_tokens,
+            "total_steps": self.total_steps,
+        }
 
     def _writes(self) -> bool:
         """Whether this process writes files (all but the first of several only compute)."""
@@ -498,15 +567,25 @@ class Trainer:
         try:
             if self.dist:
                 from .distributed import save_distributed_checkpoint
+
                 path = save_distributed_checkpoint(self)
             else:
-                path = save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler,
-                                       self._state(), keep=self.cfg.training.save_total_limit)
+                path = save_checkpoint(
+                    self.out,
+                    self.step,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    self._state(),
+                    keep=self.cfg.training.save_total_limit,
+                )
         except OSError as err:
             newest = latest_checkpoint(self.out)
             kept = f"the newest saved one is {newest}" if newest else "no checkpoint is saved yet"
-            raise UserError(f"could not write checkpoint-{self.step} in {self.out} ({err.strerror or err}); "
-                            f"{kept}. Free disk space, then continue with: {self._continue_hint()}") from None
+            raise UserError(
+                f"could not write checkpoint-{self.step} in {self.out} ({err.strerror or err}); "
+                f"{kept}. Free disk space, then continue with: {self._continue_hint()}"
+            ) from None
         self._saved_step = self.step
         return path
 
@@ -530,7 +609,7 @@ class Trainer:
         tc = self.cfg.training
         self.out.mkdir(parents=True, exist_ok=True)
         if self._writes():
-            if self.resumed:   # each step once in the log, also when resuming from an earlier checkpoint
+            if self.resumed:  # each step once in the log, also when resuming from an earlier checkpoint
                 truncate_log(self.out, self.step)
             (self.out / "config.yaml").write_text(dump_config(self.cfg))
         tracker = Tracker(self.out, tc.report_to, self.cfg) if self._writes() else NullTracker()
@@ -540,8 +619,15 @@ class Trainer:
         stop = StopRequest(immediate=self.dist is None)
         # Progress and messages go to streams that stop writing when their reader is gone.
         err, out = GuardedStream(sys.stderr), GuardedStream(sys.stdout)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True,
-                   disable=not self._writes(), file=err)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self._writes(),
+            file=err,
+        )
         try:
             with stop.installed(), redirect_stderr(err), redirect_stdout(out):
                 try:
@@ -567,7 +653,7 @@ class Trainer:
         steps_in_window = 0
         while self.step < self.total_steps:
             t0 = time.time()
-            with stop.interruptible():   # stopped here, the step's gradients are simply dropped
+            with stop.interruptible():  # stopped here, the step's gradients are simply dropped
                 micro = [next(batches) for _ in range(tc.grad_accum)]
                 n_label = sum(self.label_counts[i] for _, rows in micro for row in rows for i in row)
                 step_loss, step_tokens = 0.0, 0
@@ -577,7 +663,7 @@ class Trainer:
                     step_tokens += ntok
             if self.flat:
                 self.flat.check()
-            if self.dist:   # the loss over all processes, and all their tokens
+            if self.dist:  # the loss over all processes, and all their tokens
                 step_loss = self.dist.mean(step_loss)
                 step_tokens = round(self.dist.mean(step_tokens) * self.dist.world)
                 grad_norm = self.dist.clip_grad_norm(self.model, self.optimized, tc.max_grad_norm or 1e9)
@@ -595,14 +681,22 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
             if not math.isfinite(step_loss):
-                raise UserError(f"the loss became {step_loss} at step {self.step}; lower "
-                                f"training.learning_rate (now {tc.learning_rate}) and resume")
+                raise UserError(
+                    f"the loss became {step_loss} at step {self.step}; lower "
+                    f"training.learning_rate (now {tc.learning_rate}) and resume"
+                )
             # The first step is always logged: train_loss_first is the loss before any learning.
             if self.step == 1 or self.step % tc.logging_steps == 0 or self.step == self.total_steps:
                 elapsed = time.time() - window_start
-                record = {"step": self.step, "epoch": round(self.step * tc.grad_accum / self.batches_per_epoch, 3),
-                          "loss": window_loss / steps_in_window, "lr": self.scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm), "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                record = {
+                    "step": self.step,
+                    "epoch": round(self.step * tc.grad_accum / self.batches_per_epoch, 3),
+                    "loss": window_loss / steps_in_window,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "tokens": window_tokens,
+                }
                 self.history.append(record)
                 tracker.log(record, self.step)
                 window_loss, window_tokens, steps_in_window, window_start = 0.0, 0, 0, time.time()
@@ -634,6 +728,7 @@ class Trainer:
         try:
             if self.dist:
                 from .distributed import save_adapter
+
                 save_adapter(self, tmp)
             else:
                 self.model.save_pretrained(tmp, safe_serialization=True)
@@ -642,9 +737,11 @@ class Trainer:
                 replace_folder(tmp, final)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"could not write {final} ({err.strerror or err}); the trained steps are saved in "
-                            f"{self.out / f'checkpoint-{self.step}'}. Free disk space, then continue with: "
-                            f"{self._continue_hint()}") from None
+            raise UserError(
+                f"could not write {final} ({err.strerror or err}); the trained steps are saved in "
+                f"{self.out / f'checkpoint-{self.step}'}. Free disk space, then continue with: "
+                f"{self._continue_hint()}"
+            ) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -656,8 +753,11 @@ class Trainer:
         self._zero_grad()
         path = self._checkpoint_now()
         name = signal.Signals(signum).name
-        return TrainingInterrupted(f"interrupted at step {self.step}/{self.total_steps} by {name}; saved {path}. "
-                                   f"Continue with: {self._continue_hint()}", exit_code=128 + signum)
+        return TrainingInterrupted(
+            f"interrupted at step {self.step}/{self.total_steps} by {name}; saved {path}. "
+            f"Continue with: {self._continue_hint()}",
+            exit_code=128 + signum,
+        )
 
     def _out_of_memory(self) -> str:
         """What to say when a step or an evaluation ran out of memory. The finished steps are saved
@@ -674,21 +774,30 @@ class Trainer:
                 saved = f"could not save a checkpoint ({type(err).__name__})"
         final = self.out / "final_adapter"
         if self._evaluating and self.step >= self.total_steps:
-            return (f"out of memory in the final holdout evaluation (peak {peak:.2f} GiB on "
-                    f"{device_label(self.device)}); training is complete: {saved}, the adapter is in {final}. "
-                    f"Evaluate it with qlora eval --adapter {final}, or run the final evaluation again with "
-                    f"{self._continue_hint()}")
-        where = (f"the holdout evaluation at step {self.step}/{self.total_steps}" if self._evaluating
-                 else f"step {self.step + 1}/{self.total_steps}")
-        text = (f"out of memory in {where} (peak {peak:.2f} GiB on "
-                f"{device_label(self.device)}); {saved}. To fit, try {memory_advice(self.cfg)}")
+            return (
+                f"out of memory in the final holdout evaluation (peak {peak:.2f} GiB on "
+                f"{device_label(self.device)}); training is complete: {saved}, the adapter is in {final}. "
+                f"Evaluate it with qlora eval --adapter {final}, or run the final evaluation again with "
+                f"{self._continue_hint()}"
+            )
+        where = (
+            f"the holdout evaluation at step {self.step}/{self.total_steps}"
+            if self._evaluating
+            else f"step {self.step + 1}/{self.total_steps}"
+        )
+        text = (
+            f"out of memory in {where} (peak {peak:.2f} GiB on "
+            f"{device_label(self.device)}); {saved}. To fit, try {memory_advice(self.cfg)}"
+        )
         if self.step > 0 and not self.cfg.training.gradient_checkpointing:
-            text += (f"; with only --gradient_checkpointing true added, {self._continue_hint()} "
-                     f"continues from the saved steps")
+            text += (
+                f"; with only --gradient_checkpointing true added, {self._continue_hint()} "
+                f"continues from the saved steps"
+            )
         return text + " (a new batch size or sequence length reorders the data: use a new output.dir)"
 
     def _log_eval(self, tracker) -> dict:
-        self._evaluating = True        # stays set if it fails: the out-of-memory message reads it
+        self._evaluating = True  # stays set if it fails: the out-of-memory message reads it
         result = self.evaluate()
         self._evaluating = False
         record = {"step": self.step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
@@ -701,13 +810,15 @@ class Trainer:
             return {}
         final = self.out / "final_adapter"
         summary = {
-            "steps": self.step, "train_seconds": round(self.train_seconds, 1),
+            "steps": self.step,
+            "train_seconds": round(self.train_seconds, 1),
             "tokens_per_s": round(self.train_tokens / max(self.train_seconds, 1e-9), 1),
             "train_loss_first": next((h["loss"] for h in self.history if "loss" in h), None),
             "train_loss_last": next((h["loss"] for h in reversed(self.history) if "loss" in h), None),
             "eval_loss": final_eval["loss"] if final_eval else None,
             "eval_perplexity": final_eval["perplexity"] if final_eval else None,
-            "peak_memory_gib": round(peak_memory_gib(self.device), 2), "device": device_label(self.device),
+            "peak_memory_gib": round(peak_memory_gib(self.device), 2),
+            "device": device_label(self.device),
             **self.data_stats,
         }
         write_model_card(final, self.cfg, summary)
