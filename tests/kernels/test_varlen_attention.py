@@ -116,3 +116,28 @@ def test_flash_varlen_matches_the_reference_and_replays_from_a_graph(hq, hkv, d)
     graph.replay()
     torch.testing.assert_close(static_out, _VarlenAttention.apply(q.detach(), k.detach(), v.detach(), static_cu,
                                                                   d ** -0.5, None))
+
+
+def test_only_a_batch_without_mask_or_packing_lets_the_layers_drop_the_mask(tiny_cfg, monkeypatch):
+    """The plain-causal shortcut is derived from each batch (train/model.summed_nll), never left
+    over from another one: a packed batch after a plain one still gets its boundaries."""
+    from qlora_platform.kernels import decoder_layer
+
+    model = _model(tiny_cfg)
+    fused = fused_loss_parts(model)
+    seen = []
+    real = decoder_layer.attention_core
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("causal_only", False), kwargs.get("cu_seq_lens") is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_layer, "attention_core", spy)
+    ids = torch.randint(1, 1000, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        summed_nll(model, fused, ids, input_ids=ids)
+        packed = collate([[_ex(5, 1), _ex(7, 2)]], 0, packing=True, max_seq_len=16)
+        summed_nll(model, fused, packed["labels"], input_ids=packed["input_ids"],
+                   position_ids=packed["position_ids"], cu_seq_lens=packed["cu_seq_lens"])
+        summed_nll(model, fused, ids, input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert seen == [(True, False)] * 2 + [(False, True)] * 2 + [(False, False)] * 2

@@ -32,7 +32,6 @@ forward otherwise. Against the stock layer it buys two things:
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
@@ -48,22 +47,6 @@ from .rope import rope_backward, rope_qk
 REQUIRED = ({"q", "k", "v", "h2"}, {"qkv", "h2"})   # either form of q, k, v
 
 ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
-
-_PLAIN_CAUSAL = [False]
-
-
-@contextlib.contextmanager
-def plain_causal_attention():
-    """For batches known to need only the causal mask (no padding, no packed sequences): attention
-    ignores the mask the model built and runs causal. Under CUDA graph capture transformers
-    cannot check that the mask is plain (it would wait on the GPU), so it builds a dense one,
-    which moves SDPA off its fastest kernels; train/cuda_graph.py captures inside this."""
-    _PLAIN_CAUSAL[0] = True
-    try:
-        yield
-    finally:
-        _PLAIN_CAUSAL[0] = False
-
 
 class _KnownResidual(torch.autograd.Function):
     """h2 = x + o where the value of h2 is known (kept from the first pass) and o was not
@@ -266,11 +249,15 @@ def _attention_kwargs(attn) -> dict:
 
 
 def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, attention_mask, kept=None,
-                   keep=None, cu_seq_lens=None, **kwargs):
+                   keep=None, cu_seq_lens=None, causal_only=False, **kwargs):
     """Attention up to (not including) o_proj: (B, S, heads * head_dim). With `kept` (a
     recompute) the rotated q, k and v are those of the first pass, not new products; with
     `keep` (a first pass under the checkpoint) they are handed to it. With `cu_seq_lens`
-    (packed rows) attention is causal within each sequence and any mask is ignored."""
+    (packed rows) attention is causal within each sequence and any mask is ignored. With
+    `causal_only` (the batch has no padding mask and no packing: train/model.summed_nll says so)
+    the mask the model built is the causal one and is dropped: under CUDA graph capture
+    transformers cannot check that (it would wait on the GPU) and builds a dense mask, which
+    would move attention off its fastest kernels."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     b, s = x.shape[:2]
@@ -278,7 +265,7 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
     cos, sin = position_embeddings
     qkv = [projs["q_proj"], projs["k_proj"], projs["v_proj"]]
     window = _attention_kwargs(attn).get("sliding_window")
-    if _PLAIN_CAUSAL[0] and (window is None or s <= window):   # a window as long as the row is causal
+    if causal_only and (window is None or s <= window):   # a window as long as the row is causal
         attention_mask = None
     if kept is not None:
         q, k, v = _KnownRotated.apply(*lora_projections(x, qkv, output=False), cos, sin, kept)

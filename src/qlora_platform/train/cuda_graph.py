@@ -19,9 +19,9 @@ offloader's pinned host buffers: they replay one after another on one stream). O
 that need no attention mask are offered (`graphable`): right-padded batches (causal
 attention keeps real tokens off the pads) and packed rows with their boundaries as a tensor
 (`cu_seq_lens`, variable-length attention); train/batching.py gives both a few fixed shapes.
-The capture runs inside `capture_context` (kernels.decoder_layer.plain_causal_attention:
-under capture transformers builds a dense causal mask, as it cannot look at the batch, and
-attention would then leave its fastest kernels).
+Under capture transformers cannot look at the batch and builds a dense causal mask; the
+batch itself says when that mask is plain causal and may be dropped (train/model.summed_nll).
+`capture_context`, if given, is entered around the capture.
 
 When a graph is not made (the batch runs eagerly): not CUDA; `graphable=False`; more shapes
 than `max_graphs`; too little free memory to hold the graph's working memory next to an eager

@@ -18,6 +18,10 @@ from ..models.loader import attach_lora, fast_kernels_on, fp8_plan, load_base_mo
 from ..models.scoring import summed_answer_nll
 
 
+# Batch inputs that make attention more than causal: a padding mask, or packed sequences.
+PLAIN_CAUSAL_UNLESS = frozenset({"attention_mask", "position_ids", "cu_seq_lens"})
+
+
 def build_training_model(cfg: Config, device: str, log=print, distributed: bool = False):
     """The base model with trainable LoRA adapters, sped up as configured; returns
     (model, fused) where fused is (decoder, head) for the logits-free loss, or None.
@@ -45,6 +49,11 @@ def summed_nll(model, fused, labels: torch.Tensor, **inputs) -> torch.Tensor:
     """Negative log-likelihood summed over labelled tokens (token t predicts t+1), fp32. Packed
     rows pass `cu_seq_lens` (train/batching.py) for the fast layers' variable-length attention."""
     inputs.setdefault("use_cache", False)
+    if fused is not None and not (PLAIN_CAUSAL_UNLESS & inputs.keys()):
+        # Neither a padding mask nor packing: the fast layers may drop the mask the model builds
+        # (kernels/decoder_layer.attention_core), which keeps a captured step on the fastest
+        # attention kernels. Derived from this batch alone, so no other batch can inherit it.
+        inputs["causal_only"] = True
     if fused is None:
         return summed_answer_nll(model(**inputs).logits, labels)
     from ..kernels import linear_cross_entropy, shift_labels
@@ -58,12 +67,11 @@ def loss_backward(model, fused, cfg: Config, device: str, log=print):
     batch = {"labels": ..., "input_ids": ..., [mask / positions]} accumulates the gradients of
     scale x summed NLL and returns that loss; replayed from CUDA graphs where train/cuda_graph.py
     can (training.cuda_graphs, with the fast kernels on CUDA)."""
-    from ..kernels.decoder_layer import plain_causal_attention
     from ..kernels.offload import offloader_of
     from .cuda_graph import LossBackward
 
     run = LossBackward(lambda labels, **inputs: summed_nll(model, fused, labels, **inputs), device,
-                       offloader=offloader_of(model), log=log, capture_context=plain_causal_attention,
+                       offloader=offloader_of(model), log=log,
                        max_graphs=8)   # padded widths come in buckets (batching.py): a handful of shapes
     run.enabled = run.enabled and cfg.training.cuda_graphs and fast_kernels_on(cfg, device)
     return run
