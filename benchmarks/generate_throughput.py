@@ -16,6 +16,7 @@ second of decoding; `ttft_ms` is the prompt's forward plus the first token.
   the same check with both paths computing in fp32 on the same weights (`*_fp32`);
 - unsloth: `FastLanguageModel.for_inference` + `generate`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,8 @@ from benchmarks.train_throughput import checkpoint  # noqa: E402
 def load(variant: str, path: Path, weights: str):
     if variant == "unsloth":
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-        import unsloth  # noqa: F401  (before transformers)
         import torch
+        import unsloth  # noqa: F401  (before transformers)
         from unsloth import FastLanguageModel
 
         model, _ = FastLanguageModel.from_pretrained(str(path), load_in_4bit=weights == "nf4", dtype=torch.bfloat16)
@@ -48,8 +49,11 @@ def load(variant: str, path: Path, weights: str):
     kwargs = {"dtype": torch.bfloat16, "device_map": {"": 0}}
     if weights == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 
@@ -58,10 +62,16 @@ def hf_generate(model, prompt, new_tokens: int):
 
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     torch.cuda.synchronize()
-    return out[:, prompt.shape[1]:].tolist(), time.perf_counter() - start
+    return out[:, prompt.shape[1] :].tolist(), time.perf_counter() - start
 
 
 def compare(model, prompt, got: list[list[int]], new_tokens: int) -> dict:
@@ -76,10 +86,13 @@ def compare(model, prompt, got: list[list[int]], new_tokens: int) -> dict:
         at = next(i for i, (a, b) in enumerate(zip(got[row], want[row])) if a != b)
         seen = torch.tensor([want[row][:at]], device=prompt.device, dtype=torch.long)
         with torch.no_grad():
-            logits = model(torch.cat([prompt[row:row + 1], seen], dim=1)).logits[0, -1].float()
+            logits = model(torch.cat([prompt[row : row + 1], seen], dim=1)).logits[0, -1].float()
         top2 = logits.topk(2).values
-        out |= {"first_divergence": at, "reference_top2_gap_there": round((top2[0] - top2[1]).item(), 4),
-                "reference_logit_max": round(logits.abs().max().item(), 3)}
+        out |= {
+            "first_divergence": at,
+            "reference_top2_gap_there": round((top2[0] - top2[1]).item(), 4),
+            "reference_logit_max": round(logits.abs().max().item(), 3),
+        }
     return out
 
 
@@ -89,9 +102,9 @@ def to_fp32(model) -> None:
     import torch
 
     for module in model.modules():
-        if hasattr(module, "compute_dtype"):      # bitsandbytes Linear4bit
+        if hasattr(module, "compute_dtype"):  # bitsandbytes Linear4bit
             module.compute_dtype = torch.float32
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if param.dtype in (torch.bfloat16, torch.float16):
                 param.data = param.data.float()
     model.config.dtype = torch.float32
@@ -117,27 +130,35 @@ def main() -> None:
     import torch
 
     prompt = torch.randint(5, 32000, (args.batch, 32), generator=torch.Generator().manual_seed(0)).cuda()
-    line = {"variant": args.variant, "shape": args.shape, "weights": args.weights, "batch": args.batch,
-            "new_tokens": args.new_tokens}
+    line = {
+        "variant": args.variant,
+        "shape": args.shape,
+        "weights": args.weights,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+    }
     if args.variant == "qlora_platform":
+        from transformers import AutoTokenizer
+
         from qlora_platform.infer.engine import Engine
         from qlora_platform.infer.sampling import SamplingParams
 
-        from transformers import AutoTokenizer
         engine = Engine(model, AutoTokenizer.from_pretrained(checkpoint(args.shape)))
         params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
         rows = [r.tolist() for r in prompt]
-        engine.generate(rows, params)                     # warm-up: captures the decode graph
+        engine.generate(rows, params)  # warm-up: captures the decode graph
         torch.cuda.reset_peak_memory_stats()
         results = engine.generate(rows, params)
         decode_s = max(r.decode_s for r in results)
-        line |= {"tokens_per_s": round(args.batch * (args.new_tokens - 1) / decode_s, 1),
-                 "ttft_ms": round(1000 * max(r.prefill_s for r in results), 1),
-                 "cuda_graphs": bool(engine._decoders) and all(d.graph is not None for d in engine._decoders.values()),
-                 "fused_step": bool(engine._decoders) and all(d.fast is not None for d in engine._decoders.values()),
-                 "fused_step_off": next((d.fast_reason for d in engine._decoders.values() if d.fast_reason), None),
-                 "static_fallback": engine.static_fallback_reason,
-                 "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)}
+        line |= {
+            "tokens_per_s": round(args.batch * (args.new_tokens - 1) / decode_s, 1),
+            "ttft_ms": round(1000 * max(r.prefill_s for r in results), 1),
+            "cuda_graphs": bool(engine._decoders) and all(d.graph is not None for d in engine._decoders.values()),
+            "fused_step": bool(engine._decoders) and all(d.fast is not None for d in engine._decoders.values()),
+            "fused_step_off": next((d.fast_reason for d in engine._decoders.values() if d.fast_reason), None),
+            "static_fallback": engine.static_fallback_reason,
+            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
         line |= compare(model, prompt, [r.token_ids for r in results], args.new_tokens)
         # The same weights computed in fp32 by both paths: rounding noise (which in bf16 moves a
         # random-weight 7B's logits by as much as the gap between its top two tokens) is gone,
@@ -149,13 +170,15 @@ def main() -> None:
         fp32 = compare(model, prompt, [r.token_ids for r in engine.generate(rows, params)], args.new_tokens)
         line |= {f"{key}_fp32": value for key, value in fp32.items()}
     else:
-        hf_generate(model, prompt, 8)                     # warm-up
+        hf_generate(model, prompt, 8)  # warm-up
         torch.cuda.reset_peak_memory_stats()
         _, first = hf_generate(model, prompt, 1)
         _, total = hf_generate(model, prompt, args.new_tokens)
-        line |= {"tokens_per_s": round(args.batch * (args.new_tokens - 1) / (total - first), 1),
-                 "ttft_ms": round(1000 * first, 1),
-                 "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)}
+        line |= {
+            "tokens_per_s": round(args.batch * (args.new_tokens - 1) / (total - first), 1),
+            "ttft_ms": round(1000 * first, 1),
+            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
     line |= {"device": torch.cuda.get_device_name(), "commit": args.commit, "run_id": args.run_id}
     print(json.dumps(line))
 

@@ -15,6 +15,7 @@ Times, for the Mistral-7B MLP (hidden 4096, intermediate 14336, rank 16) and QKV
   or already written there by its producer (down: swiglu's padded h).
 Prints one JSON line per case (median ms over 20 runs, CUDA events).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,8 @@ def case(tokens: int, outs: list[int], k: int = 4096, r: int = 16, s: float = 2.
     wp = torch.zeros(n, kp, device=dev, dtype=dt)
     row = 0
     for i, (o, w, B) in enumerate(zip(outs, ws, Bs)):
-        wp[row:row + o, :k] = w
-        wp[row:row + o, k + r * i:k + r * (i + 1)] = B
+        wp[row : row + o, :k] = w
+        wp[row : row + o, k + r * i : k + r * (i + 1)] = B
         row += o
     a_all = torch.cat(As)
 
@@ -81,7 +82,7 @@ def case(tokens: int, outs: list[int], k: int = 4096, r: int = 16, s: float = 2.
             dx.addmm_(gb, A, alpha=s)
 
     def folded_dgrad():
-        dxp = g_all @ wp                   # (T, k + r n): extra columns are g_i B_i
+        dxp = g_all @ wp  # (T, k + r n): extra columns are g_i B_i
         dx = dxp[:, :k]
         dx.addmm_(dxp[:, k:], a_all, alpha=s)
         return dx
@@ -90,14 +91,20 @@ def case(tokens: int, outs: list[int], k: int = 4096, r: int = 16, s: float = 2.
     y_fold = folded_fwd()
     dx_ref = sum(g @ w + s * (g @ B) @ A for g, w, A, B in zip(gs, ws, As, Bs))
     dx_fold = folded_dgrad()
-    dxp_ptr_same = dx_fold.data_ptr()   # addmm_ on the strided view wrote in place (no copy)
-    return {"tokens": tokens, "outs": outs,
-            "fwd_today_ms": round(timed(today_fwd), 3), "fwd_folded_ms": round(timed(folded_fwd), 3),
-            "fwd_base_only_ms": round(timed(base_only), 3),
-            "dgrad_today_ms": round(timed(today_dgrad), 3), "dgrad_folded_ms": round(timed(folded_dgrad), 3),
-            "fwd_max_rel_err": float(((y_fold - y_ref).abs().max() / y_ref.abs().max())),
-            "dgrad_max_rel_err": float(((dx_fold - dx_ref).abs().max() / dx_ref.abs().max())),
-            "dgrad_in_place": dxp_ptr_same == dx_fold.data_ptr(), "device": torch.cuda.get_device_name()}
+    dxp_ptr_same = dx_fold.data_ptr()  # addmm_ on the strided view wrote in place (no copy)
+    return {
+        "tokens": tokens,
+        "outs": outs,
+        "fwd_today_ms": round(timed(today_fwd), 3),
+        "fwd_folded_ms": round(timed(folded_fwd), 3),
+        "fwd_base_only_ms": round(timed(base_only), 3),
+        "dgrad_today_ms": round(timed(today_dgrad), 3),
+        "dgrad_folded_ms": round(timed(folded_dgrad), 3),
+        "fwd_max_rel_err": float((y_fold - y_ref).abs().max() / y_ref.abs().max()),
+        "dgrad_max_rel_err": float((dx_fold - dx_ref).abs().max() / dx_ref.abs().max()),
+        "dgrad_in_place": dxp_ptr_same == dx_fold.data_ptr(),
+        "device": torch.cuda.get_device_name(),
+    }
 
 
 def residual_case(tokens: int, k: int, n: int = 4096, r: int = 16, s: float = 2.0) -> dict:
@@ -126,16 +133,24 @@ def residual_case(tokens: int, k: int, n: int = 4096, r: int = 16, s: float = 2.
         else:
             buf = xp
         buf[:, k:].copy_(buf[:, :k] @ A.t())
-        wp[:, :k].copy_(w)          # stands in for the dequantization every variant does
+        wp[:, :k].copy_(w)  # stands in for the dequantization every variant does
         torch.mul(B, s, out=wp[:, k:])
         return torch.addmm(res, buf, wp.t())
 
     def dequant_stand_in():
         wp[:, :k].copy_(w)
-    return {"tokens": tokens, "k": k, "n": n, "residual_first_ms": round(timed(first), 3),
-            "residual_last_ms": round(timed(last), 3), "fold_copy_ms": round(timed(lambda: fold(True)), 3),
-            "fold_padded_ms": round(timed(lambda: fold(False)), 3),
-            "weight_copy_ms": round(timed(dequant_stand_in), 3), "device": torch.cuda.get_device_name()}
+
+    return {
+        "tokens": tokens,
+        "k": k,
+        "n": n,
+        "residual_first_ms": round(timed(first), 3),
+        "residual_last_ms": round(timed(last), 3),
+        "fold_copy_ms": round(timed(lambda: fold(True)), 3),
+        "fold_padded_ms": round(timed(lambda: fold(False)), 3),
+        "weight_copy_ms": round(timed(dequant_stand_in), 3),
+        "device": torch.cuda.get_device_name(),
+    }
 
 
 def main() -> None:

@@ -6,11 +6,11 @@
 Random Mistral-7B-shaped weights (`train_throughput.checkpoint`), batch 2 x 1024: 64 fixed
 random "documents" cycled in order, the same for every variant. Prints one JSON line.
 """
+
 import json
 import sys
 
 import torch
-
 from train_throughput import build_qlora_platform, build_reference, checkpoint
 
 if __name__ == "__main__":
@@ -21,6 +21,6 @@ if __name__ == "__main__":
     docs = torch.randint(0, 32000, (64, 1024), generator=torch.Generator().manual_seed(123))
     losses = []
     for i in range(steps):
-        x = docs[(2 * i) % 64:(2 * i) % 64 + 2].cuda()
+        x = docs[(2 * i) % 64 : (2 * i) % 64 + 2].cuda()
         losses.append(round(float(step(x)), 4))
     print(json.dumps({"variant": variant, "losses": losses}))

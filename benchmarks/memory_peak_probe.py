@@ -9,6 +9,7 @@ replay), and prints for each step its peak of allocated bytes and, at the highes
 live blocks by size with the innermost frame of this repository (or else of torch /
 transformers) that allocated them. Used to find what to trim when a peak must come down.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ def main() -> None:
     args = p.parse_args()
     step = build_step("qlora_platform", checkpoint("mistral-7b"), args.batch, args.seq)
     import torch
+
     x = torch.randint(0, 32000, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).cuda()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -49,6 +51,7 @@ def main() -> None:
     trace = torch.cuda.memory._snapshot()["device_traces"][0]
     torch.cuda.memory._record_memory_history(enabled=None)
     import bisect
+
     live: dict[int, tuple[int, list]] = {}
     now, best, best_live, peaks = base, 0, {}, [0, 0, 0]
     for i, ev in enumerate(trace):
@@ -63,10 +66,13 @@ def main() -> None:
             best, best_live = now, dict(live)
     for k, (name, peak) in enumerate(zip(("eager", "capture", "replay"), peaks)):
         print(f"step {k + 1} ({name}): peak {peak / 2**30:.3f} GiB")
-    print(f"allocated before the steps {base / 2**30:.3f} GiB; at the highest peak ({best / 2**30:.3f} GiB) "
-          f"the blocks made during the steps, largest first:")
-    for size, frames in sorted(best_live.values(), key=lambda t: -t[0])[:args.top]:
+    print(
+        f"allocated before the steps {base / 2**30:.3f} GiB; at the highest peak ({best / 2**30:.3f} GiB) "
+        f"the blocks made during the steps, largest first:"
+    )
+    for size, frames in sorted(best_live.values(), key=lambda t: -t[0])[: args.top]:
         print(f"{size / 2**20:10.1f} MiB  {_where(frames)}")
+
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,13 @@
 """Where one QLoRA training step spends its GPU time: a torch.profiler table per variant.
 
-    python benchmarks/profile_train_step.py --variant qlora_platform --batch 4 --seq 4096 [--rows 40] [--sort self_cpu_time_total]
+    python benchmarks/profile_train_step.py --variant qlora_platform --batch 4 --seq 4096 \
+        [--rows 40] [--sort self_cpu_time_total]
 
 Builds the variant exactly as benchmarks/train_throughput.py does, runs 3 warm-up
 steps, profiles the 4th and prints the kernels (CUDA time, calls) sorted by total
 GPU time, then the step's wall time and peak memory. Used to pick what to fuse next.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +24,11 @@ from benchmarks.train_throughput import build_step, checkpoint  # noqa: E402
 def _gpu_busy(prof) -> tuple[float, int]:
     """Seconds in which at least one kernel ran (copies left out), and the number of kernels:
     a step whose wall time is well above its busy time waits on the host."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type.name == "CUDA" and not e.name.startswith("Memcpy")
-                   and not e.name.startswith("Memset"))
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and not e.name.startswith("Memcpy") and not e.name.startswith("Memset")
+    )
     busy, end = 0.0, float("-inf")
     for start, stop in spans:
         if stop > end:
@@ -60,10 +64,12 @@ def main() -> None:
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     gpu_total = sum(e.self_device_time_total for e in events) / 1e6
     busy, launches = _gpu_busy(prof)
-    print(f"# {args.variant} b{args.batch} x s{args.seq}: step {wall:.3f} s (profiled), "
-          f"GPU kernels {gpu_total:.3f} s, GPU busy (kernels, any stream) {busy:.3f} s, {launches} kernel launches, "
-          f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    kernels = sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]
+    print(
+        f"# {args.variant} b{args.batch} x s{args.seq}: step {wall:.3f} s (profiled), "
+        f"GPU kernels {gpu_total:.3f} s, GPU busy (kernels, any stream) {busy:.3f} s, {launches} kernel launches, "
+        f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    )
+    kernels = sorted(events, key=lambda e: -e.self_device_time_total)[: args.rows]
     for e in kernels:
         print(f"{e.self_device_time_total / 1e3:10.1f} ms {e.count:6d}x  {e.key[:110]}")
     print(table)

@@ -13,6 +13,7 @@ from the start of training), host_rss_gib_step10 (when step 10's log line appear
 host_rss_gib_max (the child's peak RSS, from the kernel), final_loss (last step's loss),
 device, commit, run_id.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,29 @@ def watch(proc, step_log: Path, state: dict) -> None:
 
 
 def qlora_command(layout: str, model: str, data: str, work: Path) -> list[str]:
-    return [sys.executable, "-m", "qlora_platform.cli", "train", "--config", "configs/mistral-7b.yaml",
-            "--model.name", model, "--train_file", f"{data}/train.jsonl", "--eval_file", f"{data}/eval.jsonl",
-            "--packing", "true" if layout == "packed" else "false", "--epochs", "1", "--logging_steps", "1",
-            "--output.dir", str(work), "--overwrite"]
+    return [
+        sys.executable,
+        "-m",
+        "qlora_platform.cli",
+        "train",
+        "--config",
+        "configs/mistral-7b.yaml",
+        "--model.name",
+        model,
+        "--train_file",
+        f"{data}/train.jsonl",
+        "--eval_file",
+        f"{data}/eval.jsonl",
+        "--packing",
+        "true" if layout == "packed" else "false",
+        "--epochs",
+        "1",
+        "--logging_steps",
+        "1",
+        "--output.dir",
+        str(work),
+        "--overwrite",
+    ]
 
 
 def qlora_result(work: Path) -> dict:
@@ -65,11 +85,15 @@ def qlora_result(work: Path) -> dict:
     tokens = sum(r["tokens"] for r in steps)
     later = steps[WARMUP_STEPS:]
     later_s = sum(r["tokens"] / r["tokens_per_s"] for r in later)
-    return {"tokens": tokens, "train_seconds": summary["train_seconds"],
-            "tokens_per_s": round(tokens / summary["train_seconds"], 1),
-            "tokens_per_s_after_warmup": round(sum(r["tokens"] for r in later) / later_s, 1),
-            "gpu_peak_gib": summary["peak_memory_gib"], "final_loss": round(steps[-1]["loss"], 4),
-            "steps": len(steps)}
+    return {
+        "tokens": tokens,
+        "train_seconds": summary["train_seconds"],
+        "tokens_per_s": round(tokens / summary["train_seconds"], 1),
+        "tokens_per_s_after_warmup": round(sum(r["tokens"] for r in later) / later_s, 1),
+        "gpu_peak_gib": summary["peak_memory_gib"],
+        "final_loss": round(steps[-1]["loss"], 4),
+        "steps": len(steps),
+    }
 
 
 def main() -> None:
@@ -90,8 +114,15 @@ def main() -> None:
     else:
         step_log = args.work / "unsloth_steps.jsonl"
         step_log.unlink(missing_ok=True)
-        cmd = [sys.executable, str(Path(__file__).with_name("unsloth_sft.py")), args.model, f"{args.data}/train.jsonl",
-               "true" if args.layout == "packed" else "false", str(args.work), str(step_log)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("unsloth_sft.py")),
+            args.model,
+            f"{args.data}/train.jsonl",
+            "true" if args.layout == "packed" else "false",
+            str(args.work),
+            str(step_log),
+        ]
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = {"samples": []}
@@ -113,13 +144,19 @@ def main() -> None:
         result = json.loads(next(line for line in reversed(lines) if line.startswith('{"variant"')))
         result.pop("variant", None)
     import torch
-    record = {"variant": args.variant, "layout": args.layout, **result,
-              "host_rss_gib_step10": round(state["rss_step10"] / 2**30, 2) if state.get("rss_step10") else None,
-              "host_rss_gib_max": round(peak / 2**30, 2),
-              "host_rss_gib_last_step": round(state["rss_last_step"] / 2**30, 2) if state.get("rss_last_step") else None,
-              "wall_seconds": round(time.time() - start, 1),
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "commit": args.commit, "run_id": args.run_id}
+
+    record = {
+        "variant": args.variant,
+        "layout": args.layout,
+        **result,
+        "host_rss_gib_step10": round(state["rss_step10"] / 2**30, 2) if state.get("rss_step10") else None,
+        "host_rss_gib_max": round(peak / 2**30, 2),
+        "host_rss_gib_last_step": round(state["rss_last_step"] / 2**30, 2) if state.get("rss_last_step") else None,
+        "wall_seconds": round(time.time() - start, 1),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "commit": args.commit,
+        "run_id": args.run_id,
+    }
     with open(args.results, "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)

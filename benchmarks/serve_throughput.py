@@ -9,6 +9,7 @@ What `qlora serve --max-concurrent N` runs on a GPU: one Engine with continuous 
 tokens/s over the timed rounds and the median time to first token. The HTTP layer is left
 out on purpose: it adds the same small cost to every peer and is tested in tests/infer.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,7 @@ def main() -> None:
         for _ in range(args.rounds):
             results.append(engine.run(prompts[i], params))
 
-    engine.run(prompts[0], params)              # warm-up: captures the batch's decode graph
+    engine.run(prompts[0], params)  # warm-up: captures the batch's decode graph
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(args.streams)]
@@ -63,14 +64,27 @@ def main() -> None:
         t.join()
     wall = time.perf_counter() - start
     decoder = engine.batcher.decoder
-    print(json.dumps({"variant": "qlora_platform", "shape": args.shape, "weights": args.weights,
-                      "streams": args.streams, "new_tokens": args.new_tokens,
-                      "total_tokens_per_s": round(sum(r.completion_tokens for r in results) / wall, 1),
-                      "ttft_ms_median": round(1000 * statistics.median(r.prefill_s for r in results), 1),
-                      "cuda_graphs": decoder.graph is not None, "graph_fallback": decoder.fallback_reason,
-                      "fused_step": decoder.fast is not None, "fused_step_off": decoder.fast_reason,
-                      "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
-                      "device": torch.cuda.get_device_name(), "commit": args.commit, "run_id": args.run_id}))
+    print(
+        json.dumps(
+            {
+                "variant": "qlora_platform",
+                "shape": args.shape,
+                "weights": args.weights,
+                "streams": args.streams,
+                "new_tokens": args.new_tokens,
+                "total_tokens_per_s": round(sum(r.completion_tokens for r in results) / wall, 1),
+                "ttft_ms_median": round(1000 * statistics.median(r.prefill_s for r in results), 1),
+                "cuda_graphs": decoder.graph is not None,
+                "graph_fallback": decoder.fallback_reason,
+                "fused_step": decoder.fast is not None,
+                "fused_step_off": decoder.fast_reason,
+                "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "device": torch.cuda.get_device_name(),
+                "commit": args.commit,
+                "run_id": args.run_id,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

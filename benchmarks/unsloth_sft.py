@@ -8,14 +8,15 @@ STEP_LOG; the last stdout line is one JSON record: tokens (non-pad tokens the da
 handed over), train_seconds, tokens_per_s, tokens_per_s_after_warmup (the first 3 steps
 excluded), gpu_peak_gib, final_loss (last step's loss).
 """
+
 import json
 import os
 import sys
 import time
 
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-import unsloth  # noqa: F401,E402  (first, so that it patches transformers and TRL)
 import torch  # noqa: E402
+import unsloth  # noqa: F401,E402  (first, so that it patches transformers and TRL)
 from datasets import load_dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
@@ -24,17 +25,39 @@ from unsloth import FastLanguageModel  # noqa: E402
 WARMUP_STEPS, GRAD_ACCUM = 3, 4
 path, data, packing, out, step_log = sys.argv[1], sys.argv[2], sys.argv[3] == "true", sys.argv[4], sys.argv[5]
 model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=1024, load_in_4bit=True, dtype=torch.bfloat16)
-model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+model = FastLanguageModel.get_peft_model(
+    model,
+    r=16,
+    lora_alpha=32,
+    lora_dropout=0,
+    bias="none",
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    use_gradient_checkpointing="unsloth", random_state=0)
+    use_gradient_checkpointing="unsloth",
+    random_state=0,
+)
 ds = load_dataset("json", data_files=data, split="train")
-cfg = SFTConfig(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=GRAD_ACCUM,
-                num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03,
-                optim="paged_adamw_8bit", bf16=True, logging_steps=1, save_strategy="no", max_length=1024,
-                packing=packing, padding_free=packing, report_to=[], dataset_num_proc=1, seed=0)
+cfg = SFTConfig(
+    output_dir=out,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=GRAD_ACCUM,
+    num_train_epochs=1,
+    learning_rate=2e-4,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.03,
+    optim="paged_adamw_8bit",
+    bf16=True,
+    logging_steps=1,
+    save_strategy="no",
+    max_length=1024,
+    packing=packing,
+    padding_free=packing,
+    report_to=[],
+    dataset_num_proc=1,
+    seed=0,
+)
 trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=cfg)
 
-micro_tokens = []   # non-pad tokens of each micro-batch, in the order the collator built them
+micro_tokens = []  # non-pad tokens of each micro-batch, in the order the collator built them
 collator = trainer.data_collator
 
 
@@ -64,11 +87,21 @@ trainer.add_callback(Steps())
 torch.cuda.reset_peak_memory_stats()
 metrics = trainer.train().metrics
 tokens = sum(micro_tokens)
-first = sum(micro_tokens[:WARMUP_STEPS * GRAD_ACCUM])
+first = sum(micro_tokens[: WARMUP_STEPS * GRAD_ACCUM])
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-print(json.dumps({"variant": "unsloth-sft", "tokens": tokens, "train_seconds": round(metrics["train_runtime"], 1),
-                  "tokens_per_s": round(tokens / metrics["train_runtime"], 1),
-                  "tokens_per_s_after_warmup": round((tokens - first) / (step_ends[-1] - step_ends[WARMUP_STEPS - 1]), 1),
-                  "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                  "final_loss": round(losses[-1], 4), "steps": trainer.state.global_step,
-                  "dataset_tokens": sum(len(x) for x in trainer.train_dataset["input_ids"])}), flush=True)
+print(
+    json.dumps(
+        {
+            "variant": "unsloth-sft",
+            "tokens": tokens,
+            "train_seconds": round(metrics["train_runtime"], 1),
+            "tokens_per_s": round(tokens / metrics["train_runtime"], 1),
+            "tokens_per_s_after_warmup": round((tokens - first) / (step_ends[-1] - step_ends[WARMUP_STEPS - 1]), 1),
+            "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "final_loss": round(losses[-1], 4),
+            "steps": trainer.state.global_step,
+            "dataset_tokens": sum(len(x) for x in trainer.train_dataset["input_ids"]),
+        }
+    ),
+    flush=True,
+)

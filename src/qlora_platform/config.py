@@ -134,7 +134,8 @@ class TrainingConfig(_Section):
         description="park checkpointed layer inputs in pinned CPU memory; null: on for CUDA with "
         "gradient_checkpointing",
     )
-    # Batches that need an attention mask or packing positions run eagerly.
+    # On the fast path batches have a few fixed shapes (packed rows max_seq_len wide, padded ones
+    # bucketed), so each shape is captured once; the CPU path runs eagerly.
     cuda_graphs: bool = Field(
         True, description="with fast_kernels on CUDA: replay repeated batch shapes from CUDA graphs"
     )

@@ -1,4 +1,5 @@
 """The logits-free loss against cross-entropy over full logits: value and gradient."""
+
 import pytest
 import torch
 
@@ -7,13 +8,13 @@ from qlora_platform.kernels.cross_entropy import IGNORE, linear_cross_entropy, s
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("chunk", [7, 1000])   # several chunks, and one
+@pytest.mark.parametrize("chunk", [7, 1000])  # several chunks, and one
 def test_matches_full_logits_loss_and_gradient(dtype, tol, chunk):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 11, 32, generator=g).to(dtype)
     head = (0.3 * torch.randn(50, 32, generator=g)).to(dtype)
     labels = torch.randint(0, 50, (3, 11), generator=g)
-    labels[0, :4] = IGNORE            # a prompt: not scored
+    labels[0, :4] = IGNORE  # a prompt: not scored
     h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
 
     loss = linear_cross_entropy(h1, head, shift_labels(labels), chunk=chunk)

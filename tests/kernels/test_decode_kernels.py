@@ -1,17 +1,23 @@
 """The decode-step kernels (kernels/decode.py) against their references and against the
 transformers ops they replace: interpreted in fp32 on the CPU, compiled in bf16 on a GPU."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qlora_platform.kernels.decode import (add_rms_norm, add_rms_norm_reference, decode_attention,
-                                           decode_attention_reference, rope_write_kv,
-                                           rope_write_kv_reference)
+from qlora_platform.kernels.decode import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    decode_attention,
+    decode_attention_reference,
+    rope_write_kv,
+    rope_write_kv_reference,
+)
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-DTYPES = [torch.float32] + ([torch.bfloat16] if GPU else [])   # the interpreter truncates bf16
+DTYPES = [torch.float32] + ([torch.bfloat16] if GPU else [])  # the interpreter truncates bf16
 
 
 def _cache(b, hkv, t, d, dtype, g):
@@ -51,16 +57,16 @@ def test_decode_attention_matches_reference_with_padding_and_several_blocks(dtyp
     q = torch.randn(b, heads, d, generator=g).to(DEVICE, dtype)
     k_cache, v_cache = _cache(b, kv_heads, t, d, dtype, g)
     mask = torch.ones(b, t, dtype=torch.long)
-    mask[1, :70] = 0          # a left-padded row whose whole first block is padding
+    mask[1, :70] = 0  # a left-padded row whose whole first block is padding
     mask[2, 5:9] = 0
     mask, columns = mask.to(DEVICE), torch.tensor([0, 150, 199], device=DEVICE)
-    got = decode_attention(q, k_cache, v_cache, mask, columns, d ** -0.5)
-    want = decode_attention_reference(q, k_cache, v_cache, mask, columns, d ** -0.5)
+    got = decode_attention(q, k_cache, v_cache, mask, columns, d**-0.5)
+    want = decode_attention_reference(q, k_cache, v_cache, mask, columns, d**-0.5)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got, want, **tol)
     # Columns after a row's own length are never read (a long cache costs short rows nothing).
     k_cache[0, :, 1:] = float("nan")
-    assert torch.isfinite(decode_attention(q, k_cache, v_cache, mask, columns, d ** -0.5)[0]).all()
+    assert torch.isfinite(decode_attention(q, k_cache, v_cache, mask, columns, d**-0.5)[0]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -2,6 +2,7 @@
 under checkpointing its recompute skips the q/k/v, o_proj and down_proj products, RoPE and
 SwiGLU yet gives the gradients of the un-checkpointed model; with a KV cache it hands over
 to the stock layer."""
+
 import pytest
 import torch
 
@@ -46,7 +47,7 @@ def test_checkpoint_recompute_skips_output_products_and_keeps_the_gradients(tiny
     calls = []
     real = lora.base_weight
     monkeypatch.setattr(lora, "base_weight", lambda base, out=None: calls.append(base) or real(base, out))
-    for _ in range(2):      # the second step finds the offloader emptied by the first
+    for _ in range(2):  # the second step finds the offloader emptied by the first
         loss_ckpt, ckpt = _step(model, ids)
         assert offloader.saved == []
     # Per layer and step: 7 weights forward, 2 in the recompute (gate, up; q, k, v, o and
@@ -84,7 +85,7 @@ def test_adapters_laid_out_flat_are_cast_once_per_layer(tiny_cfg):
     layer = model.get_base_model().model.layers[0]
     names = ["q_proj", "k_proj", "v_proj", "o_proj"]
     projs = [LoRAProj.of(getattr(layer.self_attn, n)) for n in names]
-    cast_adapters(projs, torch.bfloat16)                  # separate tensors: left to _forward
+    cast_adapters(projs, torch.bfloat16)  # separate tensors: left to _forward
     assert all(p.a16 is None for p in projs)
     FlatParams([p for p in model.parameters() if p.requires_grad])
     projs = [LoRAProj.of(getattr(layer.self_attn, n)) for n in names]
@@ -92,7 +93,7 @@ def test_adapters_laid_out_flat_are_cast_once_per_layer(tiny_cfg):
     for p in projs:
         assert p.a16.dtype == torch.bfloat16 and torch.equal(p.a16, p.A.to(torch.bfloat16))
         assert torch.equal(p.b16, p.B.to(torch.bfloat16))
-    assert len({p.a16.untyped_storage().data_ptr() for p in projs}) == 1   # one cast
+    assert len({p.a16.untyped_storage().data_ptr() for p in projs}) == 1  # one cast
 
 
 def test_packed_rows_with_restarting_positions_match_peft(tiny_cfg):
@@ -105,7 +106,7 @@ def test_packed_rows_with_restarting_positions_match_peft(tiny_cfg):
     loss_fast = summed_nll(fast, fused_loss_parts(fast), ids, input_ids=ids, position_ids=pos)
     torch.testing.assert_close(loss_fast, loss_ref, atol=1e-4, rtol=1e-5)
     unpacked = summed_nll(fast, fused_loss_parts(fast), ids, input_ids=ids)
-    assert abs(unpacked.item() - loss_fast.item()) > 1e-3     # the positions did matter
+    assert abs(unpacked.item() - loss_fast.item()) > 1e-3  # the positions did matter
 
 
 def test_a_recompute_whose_first_pass_kept_nothing_recomputes_in_full(tiny_cfg):

@@ -6,6 +6,7 @@
   the same batches, on a Mistral-layout model small enough to run in seconds. Set
   QLORA_TEST_OUT to a folder to keep both loss curves as JSON.
 """
+
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ def _lora_grads(cfg, offload: bool):
         if "lora_B" in name:
             p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
     ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(2)).cuda()
-    for _ in range(2):   # twice: the second step reuses the pooled pinned buffers
+    for _ in range(2):  # twice: the second step reuses the pooled pinned buffers
         model.zero_grad(set_to_none=True)
         loss = summed_nll(model, fused, ids, input_ids=ids)
         loss.backward()
@@ -68,22 +69,30 @@ def test_loss_matches_transformers_peft_over_50_steps(variant):
     start = {n: p for n, p in reference.model.named_parameters() if p.requires_grad}
     for n, p in platform.model.named_parameters():
         if p.requires_grad:
-            p.data.copy_(start[n].data)   # the same LoRA start (A random, B zero)
+            p.data.copy_(start[n].data)  # the same LoRA start (A random, B zero)
     # Learnable batches: 16 documents over a 64-token alphabet, cycled in order.
     alphabet = torch.randperm(32000, generator=torch.Generator().manual_seed(5))[:64]
     docs = alphabet[torch.randint(0, 64, (16, 512), generator=torch.Generator().manual_seed(6))]
     curves = {"reference": [], "qlora_platform": []}
     for i in range(50):
-        x = docs[(2 * i) % 16:(2 * i) % 16 + 2].cuda()
+        x = docs[(2 * i) % 16 : (2 * i) % 16 + 2].cuda()
         curves["reference"].append(float(reference(x)))
         curves["qlora_platform"].append(float(platform(x)))
     gaps = [abs(a - b) / b for a, b in zip(curves["qlora_platform"], curves["reference"])]
-    if variant != "default":   # fp8 is really on
+    if variant != "default":  # fp8 is really on
         assert platform.model.get_base_model().model.layers[0].mlp.forward.args[1].min_tokens == 16
     if os.environ.get("QLORA_TEST_OUT"):
-        Path(os.environ["QLORA_TEST_OUT"], f"loss_parity_{variant}.json").write_text(json.dumps(
-            {**curves, "mean_gap": sum(gaps) / len(gaps), "max_gap": max(gaps), "device": torch.cuda.get_device_name()}))
+        Path(os.environ["QLORA_TEST_OUT"], f"loss_parity_{variant}.json").write_text(
+            json.dumps(
+                {
+                    **curves,
+                    "mean_gap": sum(gaps) / len(gaps),
+                    "max_gap": max(gaps),
+                    "device": torch.cuda.get_device_name(),
+                }
+            )
+        )
     ref = curves["reference"]
     assert ref[-1] < ref[0] - 1.0, "the reference did not learn: the comparison would say nothing"
-    assert sum(gaps) / len(gaps) < 0.01, gaps       # within 1% over the 50 steps
+    assert sum(gaps) / len(gaps) < 0.01, gaps  # within 1% over the 50 steps
     assert max(gaps) < 0.03, gaps

@@ -1,4 +1,5 @@
 """kernels/lora.py: gate and up folded into one GEMM give the unfolded MLP's output and gradients."""
+
 import pytest
 import torch
 
@@ -11,11 +12,12 @@ def _projs(hidden=64, inter=96, rank=8, seed=0):
 
     def proj(n_in, n_out, scaling):
         base = torch.nn.Linear(n_in, n_out, bias=False)
-        base.weight.data = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
+        base.weight.data = torch.randn(n_out, n_in, generator=g) / n_in**0.5
         base.weight.requires_grad_(False)
-        A = torch.nn.Parameter(torch.randn(rank, n_in, generator=g) / n_in ** 0.5)
+        A = torch.nn.Parameter(torch.randn(rank, n_in, generator=g) / n_in**0.5)
         B = torch.nn.Parameter(torch.randn(n_out, rank, generator=g) / rank)
         return LoRAProj(base, A, B, scaling, None)
+
     return proj(hidden, inter, 2.0), proj(hidden, inter, 0.5), proj(inter, hidden, 1.0)
 
 
@@ -36,12 +38,14 @@ def test_folded_gate_up_gives_the_unfolded_output_and_gradients(monkeypatch, out
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_folded_gate_up_in_bf16_on_the_gpu_is_as_close_as_bf16_allows(monkeypatch):
     """At a realistic width the fold's one rounding (instead of two) stays within bf16 noise."""
+
     def projs():
         ps = _projs(hidden=512, inter=1024, rank=16, seed=4)
         for p in ps:
             p.base.to("cuda", torch.bfloat16)
             p.A.data, p.B.data = p.A.data.cuda(), p.B.data.cuda()
         return ps
+
     x = torch.randn(4, 256, 512, generator=torch.Generator().manual_seed(1)).cuda().bfloat16()
     g = torch.randn(4, 256, 512, generator=torch.Generator().manual_seed(2)).cuda().bfloat16()
     (y_f, dx_f, g_f), (y_u, dx_u, g_u) = _both_ways(monkeypatch, x, g, True, projs)
@@ -67,10 +71,10 @@ def test_small_batches_fp8_plans_and_biases_keep_the_unfolded_path():
     gate, up, _ = _projs()
     x2 = torch.randn(64, 64)
     assert lora._foldable(x2, (gate, up))
-    assert not lora._foldable(x2[:63], (gate, up))                 # fewer tokens than features
+    assert not lora._foldable(x2[:63], (gate, up))  # fewer tokens than features
     gate.bias = torch.zeros(96)
     assert not lora._foldable(x2, (gate, up))
-    assert not lora._foldable(x2.to(torch.bfloat16), (up, up))   # compute dtype differs from x
+    assert not lora._foldable(x2.to(torch.bfloat16), (up, up))  # compute dtype differs from x
 
 
 @pytest.mark.parametrize("fold", [True, False])
@@ -84,8 +88,10 @@ def test_a_residual_gets_its_gradient(monkeypatch, fold):
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3))
     r = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4))
     g = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(5))
-    for fn in (lambda x, res=None: lora_swiglu_mlp(x, gate, up, down, residual=res),
-               lambda x, res=None: lora_linear(torch.nn.functional.pad(x, (0, 32)), down, residual=res)):
+    for fn in (
+        lambda x, res=None: lora_swiglu_mlp(x, gate, up, down, residual=res),
+        lambda x, res=None: lora_linear(torch.nn.functional.pad(x, (0, 32)), down, residual=res),
+    ):
         got, want = [], []
         for fused, out in ((True, got), (False, want)):
             xi, ri = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
@@ -111,13 +117,13 @@ def test_a_young_adapters_small_output_survives_the_residual_in_bf16(monkeypatch
     base = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
     base.weight.data = (torch.randn(64, 64, generator=g) / 8).bfloat16()
     base.weight.requires_grad_(False)
-    A = torch.rand(8, 64, generator=g) / 8                    # x A^T > 0, so the delta has one sign
+    A = torch.rand(8, 64, generator=g) / 8  # x A^T > 0, so the delta has one sign
     x = torch.rand(4096, 64, generator=g).bfloat16()
     r = (8 * torch.randn(4096, 64, generator=g)).bfloat16()  # a bf16 step of r: about 0.03
     delta = {}
     for b in (1e-4, 0.0):
         proj = LoRAProj(base, A, torch.full((64, 8), b), 2.0, None)
         delta[b] = lora_linear(x, proj, residual=r).double()
-    want = 2.0 * (x.double() @ A.bfloat16().double().t()).sum(1).mean() * 1e-4   # mean LoRA half
+    want = 2.0 * (x.double() @ A.bfloat16().double().t()).sum(1).mean() * 1e-4  # mean LoRA half
     moved = (delta[1e-4] - delta[0.0]).mean(1).mean()
     assert moved > 0.5 * want, f"the adapter moved the output by {moved:.2e} on average, not {want:.2e}"

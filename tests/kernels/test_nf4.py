@@ -1,4 +1,5 @@
 """The one-kernel NF4 dequantization against bitsandbytes' own (interpreted on the CPU in CI)."""
+
 import pytest
 import torch
 
@@ -20,9 +21,9 @@ def test_matches_bitsandbytes(nested, dtype):
     want = dequantize_nf4_reference(packed, state)
     assert got.shape == want.shape == w.shape and got.dtype == want.dtype == dtype
     # fp32 product, one rounding; bitsandbytes' CPU path may round in bf16 first: one bf16 step apart.
-    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(got, want, atol=1e-6, rtol=tol)
-    assert (got.float() - w.float()).abs().max() < 0.25 * w.abs().max()   # it is w, 4-bit
+    assert (got.float() - w.float()).abs().max() < 0.25 * w.abs().max()  # it is w, 4-bit
 
 
 @pytest.mark.skipif(not _triton.use_triton(torch.empty(0, device=DEVICE)), reason="needs triton")
@@ -34,4 +35,4 @@ def test_dequantizes_into_the_left_block_of_a_wider_buffer():
     wide = torch.full((64, 128 + 32), 7.0, device=DEVICE)
     dequantize_nf4(packed, state, wide[:, :128])
     torch.testing.assert_close(wide[:, :128], dequantize_nf4(packed, state))
-    assert (wide[:, 128:] == 7.0).all()          # the columns beside it are untouched
+    assert (wide[:, 128:] == 7.0).all()  # the columns beside it are untouched

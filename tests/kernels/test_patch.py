@@ -1,6 +1,7 @@
 """The patched model (fused LoRA / SwiGLU / RMSNorm, logits-free loss) against PEFT's own
 on a tiny 4-bit Llama on the CPU: same loss, same LoRA gradients, base weights frozen, and
 PEFT's features (disabling the adapter, merging) still honoured."""
+
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ def _model(cfg, fast: bool, fp8=None):
     model = attach_lora(load_base_model(cfg, "cpu", for_training=True), cfg)
     g = torch.Generator().manual_seed(1)
     for name, p in sorted(model.named_parameters()):
-        if "lora_B" in name:       # PEFT starts B at zero; make the adapter do something
+        if "lora_B" in name:  # PEFT starts B at zero; make the adapter do something
             p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
     report = apply_fast_kernels(model, fp8) if fast else None
     return model, report
@@ -97,10 +98,10 @@ def test_fused_qkv_hands_out_k_and_v_once_and_copes_with_any_call_order(tiny_cfg
     attn_f, attn_r = fast.get_base_model().model.layers[0].self_attn, ref.get_base_model().model.layers[0].self_attn
     x = torch.randn(1, 5, 64)
     with torch.no_grad():
-        for name in ("v_proj", "k_proj", "q_proj", "k_proj", "v_proj", "k_proj"):   # out of order, repeated
+        for name in ("v_proj", "k_proj", "q_proj", "k_proj", "v_proj", "k_proj"):  # out of order, repeated
             torch.testing.assert_close(getattr(attn_f, name)(x), getattr(attn_r, name)(x), atol=1e-5, rtol=1e-5)
         attn_f.q_proj(x)
-        y = torch.randn(1, 5, 64)          # a different tensor: k is computed for it, not handed out
+        y = torch.randn(1, 5, 64)  # a different tensor: k is computed for it, not handed out
         torch.testing.assert_close(attn_f.k_proj(y), attn_r.k_proj(y), atol=1e-5, rtol=1e-5)
 
 
@@ -150,8 +151,11 @@ def test_fp8_is_opt_in_and_only_with_the_fast_kernels():
 
     assert fp8_plan(load_config(None, {}), "cuda") is None
     assert fp8_plan(load_config(None, {"training.fp8": "true"}), "cuda") == Fp8Plan(8192, input_grad=False)
-    assert fp8_plan(load_config(None, {"training.fp8": "true", "training.fp8_input_grad": "true"}),
-                    "cuda") == Fp8Plan(8192, input_grad=True)
-    assert fp8_plan(load_config(None, {"training.fp8": "true", "training.fp8_input_grad": "true",
-                                       "training.fp8_forward": "false"}), "cuda") == Fp8Plan(8192, True, False)
+    assert fp8_plan(load_config(None, {"training.fp8": "true", "training.fp8_input_grad": "true"}), "cuda") == Fp8Plan(
+        8192, input_grad=True
+    )
+    assert fp8_plan(
+        load_config(None, {"training.fp8": "true", "training.fp8_input_grad": "true", "training.fp8_forward": "false"}),
+        "cuda",
+    ) == Fp8Plan(8192, True, False)
     assert fp8_plan(load_config(None, {"training.fp8": "true", "training.fast_kernels": "false"}), "cuda") is None

@@ -1,5 +1,6 @@
 """The training RoPE kernel (Triton, interpreted on the CPU in fp32) against transformers'
 apply_rotary_pos_emb: rotated q and k, gradients through them, strided gradients, in place."""
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
@@ -16,7 +17,7 @@ def _cos_sin(batch, seq, head_dim, dtype, shifted=False):
     cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=512)
     rotary = LlamaRotaryEmbedding(cfg)
     pos = torch.arange(seq)[None].repeat(batch, 1)
-    if shifted:   # packed rows restart their positions
+    if shifted:  # packed rows restart their positions
         pos[1] = torch.cat([torch.arange(seq // 2), torch.arange(seq - seq // 2)])
     x = torch.zeros(1, dtype=dtype)
     return tuple(t.to(DEV) for t in rotary(x, pos))
@@ -39,7 +40,7 @@ def test_rope_forward_equals_transformers_and_backward_its_autograd(heads, kv_he
     torch.testing.assert_close(rope_reference(q, k, cos, sin)[0], want_q)
 
     qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
-    got_q, got_k = rope_qk(qa * 1, ka * 1, cos, sin)          # non-leaf inputs, rotated in place
+    got_q, got_k = rope_qk(qa * 1, ka * 1, cos, sin)  # non-leaf inputs, rotated in place
     assert type(got_q.grad_fn).__name__ == "_RoPEBackward"
     torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
@@ -62,7 +63,7 @@ def test_rope_backward_takes_gradients_in_attention_layout():
     q = torch.randn(b, s, h, d, device=DEV, requires_grad=True)
     k = torch.randn(b, s, 2, d, device=DEV, requires_grad=True)
     got_q, got_k = rope_qk(q * 1, k * 1, cos, sin)
-    g = torch.randn(b, h, s, d, device=DEV).transpose(1, 2)          # strided like SDPA's gradient
+    g = torch.randn(b, h, s, d, device=DEV).transpose(1, 2)  # strided like SDPA's gradient
     assert not g.is_contiguous()
     torch.autograd.backward([got_q, got_k], [g, torch.zeros_like(got_k)])
     qr = q.detach().clone().requires_grad_()
@@ -72,7 +73,7 @@ def test_rope_backward_takes_gradients_in_attention_layout():
 
 
 def test_rope_falls_back_to_the_reference_where_the_kernel_does_not_run():
-    b, s, h, d = 1, 3, 2, 12          # head size not a power of two
+    b, s, h, d = 1, 3, 2, 12  # head size not a power of two
     cos, sin = _cos_sin(b, s, d, torch.float32)
     q, k = torch.randn(b, s, h, d, device=DEV), torch.randn(b, s, h, d, device=DEV)
     got_q, got_k = rope_qk(q, k, cos, sin)

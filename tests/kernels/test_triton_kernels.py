@@ -1,15 +1,22 @@
 """The Triton kernels against their plain-PyTorch references (interpreted on the CPU in CI)."""
+
 import pytest
 import torch
 
 from qlora_platform.kernels import _triton
 from qlora_platform.kernels.rmsnorm import rms_norm, rms_norm_reference
-from qlora_platform.kernels.swiglu import (swiglu_backward, swiglu_backward_reference, swiglu_forward,
-                                           swiglu_forward_reference)
+from qlora_platform.kernels.swiglu import (
+    swiglu_backward,
+    swiglu_backward_reference,
+    swiglu_forward,
+    swiglu_forward_reference,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not _triton.use_triton(torch.empty(0, device=DEVICE)),
-                                reason="needs triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+pytestmark = pytest.mark.skipif(
+    not _triton.use_triton(torch.empty(0, device=DEVICE)),
+    reason="needs triton (CUDA, or TRITON_INTERPRET=1 on the CPU)",
+)
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -70,7 +77,7 @@ def test_swiglu_runs_on_the_two_halves_of_one_buffer():
     torch.testing.assert_close(swiglu_forward(e, u), swiglu_forward_reference(e, u), **TOL[torch.float32])
     want = swiglu_backward_reference(dh.clone(), e.clone(), u.clone())
     h, de, du = swiglu_backward(dh, e, u)
-    assert de.data_ptr() == eu.data_ptr()                 # written back into the shared buffer
+    assert de.data_ptr() == eu.data_ptr()  # written back into the shared buffer
     for got, ref in zip((h, de, du), want):
         torch.testing.assert_close(got, ref, **TOL[torch.float32])
 
@@ -81,7 +88,7 @@ def test_swiglu_writes_h_with_room_beside_it_for_the_down_fold():
     e, u = torch.randn(5, 48, generator=g).to(DEVICE), torch.randn(5, 48, generator=g).to(DEVICE)
     h = swiglu_forward(e, u, extra=8)
     torch.testing.assert_close(h, swiglu_forward_reference(e, u), **TOL[torch.float32])
-    if _triton.use_triton(e):   # the reference path allocates no padding
+    if _triton.use_triton(e):  # the reference path allocates no padding
         buf = _triton.padded_buffer(h, 56)
         assert buf is not None and buf.data_ptr() == h.data_ptr() and h.stride() == (56, 1)
         assert _triton.padded_buffer(h, 57) is None

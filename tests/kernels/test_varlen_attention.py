@@ -1,6 +1,7 @@
 """Packed rows with variable-length attention (kernels/decoder_layer.py, `cu_seq_lens` from
 train/batching.py): no token attends across examples. On the CPU the dense-mask reference
 runs; tests marked gpu check FlashAttention's variable-length kernel against it."""
+
 import pytest
 import torch
 
@@ -39,17 +40,21 @@ def _attention_alone(q, k, v, bounds, scale):
     for a, b in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in flat)
         ks, vs = ks.repeat_interleave(rep, 1), vs.repeat_interleave(rep, 1)
-        outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-                    [0].transpose(0, 1))
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)[0].transpose(0, 1)
+        )
     return torch.cat(outs).reshape(q.shape[0], q.shape[1], -1)
 
 
 def test_the_reference_is_attention_on_each_sequence_alone():
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 16, 4, 8, generator=g), torch.randn(2, 16, 2, 8, generator=g), torch.randn(2, 16, 2, 8,
-                                                                                                      generator=g)
+    q, k, v = (
+        torch.randn(2, 16, 4, 8, generator=g),
+        torch.randn(2, 16, 2, 8, generator=g),
+        torch.randn(2, 16, 2, 8, generator=g),
+    )
     bounds = [0, 5, 12, 16, 19, 32]
-    cu = torch.tensor(bounds + [32] * 3, dtype=torch.int32)        # unused slots: empty sequences
+    cu = torch.tensor(bounds + [32] * 3, dtype=torch.int32)  # unused slots: empty sequences
     got = varlen_attention_reference(q, k, v, cu, 0.3)
     torch.testing.assert_close(got, _attention_alone(q, k, v, bounds, 0.3), atol=1e-5, rtol=1e-5)
 
@@ -59,7 +64,7 @@ def test_packed_loss_and_gradients_equal_each_example_alone(tiny_cfg, offload):
     tiny_cfg.quantization.compute_dtype = "float32"
     tiny_cfg.quantization.fp32_norms = False
     model = _model(tiny_cfg)
-    if offload:    # the checkpoint's recompute path (on the CPU the offloader keeps tensors in place)
+    if offload:  # the checkpoint's recompute path (on the CPU the offloader keeps tensors in place)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         use_offloader(model, Offloader(torch.device("cpu")))
     fused = fused_loss_parts(model)
@@ -73,8 +78,12 @@ def test_packed_loss_and_gradients_equal_each_example_alone(tiny_cfg, offload):
         return loss.item(), [p.grad.clone() for p in params]
 
     packed = collate(rows, 0, packing=True, max_seq_len=32)
-    got, got_grads = loss_and_grads(labels=packed["labels"], input_ids=packed["input_ids"],
-                                    position_ids=packed["position_ids"], cu_seq_lens=packed["cu_seq_lens"])
+    got, got_grads = loss_and_grads(
+        labels=packed["labels"],
+        input_ids=packed["input_ids"],
+        position_ids=packed["position_ids"],
+        cu_seq_lens=packed["cu_seq_lens"],
+    )
     want, want_grads = 0.0, [torch.zeros_like(p) for p in params]
     for ex in [ex for row in rows for ex in row]:
         one = collate([[ex]], 0, packing=False)
@@ -94,14 +103,16 @@ def test_flash_varlen_matches_the_reference_and_replays_from_a_graph(hq, hkv, d)
 
     g = torch.Generator(device="cuda").manual_seed(0)
     b, s = 2, 256
-    q, k, v = (torch.randn(b, s, h, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for h in (hq, hkv, hkv))
+    q, k, v = (
+        torch.randn(b, s, h, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for h in (hq, hkv, hkv)
+    )
     cu = torch.tensor([0, 100, 180, 256, 300, 512] + [512] * 11, dtype=torch.int32, device="cuda")
-    out = _VarlenAttention.apply(q, k, v, cu, d ** -0.5, None)
+    out = _VarlenAttention.apply(q, k, v, cu, d**-0.5, None)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = varlen_attention_reference(*ref_in, cu, d ** -0.5)
+    ref = varlen_attention_reference(*ref_in, cu, d**-0.5)
     ref_grads = torch.autograd.grad(ref, ref_in, dout.float())
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     for a, r in zip(grads, ref_grads):
@@ -111,11 +122,12 @@ def test_flash_varlen_matches_the_reference_and_replays_from_a_graph(hq, hkv, d)
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        static_out = _VarlenAttention.apply(q.detach(), k.detach(), v.detach(), static_cu, d ** -0.5, None)
+        static_out = _VarlenAttention.apply(q.detach(), k.detach(), v.detach(), static_cu, d**-0.5, None)
     static_cu.copy_(torch.tensor([0, 30, 256, 512] + [512] * 13, dtype=torch.int32, device="cuda"))
     graph.replay()
-    torch.testing.assert_close(static_out, _VarlenAttention.apply(q.detach(), k.detach(), v.detach(), static_cu,
-                                                                  d ** -0.5, None))
+    torch.testing.assert_close(
+        static_out, _VarlenAttention.apply(q.detach(), k.detach(), v.detach(), static_cu, d**-0.5, None)
+    )
 
 
 def test_only_a_batch_without_mask_or_packing_lets_the_layers_drop_the_mask(tiny_cfg, monkeypatch):
@@ -137,7 +149,13 @@ def test_only_a_batch_without_mask_or_packing_lets_the_layers_drop_the_mask(tiny
     with torch.no_grad():
         summed_nll(model, fused, ids, input_ids=ids)
         packed = collate([[_ex(5, 1), _ex(7, 2)]], 0, packing=True, max_seq_len=16)
-        summed_nll(model, fused, packed["labels"], input_ids=packed["input_ids"],
-                   position_ids=packed["position_ids"], cu_seq_lens=packed["cu_seq_lens"])
+        summed_nll(
+            model,
+            fused,
+            packed["labels"],
+            input_ids=packed["input_ids"],
+            position_ids=packed["position_ids"],
+            cu_seq_lens=packed["cu_seq_lens"],
+        )
         summed_nll(model, fused, ids, input_ids=ids, attention_mask=torch.ones_like(ids))
     assert seen == [(True, False)] * 2 + [(False, True)] * 2 + [(False, False)] * 2

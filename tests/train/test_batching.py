@@ -30,7 +30,7 @@ def test_padded_collate():
 
 def test_packed_collate_restarts_positions_and_masks_the_seam():
     batch = collate([[_ex(3), _ex(2, start=10)]], pad_id=0, packing=True)
-    assert "attention_mask" not in batch          # transformers builds it from the positions
+    assert "attention_mask" not in batch  # transformers builds it from the positions
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
     assert batch["labels"][0, 3].item() == IGNORE  # no prediction across the seam
 
@@ -41,14 +41,14 @@ def test_packed_logits_equal_separate_logits(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     a, b, c = _ex(6, start=100), _ex(4, start=300), _ex(5, start=500)
     with torch.no_grad():
-        packed = collate([[a, b], [c]], 0, packing=True)       # the second row is padded
+        packed = collate([[a, b], [c]], 0, packing=True)  # the second row is padded
         # As the trainer calls it: no mask and no cache, so the positions mark the boundaries.
         out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
         alone = [model(input_ids=torch.tensor([ex["input_ids"]])).logits[0] for ex in (a, b, c)]
     assert torch.allclose(out[0, :6], alone[0], atol=1e-4)
     assert torch.allclose(out[0, 6:], alone[1], atol=1e-4)
     assert torch.allclose(out[1, :5], alone[2], atol=1e-4)
-    assert torch.isfinite(out).all()                            # padding positions too
+    assert torch.isfinite(out).all()  # padding positions too
 
 
 def test_packed_rows_are_always_max_seq_len_wide_with_the_tail_kept_out_of_the_loss():
@@ -66,12 +66,14 @@ def test_packed_rows_are_always_max_seq_len_wide_with_the_tail_kept_out_of_the_l
     assert batch["num_tokens"] == 12 and "attention_mask" not in batch
     # Another batch of the same run: the same shapes (one CUDA graph serves both).
     other = collate([[_ex(2)], [_ex(7), _ex(2, start=9)]], 0, True, max_seq_len=12)
-    assert {k: tuple(v.shape) for k, v in other.items() if torch.is_tensor(v)} == \
-        {k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)}
+    assert {k: tuple(v.shape) for k, v in other.items() if torch.is_tensor(v)} == {
+        k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)
+    }
 
 
 def test_a_full_row_gets_no_tail_and_slots_round_to_a_power_of_two():
     from qlora_platform.train.batching import segment_slots
+
     batch = collate([[_ex(6), _ex(6, start=30)]], 0, True, max_seq_len=12)
     assert batch["cu_seq_lens"].tolist()[:3] == [0, 6, 12] and batch["position_ids"][0, 6].item() == 0
     assert segment_slots(3, 2, 1024) == 32 and segment_slots(33, 2, 1024) == 64 and segment_slots(1, 1, 8) == 1
@@ -79,12 +81,13 @@ def test_a_full_row_gets_no_tail_and_slots_round_to_a_power_of_two():
 
 def test_padded_batches_are_bucketed_to_a_few_widths():
     from qlora_platform.train.batching import padded_width
+
     assert [padded_width(n, 1024) for n in (1, 128, 129, 300, 1000, 1024)] == [128, 128, 256, 384, 1024, 1024]
     assert padded_width(90, 96) == 96 and padded_width(100, None) == 100
     batch = collate([[_ex(3)], [_ex(130)]], pad_id=0, packing=False, max_seq_len=1024)
     assert batch["input_ids"].shape == (2, 256)
     assert batch["attention_mask"][0].sum() == 3 and batch["labels"][0, 3:].eq(IGNORE).all()
-    assert batch["position_ids"][0].tolist() == list(range(256))    # pads continue the row
+    assert batch["position_ids"][0].tolist() == list(range(256))  # pads continue the row
     assert batch["num_tokens"] == 133 and "cu_seq_lens" not in batch
 
 
@@ -94,7 +97,7 @@ def test_packing_fills_rows_first_fit_and_keeps_every_example_once():
     rows = [row for batch in plan for row in batch]
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 1024 for row in rows)
-    assert len(rows) <= -(-sum(lengths) // 1024) + 3                 # within a few rows of perfect
+    assert len(rows) <= -(-sum(lengths) // 1024) + 3  # within a few rows of perfect
 
 
 def test_loss_per_real_token_does_not_depend_on_the_width(tiny_model_dir):
@@ -107,9 +110,11 @@ def test_loss_per_real_token_does_not_depend_on_the_width(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     a, b, c = _ex(6, start=100), _ex(4, start=300), _ex(9, start=500)
     with torch.no_grad():
+
         def loss(batch, **extra):
             logits = model(input_ids=batch["input_ids"], use_cache=False, **extra).logits
             return summed_answer_nll(logits, batch["labels"]).item()
+
         tight = collate([[a], [c]], 0, packing=False)
         wide = collate([[a], [c]], 0, packing=False, max_seq_len=64)
         assert wide["input_ids"].shape[1] == 64
@@ -117,4 +122,5 @@ def test_loss_per_real_token_does_not_depend_on_the_width(tiny_model_dir):
         tight = collate([[a, b], [c]], 0, packing=True)
         wide = collate([[a, b], [c]], 0, packing=True, max_seq_len=48)
         assert loss(wide, position_ids=wide["position_ids"]) == pytest.approx(
-            loss(tight, position_ids=tight["position_ids"]), rel=1e-5)
+            loss(tight, position_ids=tight["position_ids"]), rel=1e-5
+        )

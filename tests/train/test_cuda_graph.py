@@ -3,6 +3,7 @@
 The graph tests need a GPU (pytest -m gpu on the device machine); on the CPU the same
 object runs eagerly, which the first test checks.
 """
+
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ def test_on_the_cpu_it_is_the_eager_step_with_the_loss_scaled():
     run({"x": x}, scale=0.5)
     assert not run.enabled and not run.graphs
     assert loss.item() == pytest.approx(0.5 * (6.0 - 4.0))
-    torch.testing.assert_close(w.grad, 2 * 0.5 * x)        # accumulated over both calls
+    torch.testing.assert_close(w.grad, 2 * 0.5 * x)  # accumulated over both calls
 
 
 def _packed_batch(g):
@@ -30,6 +31,7 @@ def _packed_batch(g):
         n = int(torch.randint(5, 30, (1,), generator=g))
         ids = torch.randint(1, 1000, (n,), generator=g).tolist()
         return {"input_ids": ids, "labels": [-100] + ids[1:]}
+
     batch = collate([[ex(), ex()], [ex(), ex(), ex()]], 0, packing=True, max_seq_len=96)
     return {k: batch[k].cuda() for k in ("labels", "input_ids", "position_ids", "cu_seq_lens")}
 
@@ -99,7 +101,7 @@ def test_a_step_that_cannot_be_captured_stays_eager_and_says_so():
 
     def syncing_loss(x):
         loss = (w * x).sum()
-        if loss.item() > 1e9:      # waits on the GPU: not capturable
+        if loss.item() > 1e9:  # waits on the GPU: not capturable
             raise AssertionError
         return loss
 
@@ -112,4 +114,4 @@ def test_a_step_that_cannot_be_captured_stays_eager_and_says_so():
     torch.testing.assert_close(w.grad, 3 * x)
     assert list(run.graphs.values()) == [None]
     assert len(messages) == 1 and "could not be captured" in messages[0]
-    assert torch.randn(3, device="cuda").isfinite().all()   # random draws still work
+    assert torch.randn(3, device="cuda").isfinite().all()  # random draws still work

@@ -11,9 +11,9 @@ tokens chosen at once; a request's time to first token counts from its arrival),
 step for every row and gives each active row its next token; a row whose request ends
 (end of sequence, stop string, max tokens, client gone) is free at the next turn. At
 batch 1 a 7B decode step is bound by reading the weights, so 16 rows cost about what one
-does: that is where the server's throughput comes from (the generation issue asks 1,500
-tokens/s from 16 streams). Greedy rows take one batched argmax; others sample row by row
-with their own settings and seed. Results equal running each request alone (tests).
+does: that is where the server's throughput comes from (docs/benchmarks.md). Greedy rows
+take one batched argmax; others sample row by row with their own settings and seed.
+Results equal running each request alone (tests).
 
 Failures stay with the request they belong to: a row whose token choice or text handling
 raises ends with that error alone, its row freed, while the others go on; an error of a

@@ -11,7 +11,7 @@ replaces only what lies between them with the kernels of `kernels/decode.py`: th
 add fused into RMSNorm, RoPE fused with the cache write, and one attention kernel that
 reads grouped-query keys in place and stops at each row's own length. That is about a
 dozen launches a layer instead of about 45, which is most of a CUDA-graph step's time
-at batch 1 beyond reading the weights (the generation issue measures both).
+at batch 1 beyond reading the weights (docs/benchmarks.md).
 
 Models outside the family, or with sliding windows, biased norms or head sizes the
 kernels do not tile, raise `Unsupported` and keep the stock forward (the reason is kept).

@@ -8,7 +8,7 @@
 
 Why: at batch 1 a 7B decode step is a few milliseconds of GPU work but tens of
 milliseconds of Python and kernel launches (transformers + PEFT + bitsandbytes:
-8 tokens/s on an H100 with NF4 weights; see the generation issue). With every
+single-digit tokens/s with NF4 weights; docs/benchmarks.md). With every
 tensor of the step at a fixed address (cache, tokens, positions, write columns, mask,
 logits), the step is captured once with `torch.cuda.graph` and each later token is
 one replay. transformers' mask code checks `torch.cuda.is_current_stream_capturing()`

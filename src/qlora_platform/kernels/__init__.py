@@ -15,11 +15,18 @@
 
 The trainer turns them on for CUDA by default (training.fast_kernels,
 training.offload_checkpoints). Tests: tests/kernels (CPU, Triton interpreted) and the
-GPU-marked loss-parity test. Figures: benchmarks/README.md.
+GPU-marked loss-parity test. Figures: docs/benchmarks.md.
 """
+
 from .cross_entropy import linear_cross_entropy, shift_labels
 from .offload import enable_offloaded_checkpointing
 from .patch import FastKernelReport, apply_fast_kernels, fused_loss_parts
 
-__all__ = ["FastKernelReport", "apply_fast_kernels", "enable_offloaded_checkpointing", "fused_loss_parts",
-           "linear_cross_entropy", "shift_labels"]
+__all__ = [
+    "FastKernelReport",
+    "apply_fast_kernels",
+    "enable_offloaded_checkpointing",
+    "fused_loss_parts",
+    "linear_cross_entropy",
+    "shift_labels",
+]

@@ -6,6 +6,7 @@ tests/conftest.py does on machines without a GPU) Triton interprets them on CPU
 tensors, which is how CI checks every kernel against its PyTorch reference.
 Everywhere else the reference runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ import torch
 try:
     import triton  # noqa: F401
     import triton.language as tl  # noqa: F401
+
     HAVE_TRITON = True
 except ImportError:  # CPU installs without triton
     triton = tl = None
@@ -44,7 +46,7 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 # Outputs written as the left block of a wider buffer, by the buffer's address: lora.py's
 # folded projections write their x A^T columns beside such an x (the normed x of rmsnorm.py,
 # the h of swiglu.py) instead of copying x into a buffer of their own.
-_PADDED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+_PADDED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def padded_empty(rows: int, cols: int, extra: int, like: torch.Tensor) -> torch.Tensor:
@@ -70,6 +72,7 @@ def row_block(n: int) -> int:
 
 
 if triton is not None:
+
     @triton.jit
     def rounded(x, dtype: tl.constexpr):
         """fp32 x rounded to `dtype` and back, as a PyTorch op in that dtype rounds its result.

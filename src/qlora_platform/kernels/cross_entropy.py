@@ -11,13 +11,14 @@ exist in full: at b4 x s4096 with a 32k vocabulary that is about 5 GiB less
 peak memory. The head is frozen in QLoRA, so no gradient for W is formed.
 `linear_cross_entropy_reference` is the plain-PyTorch version of the same sum.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-CHUNK_BYTES = 128 * 2 ** 20   # fp32 logits of one chunk: 1,024 tokens of a 32k vocabulary
+CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk: 1,024 tokens of a 32k vocabulary
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(h2) if hidden.requires_grad else None
         w = weight.to(h2.dtype)
         for start in range(0, h2.shape[0], chunk):
-            h, t = h2[start:start + chunk], y[start:start + chunk]
+            h, t = h2[start : start + chunk], y[start : start + chunk]
             logits = (h @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             valid = t != IGNORE
@@ -51,10 +52,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target = logits.gather(1, safe[:, None]).squeeze(1)
             total += ((lse - target) * valid).sum()
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()             # softmax, in place
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
                 probs.mul_(valid[:, None])
-                grad[start:start + chunk] = probs.to(h.dtype) @ w
+                grad[start : start + chunk] = probs.to(h.dtype) @ w
             del logits
         ctx.save_for_backward(grad)
         ctx.shape = hidden.shape
@@ -66,8 +67,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad * g.to(grad.dtype)).view(ctx.shape), None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """Summed NLL over labelled tokens (labels == -100 are ignored); weight must be frozen."""
     if weight.requires_grad:
         return linear_cross_entropy_reference(hidden, weight, labels)

@@ -22,31 +22,32 @@ forward otherwise. Against the stock layer it buys two things:
 - where SDPA would run cuDNN's causal attention (CUDA, no mask, no dropout), the first pass
   calls that op itself and also keeps its output (parked) and log-sum-exp (on the GPU,
   B x heads x S floats); the recompute then skips attention's forward and backward calls
-  cuDNN's attention backward directly (`_KnownAttention`). At b4 x s4096 on an H100 that
-  saves about 0.9 ms a layer (attention_probe.py) for 134 MB more PCIe traffic each way.
+  cuDNN's attention backward directly (`_KnownAttention`): a forward call saved per layer
+  for the log-sum-exp's extra host traffic (docs/benchmarks.md).
 - packed rows (train/batching.py) pass `cu_seq_lens`, their sequences' boundaries over the
   flattened rows: attention is then causal within each sequence, with no mask. On CUDA it
   is FlashAttention's variable-length kernel (fixed shapes whatever the boundaries, so a
   CUDA graph captures it), kept and reused by the recompute like cuDNN's above
   (`_VarlenAttention`); elsewhere `varlen_attention_reference`, a dense block-diagonal mask.
 """
+
 from __future__ import annotations
 
 import sys
 
 import torch
 
-from .lora import (LoRAProj, fold_columns, fused_columns, lora_linear, lora_projections, lora_swiglu_mlp,
-                   placeholder)
+from .lora import LoRAProj, fold_columns, fused_columns, lora_linear, lora_projections, lora_swiglu_mlp, placeholder
 from .offload import current_replay
 from .rmsnorm import RMSNORM_CLASSES, residual_rms_norm
 from .rope import rope_backward, rope_qk
 
 # What the first pass keeps for the recompute (by name); "attn", "lse" and "attn_aux" only when
 # attention ran as cuDNN's op directly (then the recompute skips attention's forward too).
-REQUIRED = ({"q", "k", "v", "h2"}, {"qkv", "h2"})   # either form of q, k, v
+REQUIRED = ({"q", "k", "v", "h2"}, {"qkv", "h2"})  # either form of q, k, v
 
 ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+
 
 class _KnownResidual(torch.autograd.Function):
     """h2 = x + o where the value of h2 is known (kept from the first pass) and o was not
@@ -126,23 +127,45 @@ class _KnownAttention(torch.autograd.Function):
         b, s, hq, d = q.shape
         cum_q, cum_k, max_q, max_k, seed, offset = ctx.aux
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            da.contiguous().view(b, s, hq, d).transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2),
-            v.transpose(1, 2), a.view(b, s, hq, d).transpose(1, 2), lse, seed, offset, None, cum_q, cum_k,
-            max_q, max_k, 0.0, True, scale=ctx.scale)
+            da.contiguous().view(b, s, hq, d).transpose(1, 2),
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            a.view(b, s, hq, d).transpose(1, 2),
+            lse,
+            seed,
+            offset,
+            None,
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            True,
+            scale=ctx.scale,
+        )
         return (*(g.transpose(1, 2) for g in grads), None, None)
 
 
-_DIRECT_ATTENTION = [True]   # cleared if this torch/GPU has no cuDNN attention op
+_DIRECT_ATTENTION = [True]  # cleared if this torch/GPU has no cuDNN attention op
 
 
 def _direct_attention_applies(attn, q, attention_mask, window) -> bool:
     """Whether the first pass may call cuDNN's attention op itself (what SDPA picks on Hopper for
     this case) and keep what its backward needs: SDPA, causal, no mask, no dropout."""
     s = q.shape[1]
-    return (_DIRECT_ATTENTION[0] and q.is_cuda and attn.config._attn_implementation == "sdpa"
-            and attention_mask is None and s > 1 and (window is None or s <= window)
-            and not (attn.training and attn.attention_dropout) and getattr(attn, "is_causal", True)
-            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128))
+    return (
+        _DIRECT_ATTENTION[0]
+        and q.is_cuda
+        and attn.config._attn_implementation == "sdpa"
+        and attention_mask is None
+        and s > 1
+        and (window is None or s <= window)
+        and not (attn.training and attn.attention_dropout)
+        and getattr(attn, "is_causal", True)
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.shape[-1] in (64, 128)
+    )
 
 
 def _direct_attention(attn, q, k, v, keep):
@@ -150,14 +173,14 @@ def _direct_attention(attn, q, k, v, keep):
     b, s = q.shape[:2]
     try:
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, True, False,
-            scale=attn.scaling)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, True, False, scale=attn.scaling
+        )
     except (RuntimeError, AttributeError):
         _DIRECT_ATTENTION[0] = False
         return None
     a = out[0].transpose(1, 2).reshape(b, s, -1)
     keep("attn", a)
-    keep("lse", out[1], park=False)           # B x heads x S floats: stays on the GPU
+    keep("lse", out[1], park=False)  # B x heads x S floats: stays on the GPU
     keep("attn_aux", (out[2], out[3], out[4], out[5], out[6], out[7]), park=False)
     return a
 
@@ -174,7 +197,8 @@ def varlen_attention_reference(q, k, v, cu_seq_lens, scale):
     rep = hq // k.shape[2]
     k, v = (t.repeat_interleave(rep, dim=2) if rep > 1 else t for t in (k, v))
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale
+    )
     return out.transpose(1, 2).reshape(b, s, hq * d)
 
 
@@ -183,8 +207,18 @@ def _flash_varlen(q, k, v, cu_seq_lens, scale):
     sequence is bounded by the row width, a constant, so the call's shapes never change."""
     b, s, hq, d = q.shape
     out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-        q.reshape(b * s, hq, d), k.reshape(b * s, -1, d), v.reshape(b * s, -1, d), cu_seq_lens, cu_seq_lens,
-        s, s, 0.0, True, False, scale=scale)
+        q.reshape(b * s, hq, d),
+        k.reshape(b * s, -1, d),
+        v.reshape(b * s, -1, d),
+        cu_seq_lens,
+        cu_seq_lens,
+        s,
+        s,
+        0.0,
+        True,
+        False,
+        scale=scale,
+    )
     return out.view(b, s, hq * d), lse, (rng, unused)
 
 
@@ -209,15 +243,21 @@ class _VarlenAttention(torch.autograd.Function):
         b, s, hq, d = q.shape
         flat = [t.reshape(b * s, -1, d) for t in (dout, q, k, v, out)]
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            flat[0].contiguous(), *flat[1:], lse, cu, cu, s, s, 0.0, True, *ctx.aux, scale=ctx.scale)
+            flat[0].contiguous(), *flat[1:], lse, cu, cu, s, s, 0.0, True, *ctx.aux, scale=ctx.scale
+        )
         return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None, None, None
 
 
 def _flash_varlen_applies(attn, q, window) -> bool:
     s = q.shape[1]
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
-            and q.shape[-1] <= 256 and (window is None or s <= window)
-            and not (attn.training and attn.attention_dropout))
+    return (
+        q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+        and (window is None or s <= window)
+        and not (attn.training and attn.attention_dropout)
+    )
 
 
 def _varlen_attention(attn, q, k, v, cu_seq_lens, window, keep=None, kept=None):
@@ -226,14 +266,15 @@ def _varlen_attention(attn, q, k, v, cu_seq_lens, window, keep=None, kept=None):
         return _VarlenAttention.apply(q, k, v, cu_seq_lens, attn.scaling, kept)
     if not _flash_varlen_applies(attn, q, window):
         if window is not None and q.shape[1] > window:
-            raise ValueError("packed rows longer than the sliding window need a mask; "
-                             "pass position_ids without cu_seq_lens")
+            raise ValueError(
+                "packed rows longer than the sliding window need a mask; pass position_ids without cu_seq_lens"
+            )
         return varlen_attention_reference(q, k, v, cu_seq_lens, attn.scaling)
     if keep is None:
         return _VarlenAttention.apply(q, k, v, cu_seq_lens, attn.scaling, None)
     out, lse, aux = _flash_varlen(q, k, v, cu_seq_lens, attn.scaling)
     keep("attn", out)
-    keep("lse", lse, park=False)              # heads x tokens floats: stays on the GPU
+    keep("lse", lse, park=False)  # heads x tokens floats: stays on the GPU
     keep("varlen_aux", aux, park=False)
     return out
 
@@ -248,8 +289,18 @@ def _attention_kwargs(attn) -> dict:
     return {}
 
 
-def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, attention_mask, kept=None,
-                   keep=None, cu_seq_lens=None, causal_only=False, **kwargs):
+def attention_core(
+    attn,
+    projs: dict[str, LoRAProj],
+    x,
+    position_embeddings,
+    attention_mask,
+    kept=None,
+    keep=None,
+    cu_seq_lens=None,
+    causal_only=False,
+    **kwargs,
+):
     """Attention up to (not including) o_proj: (B, S, heads * head_dim). With `kept` (a
     recompute) the rotated q, k and v are those of the first pass, not new products; with
     `keep` (a first pass under the checkpoint) they are handed to it. With `cu_seq_lens`
@@ -265,7 +316,7 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
     cos, sin = position_embeddings
     qkv = [projs["q_proj"], projs["k_proj"], projs["v_proj"]]
     window = _attention_kwargs(attn).get("sliding_window")
-    if causal_only and (window is None or s <= window):   # a window as long as the row is causal
+    if causal_only and (window is None or s <= window):  # a window as long as the row is causal
         attention_mask = None
     if kept is not None:
         q, k, v = _KnownRotated.apply(*lora_projections(x, qkv, output=False), cos, sin, kept)
@@ -279,7 +330,7 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
         v = v.view(b, s, -1, d)
         if keep is not None:
             qkv = fused_columns(q.flatten(2), k.flatten(2), v.flatten(2))
-            if qkv is not None:      # folded projections: one buffer, one copy
+            if qkv is not None:  # folded projections: one buffer, one copy
                 keep("qkv", qkv)
                 keep("head_dim", d, park=False)
             else:
@@ -295,9 +346,17 @@ def attention_core(attn, projs: dict[str, LoRAProj], x, position_embeddings, att
         return _varlen_attention(attn, q, k, v, cu_seq_lens, window)
     eager = sys.modules[type(attn).__module__].eager_attention_forward
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
-    out, _ = interface(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                       attention_mask, dropout=0.0 if not attn.training else attn.attention_dropout,
-                       scaling=attn.scaling, **_attention_kwargs(attn), **kwargs)
+    out, _ = interface(
+        attn,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attention_mask,
+        dropout=0.0 if not attn.training else attn.attention_dropout,
+        scaling=attn.scaling,
+        **_attention_kwargs(attn),
+        **kwargs,
+    )
     return out.reshape(b, s, -1)
 
 
@@ -310,8 +369,15 @@ def _stream_and_norm(norm, x, consumers=()):
     return x, norm(x)
 
 
-def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, attention_mask=None,
-                          position_ids=None, position_embeddings=None, **kwargs):
+def decoder_layer_forward(
+    layer,
+    projs: dict[str, LoRAProj],
+    hidden_states,
+    attention_mask=None,
+    position_ids=None,
+    position_embeddings=None,
+    **kwargs,
+):
     """What the stock decoder layer computes (no cache), recomputing only what backward needs."""
     kwargs.pop("use_cache", None)
     kwargs.pop("past_key_values", None)
@@ -321,9 +387,17 @@ def decoder_layer_forward(layer, projs: dict[str, LoRAProj], hidden_states, atte
     keep = replay.keep if replay is not None and not replay.recompute else None
     qkv = [projs["q_proj"], projs["k_proj"], projs["v_proj"]]
     hidden_states, n1 = _stream_and_norm(layer.input_layernorm, hidden_states, qkv)
-    a = attention_core(layer.self_attn, projs, n1, position_embeddings,
-                       attention_mask, replay.kept if recompute else None, keep, position_ids=position_ids,
-                       **kwargs)
+    a = attention_core(
+        layer.self_attn,
+        projs,
+        n1,
+        position_embeddings,
+        attention_mask,
+        replay.kept if recompute else None,
+        keep,
+        position_ids=position_ids,
+        **kwargs,
+    )
     if recompute:
         o = lora_linear(a, projs["o_proj"], output=False)
         h2 = _KnownResidual.apply(hidden_states, o, replay.kept)

@@ -4,9 +4,9 @@
                              # so its largest magnitude lands on e4m3's 448, then one
                              # torch._scaled_mm on the fp8 tensor cores (H100, RTX 40)
 
-Why: at b4 x s4096 the base weights' matrix products are 1.04 s of a 1.69 s QLoRA
-step on an H100 (benchmarks/profile_train_step.py) and fp8 tensor cores run them at up
-to twice the bf16 rate. The base weights are already 4-bit NF4 and frozen; only their
+Why: at large batches the base weights' matrix products are most of a QLoRA step
+(profiles: docs/benchmarks.md), and fp8 tensor cores run them at up to twice the bf16
+rate. The base weights are already 4-bit NF4 and frozen; only their
 products (forward, recomputed forward and the input gradient) go through fp8, while
 the LoRA adapters, their gradients, norms, attention and the loss stay in 16/32 bit.
 Per-row scaling (one scale per token and per output channel) keeps an outlier token or
@@ -15,6 +15,7 @@ channel from flattening the others. `quantize_rows` is one Triton kernel per ten
 `quantize_rows_reference` is the PyTorch version. The loss-parity test
 (tests/kernels/test_fast_path_gpu.py) checks the training loss against bf16 PEFT.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,11 +25,12 @@ import torch
 
 from ._triton import tl, triton, use_triton
 
+
 @dataclass(frozen=True)
 class Fp8Plan:
-    min_tokens: int            # batches with fewer tokens stay 16-bit
-    input_grad: bool = False   # the input gradient's product (g W)
-    forward: bool = True       # the forward (and recomputed forward) products
+    min_tokens: int  # batches with fewer tokens stay 16-bit
+    input_grad: bool = False  # the input gradient's product (g W)
+    forward: bool = True  # the forward (and recomputed forward) products
 
 
 E4M3 = torch.float8_e4m3fn
@@ -43,6 +45,7 @@ def quantize_rows_reference(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 if triton is not None:
+
     @triton.jit
     def _quantize_rows(x_ptr, q_ptr, s_ptr, n_cols, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -63,7 +66,7 @@ if triton is not None:
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 tensor, fp32 scale per row of shape (rows, 1)) with t ~= q * scale."""
-    if not (use_triton(t) and t.is_cuda):   # the interpreter has no fp8 type
+    if not (use_triton(t) and t.is_cuda):  # the interpreter has no fp8 type
         return quantize_rows_reference(t)
     t = t.contiguous()
     q = torch.empty(t.shape, dtype=E4M3, device=t.device)
@@ -79,7 +82,7 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, a_quantized=None) -> torch.Tens
     return torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb.t(), out_dtype=a.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_has_fp8(index: int) -> bool:
     """fp8 tensor cores: compute capability 8.9 (RTX 40, L4) or newer."""
     return torch.cuda.get_device_capability(index) >= (8, 9)

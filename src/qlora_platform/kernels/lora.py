@@ -5,8 +5,7 @@
     y = lora_swiglu_mlp(x, gate, up, down)      # down(silu(gate(x)) * up(x))
 
 `proj` is a `LoRAProj` built from a PEFT LoRA layer (`LoRAProj.of(layer)`). What
-this buys over PEFT + bitsandbytes' own autograd, measured on an H100 with the
-Mistral-7B shape (benchmarks/profile_train_step.py):
+this buys over PEFT + bitsandbytes' own autograd (profiles: docs/benchmarks.md):
 - the input is never copied: PEFT clones the base output and casts the input to
   fp32 for fp32 LoRA weights (a 2x copy per projection, kept for backward);
 - LoRA products run in the compute dtype, added into the base output in place;
@@ -28,6 +27,7 @@ Gradients for A and B come out in the master weights' dtype straight from the GE
 CUDA (in the compute dtype elsewhere; autograd then casts them). Works on any device
 bitsandbytes runs on (CPU included).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,13 +42,13 @@ from .swiglu import swiglu_backward, swiglu_forward
 
 @dataclass
 class LoRAProj:
-    base: torch.nn.Module          # bnb Linear4bit or nn.Linear, frozen
-    A: torch.Tensor                # (r, in)  fp32 master
-    B: torch.Tensor                # (out, r) fp32 master
+    base: torch.nn.Module  # bnb Linear4bit or nn.Linear, frozen
+    A: torch.Tensor  # (r, in)  fp32 master
+    B: torch.Tensor  # (out, r) fp32 master
     scaling: float
     bias: torch.Tensor | None
-    fp8: Fp8Plan | None = None     # base products in fp8 (None: 16-bit)
-    a16: torch.Tensor | None = None   # A and B already in the compute dtype (cast_adapters)
+    fp8: Fp8Plan | None = None  # base products in fp8 (None: 16-bit)
+    a16: torch.Tensor | None = None  # A and B already in the compute dtype (cast_adapters)
     b16: torch.Tensor | None = None
 
     def compute_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,10 +57,16 @@ class LoRAProj:
         return self.A.to(dtype), self.B.to(dtype)
 
     @classmethod
-    def of(cls, layer, adapter: str = "default", fp8: Fp8Plan | None = None) -> "LoRAProj":
+    def of(cls, layer, adapter: str = "default", fp8: Fp8Plan | None = None) -> LoRAProj:
         base = layer.get_base_layer()
-        return cls(base, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                   float(layer.scaling[adapter]), base.bias, fp8)
+        return cls(
+            base,
+            layer.lora_A[adapter].weight,
+            layer.lora_B[adapter].weight,
+            float(layer.scaling[adapter]),
+            base.bias,
+            fp8,
+        )
 
 
 def base_weight(base: torch.nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,7 +94,8 @@ def _foldable(x2: torch.Tensor, projs) -> bool:
     pass over the outputs, which scale with the tokens: small batches, whose peak is mostly
     weights, keep the separate products and their lower peak."""
     return x2.shape[0] >= x2.shape[1] and all(
-        p.bias is None and p.fp8 is None and compute_dtype(p) == x2.dtype for p in projs)
+        p.bias is None and p.fp8 is None and compute_dtype(p) == x2.dtype for p in projs
+    )
 
 
 def _scaled_a(projs, dtype, scaled: bool = True) -> torch.Tensor:
@@ -107,8 +114,8 @@ def _folded_weight(projs, dtype, device, scale_b: bool = False) -> torch.Tensor:
     row, col = 0, k
     for p, r in zip(projs, ranks):
         n = p.B.shape[0]
-        base_weight(p.base, w[row:row + n, :k])
-        torch.mul(p.compute_weights(dtype)[1], p.scaling if scale_b else 1.0, out=w[row:row + n, col:col + r])
+        base_weight(p.base, w[row : row + n, :k])
+        torch.mul(p.compute_weights(dtype)[1], p.scaling if scale_b else 1.0, out=w[row : row + n, col : col + r])
         row, col = row + n, col + r
     return w
 
@@ -118,7 +125,7 @@ def _folded_input(x2: torch.Tensor, projs, scale_a: bool = True) -> torch.Tensor
     `scale_a` the x A^T columns are left unscaled."""
     k = x2.shape[1]
     a = _scaled_a(projs, x2.dtype, scale_a)
-    xp = padded_buffer(x2, k + a.shape[0])   # x already written with room beside it
+    xp = padded_buffer(x2, k + a.shape[0])  # x already written with room beside it
     if xp is None:
         xp = torch.empty(x2.shape[0], k + a.shape[0], dtype=x2.dtype, device=x2.device)
         xp[:, :k].copy_(x2)
@@ -129,8 +136,7 @@ def _folded_input(x2: torch.Tensor, projs, scale_a: bool = True) -> torch.Tensor
 def _folded_forward(x2: torch.Tensor, projs) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x' W'^T with x' = [x | s_1 x A_1^T | ...]: every projection's LoRA half rides in the
     base GEMM's K dimension, so y is written once instead of written and then updated by a
-    rank-r GEMM per projection (on an H100 at 16k tokens, 0.55 ms less per gate/up pair,
-    benchmarks/lora_fold_probe.py). Returns y (tokens x total out) and x' (kept for backward:
+    rank-r GEMM per projection (docs/kernels.md). Returns y (tokens x total out) and x' (kept for backward:
     its left block is x, its right block the scaled x A^T that dB needs)."""
     xp = _folded_input(x2, projs)
     return xp @ _folded_weight(projs, x2.dtype, x2.device).t(), xp
@@ -162,9 +168,12 @@ def _folded_backward(gy: torch.Tensor, xp: torch.Tensor, projs, need_dx: bool):
     grads, row, col = [], 0, 0
     for p in projs:
         n, r = p.B.shape[0], p.A.shape[0]
-        da = _scaled_mm(gb[:, col:col + r].t(), xp[:, :k], p.scaling, p.A.dtype) if p.A.requires_grad else None
-        db = _scaled_mm(gy[:, row:row + n].t(), xp[:, k + col:k + col + r], 1.0, p.B.dtype) \
-            if p.B.requires_grad else None
+        da = _scaled_mm(gb[:, col : col + r].t(), xp[:, :k], p.scaling, p.A.dtype) if p.A.requires_grad else None
+        db = (
+            _scaled_mm(gy[:, row : row + n].t(), xp[:, k + col : k + col + r], 1.0, p.B.dtype)
+            if p.B.requires_grad
+            else None
+        )
         grads += [da, db]
         row, col = row + n, col + r
     if not need_dx:
@@ -174,8 +183,7 @@ def _folded_backward(gy: torch.Tensor, xp: torch.Tensor, projs, need_dx: bool):
 
 def _use_fp8(x2: torch.Tensor, w: torch.Tensor, p: LoRAProj, backward: bool = False) -> bool:
     plan = p.fp8
-    return (plan is not None and (plan.input_grad if backward else plan.forward)
-            and fp8_fits(x2, w, plan.min_tokens))
+    return plan is not None and (plan.input_grad if backward else plan.forward) and fp8_fits(x2, w, plan.min_tokens)
 
 
 def _forward(x2: torch.Tensor, p: LoRAProj, x_fp8: dict | None = None, output: bool = True):
@@ -208,8 +216,8 @@ def _residual_forward(x2: torch.Tensor, p: LoRAProj, residual: torch.Tensor, x_f
 
     The residual never enters a sum before the LoRA half: a young adapter's s (x A^T) B^T is
     mostly below half a bf16 step of the residual stream, so added to an already rounded
-    r + x W^T it rounds away (PEFT's order, (x W^T + lora) + r, keeps most of it; run w, which
-    added r first, trained 4% slower: 11-step loss 4.06 against 3.89). Folded (one projection,
+    r + x W^T it rounds away (PEFT's order, (x W^T + lora) + r, keeps most of it; adding r
+    first measurably slows learning, docs/kernels.md). Folded (one projection,
     as many tokens as features) r rides in the GEMM's C and the LoRA half in its K, all three
     summed in fp32 and rounded once: y is written once. Otherwise r is added last."""
     if not _foldable(x2, [p]):
@@ -217,7 +225,7 @@ def _residual_forward(x2: torch.Tensor, p: LoRAProj, residual: torch.Tensor, x_f
         return y.add_(residual), x2, xa, a, b
     a, b = p.compute_weights(x2.dtype)
     k = x2.shape[1]
-    xp = _folded_input(x2, [p], scale_a=False)   # unscaled x A^T: what backward's dB takes
+    xp = _folded_input(x2, [p], scale_a=False)  # unscaled x A^T: what backward's dB takes
     y = torch.addmm(residual, xp, _folded_weight([p], x2.dtype, x2.device, scale_b=True).t())
     return y, xp[:, :k], xp[:, k:], a, b
 
@@ -227,7 +235,7 @@ def placeholder(ref: torch.Tensor, shape) -> torch.Tensor:
     return ref.new_zeros(()).expand(*shape)
 
 
-_OUT_DTYPE_GEMM = [True]   # cleared if this torch/CUDA has no 16-bit x 16-bit -> fp32 addmm
+_OUT_DTYPE_GEMM = [True]  # cleared if this torch/CUDA has no 16-bit x 16-bit -> fp32 addmm
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, alpha: float, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -244,7 +252,7 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, alpha: float, dtype: torch.dt
     return torch.addmm(out, m1, m2, beta=0, alpha=alpha)
 
 
-def cast_adapters(projs: list["LoRAProj"], dtype: torch.dtype) -> None:
+def cast_adapters(projs: list[LoRAProj], dtype: torch.dtype) -> None:
     """Give each projection its A and B in `dtype` (`a16`, `b16`). When the tensors lie back
     to back in one buffer (train/flat_params.py lays a layer's adapters out so) that is one
     cast for all of them instead of two kernels per projection and pass."""
@@ -259,14 +267,15 @@ def cast_adapters(projs: list["LoRAProj"], dtype: torch.dtype) -> None:
     end = start
     for t in ordered:
         if t.storage_offset() != end:
-            return                                   # a gap or an overlap: cast one by one
+            return  # a gap or an overlap: cast one by one
         end += t.numel()
     with torch.no_grad():
         span = tensors[0].new_empty(0).set_(storage, start, (end - start,))
         low = span.to(dtype)
 
     def view(t):
-        return low[t.storage_offset() - start:t.storage_offset() - start + t.numel()].view(t.shape)
+        return low[t.storage_offset() - start : t.storage_offset() - start + t.numel()].view(t.shape)
+
     for p in projs:
         p.a16, p.b16 = view(p.A), view(p.B)
 
@@ -275,7 +284,7 @@ def _input_grad(g2: torch.Tensor, p: LoRAProj, dx: torch.Tensor | None) -> torch
     """dx (+)= g W, through fp8 when the forward used it."""
     w = base_weight(p.base)
     if _use_fp8(g2, w.t(), p, backward=True):
-        part = fp8_matmul(g2, w.t().contiguous())   # rows of W^T: one scale per input channel
+        part = fp8_matmul(g2, w.t().contiguous())  # rows of W^T: one scale per input channel
         return part if dx is None else dx.add_(part)
     if dx is None:
         return g2 @ w
@@ -284,7 +293,7 @@ def _input_grad(g2: torch.Tensor, p: LoRAProj, dx: torch.Tensor | None) -> torch
 
 def _backward(g2, x2, xa, a, b, p: LoRAProj, dx, need_dx: bool):
     """LoRA grads (dA, dB) and the input grad added into dx (allocated when None)."""
-    gb = g2 @ b                                   # (T, r)
+    gb = g2 @ b  # (T, r)
     da = _scaled_mm(gb.t(), x2, p.scaling, p.A.dtype) if p.A.requires_grad else None
     db = _scaled_mm(g2.t(), xa, p.scaling, p.B.dtype) if p.B.requires_grad else None
     if need_dx:
@@ -325,7 +334,7 @@ class _LoRAProjections(torch.autograd.Function):
                 y, xp = _folded_forward(x2, projs)
                 outs, col = [], 0
                 for p in projs:
-                    outs.append(y[:, col:col + p.B.shape[0]])
+                    outs.append(y[:, col : col + p.B.shape[0]])
                     col += p.B.shape[0]
             else:
                 xp = _folded_input(x2, projs)
@@ -336,13 +345,13 @@ class _LoRAProjections(torch.autograd.Function):
         outs, saved = [], []
         ctx.residual_shape = residual.shape if residual is not None else None
         for p in projs:
-            if residual is not None:   # one projection (lora_linear)
+            if residual is not None:  # one projection (lora_linear)
                 y, x2, xa, a, b = _residual_forward(x2, p, _flat(residual), x_fp8)
             else:
                 y, xa, a, b = _forward(x2, p, x_fp8, output)
             if y is None:
                 y = placeholder(x2, (x2.shape[0], p.B.shape[0]))
-            outs.append(y)   # flat (T, out): callers' views of it may be modified in place (RoPE)
+            outs.append(y)  # flat (T, out): callers' views of it may be modified in place (RoPE)
             saved += [xa, a, b]
         ctx.projs, ctx.x_shape = projs, x.shape
         ctx.save_for_backward(x2, *saved)
@@ -350,12 +359,20 @@ class _LoRAProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        if ctx.folded:   # the outputs' gradients side by side, then one GEMM with W'
+        if ctx.folded:  # the outputs' gradients side by side, then one GEMM with W'
             (xp,) = ctx.saved_tensors
             gy = fused_columns(*grads) if all(g is not None for g in grads) else None
-            gy = _flat(gy) if gy is not None else torch.cat(
-                [_flat(g) if g is not None else xp.new_zeros(xp.shape[0], p.B.shape[0])
-                 for g, p in zip(grads, ctx.projs)], dim=1)
+            gy = (
+                _flat(gy)
+                if gy is not None
+                else torch.cat(
+                    [
+                        _flat(g) if g is not None else xp.new_zeros(xp.shape[0], p.B.shape[0])
+                        for g, p in zip(grads, ctx.projs)
+                    ],
+                    dim=1,
+                )
+            )
             dx, dweights = _folded_backward(gy, xp, ctx.projs, ctx.needs_input_grad[0])
             return (dx.view(ctx.x_shape) if dx is not None else None, None, None, None, None, *dweights)
         x2, *saved = ctx.saved_tensors
@@ -364,7 +381,7 @@ class _LoRAProjections(torch.autograd.Function):
             if g is None:
                 dweights += [None, None]
                 continue
-            xa, a, b = saved[3 * i:3 * i + 3]
+            xa, a, b = saved[3 * i : 3 * i + 3]
             dx, da, db = _backward(_flat(g), x2, xa, a, b, p, dx, ctx.needs_input_grad[0])
             dweights += [da, db]
         dx = dx.view(ctx.x_shape) if dx is not None else None
@@ -380,8 +397,9 @@ def lora_projections(x: torch.Tensor, projs: list[LoRAProj], output: bool = True
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
 
-def lora_linear(x: torch.Tensor, proj: LoRAProj, output: bool = True,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor, proj: LoRAProj, output: bool = True, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """proj(x), plus `residual` if given: after the LoRA half, or with as many tokens as input
     features inside the folded GEMM that writes the output (`_residual_forward`)."""
     if residual is not None and not output:
@@ -401,7 +419,7 @@ class _LoRASwiGLU(torch.autograd.Function):
         gate, up, down = projs
         x2 = _as_compute(_flat(x), gate)
         ctx.folded = _foldable(x2, (gate, up))
-        if ctx.folded:       # gate and up in one GEMM, their LoRA halves folded in
+        if ctx.folded:  # gate and up in one GEMM, their LoRA halves folded in
             eu, xp = _folded_forward(x2, (gate, up))
             n = gate.B.shape[0]
             e, u = eu[:, :n], eu[:, n:]
@@ -411,10 +429,10 @@ class _LoRASwiGLU(torch.autograd.Function):
             e, xa_gate, a_gate, b_gate = _forward(x2, gate, x_fp8)
             u, xa_up, a_up, b_up = _forward(x2, up, x_fp8)
         a_down, b_down = down.compute_weights(x2.dtype)
-        if output and residual is not None:   # h written with room for down's fold (_residual_forward)
+        if output and residual is not None:  # h written with room for down's fold (_residual_forward)
             h = swiglu_forward(e, u, fold_columns(e, [down]))
             y, _, ha_down, _, _ = _residual_forward(h, down, _flat(residual))
-            ha_down = ha_down.contiguous()        # not a view that would keep h alive for backward
+            ha_down = ha_down.contiguous()  # not a view that would keep h alive for backward
             del h
         elif output:
             h = swiglu_forward(e, u)
@@ -438,24 +456,30 @@ class _LoRASwiGLU(torch.autograd.Function):
         dh.addmm_(gb, a_down, alpha=down.scaling)
         # In place: dh -> h, e -> d(gate out), u -> d(up out): no new (T, I) buffers.
         h, de, du = swiglu_backward(dh, e, u)
-        if ha_down is None:      # the forward was a recompute that skipped h
+        if ha_down is None:  # the forward was a recompute that skipped h
             ha_down = h @ a_down.t()
         da_down = _scaled_mm(gb.t(), h, down.scaling, down.A.dtype) if down.A.requires_grad else None
         db_down = _scaled_mm(g2.t(), ha_down, down.scaling, down.B.dtype) if down.B.requires_grad else None
         del h
         need_dx = ctx.needs_input_grad[0]
-        if ctx.folded:       # de and du lie side by side in the fused output's buffer
+        if ctx.folded:  # de and du lie side by side in the fused output's buffer
             dx, (da_gate, db_gate, da_up, db_up) = _folded_backward(xa_gate, x2, (gate, up), need_dx)
         else:
             dx, da_gate, db_gate = _backward(de, x2, xa_gate, a_gate, b_gate, gate, None, need_dx)
             dx, da_up, db_up = _backward(du, x2, xa_up, a_up, b_up, up, dx, need_dx)
         dx = dx.view(ctx.x_shape) if dx is not None else None
-        d_residual = grad if ctx.needs_input_grad[3] else None   # added to down's output
+        d_residual = grad if ctx.needs_input_grad[3] else None  # added to down's output
         return (dx, None, None, d_residual, da_gate, db_gate, da_up, db_up, da_down, db_down)
 
 
-def lora_swiglu_mlp(x: torch.Tensor, gate: LoRAProj, up: LoRAProj, down: LoRAProj,
-                    output: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
+def lora_swiglu_mlp(
+    x: torch.Tensor,
+    gate: LoRAProj,
+    up: LoRAProj,
+    down: LoRAProj,
+    output: bool = True,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) (+ residual, as `lora_linear` adds it)."""
     if residual is not None and not output:
         raise ValueError("a residual needs the output (output=True)")

@@ -16,6 +16,7 @@ A layer's forward may park more than its input (`current_replay().keep(name, t)`
 first pass) and find it again in the recompute (`current_replay().kept[name]`), so that the
 recompute skips what it would only compute to reproduce t (kernels/decoder_layer.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,14 +54,13 @@ class HostPool:
     it when given back. `limit=None`: unbounded (buffers that a CUDA graph recorded must never
     be released). pin=False allocates ordinary memory, so the policy is testable on the CPU."""
 
-    def __init__(self, limit: int | None = None, pin: bool = True, granule: int = 2 << 20,
-                 stretch: float = 2.0):
+    def __init__(self, limit: int | None = None, pin: bool = True, granule: int = 2 << 20, stretch: float = 2.0):
         self.limit, self.pin, self.granule, self.stretch = limit, pin, granule, stretch
-        self.free: dict[int, list[torch.Tensor]] = {}   # size class -> idle buffers
-        self.idle: dict[int, int] = {}                  # data_ptr -> size, least recently given first
-        self.lent: dict[int, torch.Tensor] = {}         # data_ptr -> buffer handed out
-        self.held = 0                                   # bytes of pooled buffers, lent or free
-        self.allocated = self.released = self.unpooled = 0   # counts, for tests and logs
+        self.free: dict[int, list[torch.Tensor]] = {}  # size class -> idle buffers
+        self.idle: dict[int, int] = {}  # data_ptr -> size, least recently given first
+        self.lent: dict[int, torch.Tensor] = {}  # data_ptr -> buffer handed out
+        self.held = 0  # bytes of pooled buffers, lent or free
+        self.allocated = self.released = self.unpooled = 0  # counts, for tests and logs
 
     def take(self, like: torch.Tensor, pin: bool | None = None) -> torch.Tensor:
         need = like.numel() * like.element_size()
@@ -71,7 +71,7 @@ class HostPool:
             if self.limit is not None and self.held + size > self.limit:
                 self._release(self.held + size - self.limit)
             if self.limit is not None and self.held + size > self.limit:
-                self.unpooled += 1      # lent buffers fill the bound: one outside the pool
+                self.unpooled += 1  # lent buffers fill the bound: one outside the pool
                 return torch.empty(like.shape, dtype=like.dtype, pin_memory=False)
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
             self.held += size
@@ -82,7 +82,7 @@ class HostPool:
     def give(self, view: torch.Tensor) -> None:
         buf = self.lent.pop(view.data_ptr(), None)
         if buf is None:
-            return                      # unpooled: dropped
+            return  # unpooled: dropped
         self.free.setdefault(buf.numel(), []).append(buf)
         self.idle[buf.data_ptr()] = buf.numel()
 
@@ -132,11 +132,11 @@ class Offloader:
         # after another on one stream, so a buffer is free again when its graph's replay ends.
         self.pool = HostPool(limit=_default_limit(), pin=self.on_gpu)
         self.graph_pool = HostPool(limit=None, pin=self.on_gpu)
-        self.saved: list[list | None] = []   # per layer, in forward order: (name, host copy or as is, parked)
+        self.saved: list[list | None] = []  # per layer, in forward order: (name, host copy or as is, parked)
         self.prefetched: dict[int, tuple[list[torch.Tensor], torch.cuda.Event]] = {}
-        self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []   # host buffers being read
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # host buffers being read
         self._parking: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []  # device tensors being copied out
-        self.graph_owned: list[torch.Tensor] | None = None   # set while a CUDA graph is captured
+        self.graph_owned: list[torch.Tensor] | None = None  # set while a CUDA graph is captured
 
     def save(self, x: torch.Tensor) -> int:
         """Start a layer's entry with its input; returns the entry's index."""
@@ -158,7 +158,7 @@ class Offloader:
             return
         if self.graph_owned is not None:
             host = self.graph_pool.take(x)
-            self.graph_owned.append(host)   # the graph writes this buffer on every replay
+            self.graph_owned.append(host)  # the graph writes this buffer on every replay
         else:
             host = self.pool.take(x)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -166,7 +166,7 @@ class Offloader:
             host.copy_(x, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(self.stream)
-        self._parking.append((idx, x, copied))   # x stays alive until compute waits for `copied`
+        self._parking.append((idx, x, copied))  # x stays alive until compute waits for `copied`
         self.saved[idx].append((name, host, True))
 
     def _release_parked(self, before: int) -> None:
@@ -184,9 +184,11 @@ class Offloader:
         if idx < 0 or idx >= len(self.saved) or idx in self.prefetched or self.saved[idx] is None:
             return
         entry = self.saved[idx]
-        gpus = [torch.empty(host.shape, dtype=host.dtype, device=self.device) if parked else host
-                for _, host, parked in entry]
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))   # gpus' memory is free by then
+        gpus = [
+            torch.empty(host.shape, dtype=host.dtype, device=self.device) if parked else host
+            for _, host, parked in entry
+        ]
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # gpus' memory is free by then
         with torch.cuda.stream(self.stream):
             for gpu, (_, host, parked) in zip(gpus, entry):
                 if parked:
@@ -202,9 +204,9 @@ class Offloader:
             entry, self.saved[idx] = self.saved[idx], None
             self._forget_if_done()
             return {name: x for name, x, _ in entry}
-        self._release_parked(before=len(self.saved))   # forward is over
+        self._release_parked(before=len(self.saved))  # forward is over
         self._start_load(idx)
-        self._start_load(idx - 1)          # the layer backward reaches next: overlap its copy
+        self._start_load(idx - 1)  # the layer backward reaches next: overlap its copy
         gpus, done = self.prefetched.pop(idx)
         torch.cuda.current_stream(self.device).wait_event(done)
         entry = self.saved[idx]
@@ -222,7 +224,7 @@ class Offloader:
     def _recycle(self) -> None:
         """Host buffers go back to the pool once the copy that read them has finished."""
         if self.graph_owned is not None:
-            return      # events recorded in a capture cannot be queried
+            return  # events recorded in a capture cannot be queried
         still = []
         for buf, done in self._pending:
             if done.query():
@@ -244,7 +246,7 @@ class Offloader:
         for entry in self.saved:
             for _, buf, parked in entry or []:
                 if parked:
-                    self.pool.give(buf)     # a graph's buffer is not the eager pool's: ignored
+                    self.pool.give(buf)  # a graph's buffer is not the eager pool's: ignored
         self.saved, self.prefetched, self._parking = [], {}, []
 
     @contextlib.contextmanager
@@ -279,7 +281,7 @@ class LayerReplay:
         self.offloader.add(self.idx, name, t, park)
 
 
-_REPLAYS: list[LayerReplay] = []   # the layer running now (forward, or backward's recompute)
+_REPLAYS: list[LayerReplay] = []  # the layer running now (forward, or backward's recompute)
 
 
 def current_replay() -> LayerReplay | None:
@@ -347,5 +349,5 @@ def use_offloader(model, offloader: Offloader) -> Offloader:
         if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
             module._gradient_checkpointing_func = func
             layers += 1
-    offloader.last = layers - 1 if layers else None   # its entry stays on the device
+    offloader.last = layers - 1 if layers else None  # its entry stays on the device
     return offloader

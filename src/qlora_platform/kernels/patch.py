@@ -22,6 +22,7 @@ PEFT's other features keep working. A layer the kernels cannot express exactly
 (LoRA dropout, DoRA, several adapters, 8-bit base) stays on PEFT, and the report
 says why.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,11 +53,17 @@ class FastKernelReport:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def summary(self) -> str:
-        text = (f"fast kernels: {self.lora_linear} LoRA linears, {self.fused_qkv} fused QKV, "
-                f"{self.swiglu_mlp} SwiGLU MLPs, {self.rms_norm} RMSNorms, {self.decoder_layers} decoder layers")
+        text = (
+            f"fast kernels: {self.lora_linear} LoRA linears, {self.fused_qkv} fused QKV, "
+            f"{self.swiglu_mlp} SwiGLU MLPs, {self.rms_norm} RMSNorms, {self.decoder_layers} decoder layers"
+        )
         if self.fp8 is not None:
-            which = " and ".join(part for part, on in (("forward", self.fp8.forward),
-                                                       ("input-gradient", self.fp8.input_grad)) if on) or "no"
+            which = (
+                " and ".join(
+                    part for part, on in (("forward", self.fp8.forward), ("input-gradient", self.fp8.input_grad)) if on
+                )
+                or "no"
+            )
             text += f"; {which} base products in fp8 from {self.fp8.min_tokens} tokens a batch"
         if self.skipped:
             text += "; left on PEFT/stock: " + ", ".join(f"{n} ({why})" for why, n in self.skipped.items())
@@ -92,8 +99,7 @@ def _unsupported(layer) -> str | None:
 
 def _still_fast(layer) -> bool:
     """The call-time check: the adapter the layer was patched for is the one active."""
-    return (not layer.disable_adapters and not layer.merged
-            and list(layer.active_adapters) == list(layer.lora_A.keys()))
+    return not layer.disable_adapters and not layer.merged and list(layer.active_adapters) == list(layer.lora_A.keys())
 
 
 def _proj(layer, fp8) -> LoRAProj:
@@ -105,7 +111,7 @@ def _fast_lora_forward(layer, fp8, x, *args, **kwargs):
     if args or kwargs or not _still_fast(layer):
         return type(layer).forward(layer, x, *args, **kwargs)
     y = lora_linear(x, _proj(layer, fp8))
-    return y.to(x.dtype)   # a no-op when the dtypes agree
+    return y.to(x.dtype)  # a no-op when the dtypes agree
 
 
 class _SharedQKV:
@@ -129,7 +135,7 @@ def _fast_qkv_forward(shared: _SharedQKV, index: int, fp8, x, *args, **kwargs):
         if shared.owed == [None, None, None]:
             shared.x = None
         return out
-    y = lora_linear(x, _proj(layer, fp8))     # called on its own
+    y = lora_linear(x, _proj(layer, fp8))  # called on its own
     return y.to(x.dtype)
 
 
@@ -141,8 +147,15 @@ def _fast_mlp_forward(mlp, fp8, x):
     return y.to(x.dtype)
 
 
-LAYER_PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+LAYER_PROJECTIONS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 def _layer_projections(layer) -> dict:
@@ -151,8 +164,12 @@ def _layer_projections(layer) -> dict:
 
 def _fast_layer_forward(layer, fp8, hidden_states, *args, **kwargs):
     lora_layers = _layer_projections(layer)
-    if (args or kwargs.get("past_key_values") is not None or kwargs.get("position_embeddings") is None
-            or not all(_still_fast(one) for one in lora_layers.values())):
+    if (
+        args
+        or kwargs.get("past_key_values") is not None
+        or kwargs.get("position_embeddings") is None
+        or not all(_still_fast(one) for one in lora_layers.values())
+    ):
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
     projs = {name: _proj(one, fp8) for name, one in lora_layers.items()}
     cast_adapters(list(projs.values()), compute_dtype(projs["q_proj"]))
@@ -161,9 +178,15 @@ def _fast_layer_forward(layer, fp8, hidden_states, *args, **kwargs):
 
 def _fast_decoder_layer(module) -> bool:
     attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
-    return (type(attn).__name__ in ATTENTION_CLASSES and hasattr(module, "input_layernorm")
-            and hasattr(module, "post_attention_layernorm") and _qkv_block(attn) and _swiglu_mlp(mlp)
-            and _is_lora_layer(attn.o_proj) and _unsupported(attn.o_proj) is None)
+    return (
+        type(attn).__name__ in ATTENTION_CLASSES
+        and hasattr(module, "input_layernorm")
+        and hasattr(module, "post_attention_layernorm")
+        and _qkv_block(attn)
+        and _swiglu_mlp(mlp)
+        and _is_lora_layer(attn.o_proj)
+        and _unsupported(attn.o_proj) is None
+    )
 
 
 def _fast_rms_forward(norm, x):
@@ -178,8 +201,10 @@ def _qkv_block(module) -> bool:
 def _swiglu_mlp(module) -> bool:
     parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     act = getattr(module, "act_fn", None)
-    return (all(p is not None and _is_lora_layer(p) and _unsupported(p) is None for p in parts)
-            and type(act).__name__ in SILU_CLASSES)
+    return (
+        all(p is not None and _is_lora_layer(p) and _unsupported(p) is None for p in parts)
+        and type(act).__name__ in SILU_CLASSES
+    )
 
 
 def apply_fast_kernels(model, fp8: Fp8Plan | None = None) -> FastKernelReport:
@@ -187,7 +212,7 @@ def apply_fast_kernels(model, fp8: Fp8Plan | None = None) -> FastKernelReport:
     With an `Fp8Plan`, base-weight products of large enough batches run in fp8
     (kernels/fp8.py) on GPUs that have it."""
     report = FastKernelReport(fp8=fp8)
-    fused: set[int] = set()   # layers already taken by a fused MLP or QKV
+    fused: set[int] = set()  # layers already taken by a fused MLP or QKV
     for module in model.modules():
         if _fast_decoder_layer(module):
             module.forward = functools.partial(_fast_layer_forward, module, fp8)
@@ -228,8 +253,13 @@ def fused_loss_parts(model):
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = lm.get_output_embeddings()
     config = lm.config
-    if (type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad
-            or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
-            or getattr(config, "logits_scaling", None)):
+    if (
+        type(head) is not nn.Linear
+        or head.bias is not None
+        or head.weight.requires_grad
+        or getattr(config, "final_logit_softcapping", None)
+        or getattr(config, "logit_scale", None)
+        or getattr(config, "logits_scaling", None)
+    ):
         return None
     return lm.get_decoder(), head

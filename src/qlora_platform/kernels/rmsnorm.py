@@ -8,6 +8,7 @@ copies of the activations. The weight is frozen in QLoRA, so backward returns
 the input gradient only (`patch.py` keeps trainable norms on the stock module).
 `rms_norm_reference` is the Hugging Face formula, used off-GPU and in tests.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,6 +25,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 if triton is not None:
+
     @triton.jit
     def _rms_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, ldx, ldy, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -38,8 +40,21 @@ if triton is not None:
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rms_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, res_ptr, H, lddy, ldx, lddx, ldres,
-                 HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    def _rms_bwd(
+        dy_ptr,
+        x_ptr,
+        w_ptr,
+        rstd_ptr,
+        dx_ptr,
+        res_ptr,
+        H,
+        lddy,
+        ldx,
+        lddx,
+        ldres,
+        HAS_RES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < H
@@ -51,8 +66,8 @@ if triton is not None:
         xhat = x * rstd
         dot = tl.sum(g * xhat, axis=0) / H
         dx = (rstd * (g - xhat * dot)).to(dy_raw.dtype)
-        if HAS_RES:   # the residual stream's own gradient, added as PyTorch would add it
-            dx = (dx.to(tl.float32) + tl.load(res_ptr + row * ldres + cols, mask=mask, other=0).to(tl.float32))
+        if HAS_RES:  # the residual stream's own gradient, added as PyTorch would add it
+            dx = dx.to(tl.float32) + tl.load(res_ptr + row * ldres + cols, mask=mask, other=0).to(tl.float32)
         tl.store(dx_ptr + row * lddx + cols, dx.to(dy_raw.dtype), mask=mask)
 
 
@@ -62,8 +77,9 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0):
     y = padded_empty(rows, h, extra, x)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     block = row_block(h)
-    _rms_fwd[(rows,)](x2, weight, y, rstd, h, eps, x2.stride(0), y.stride(0), BLOCK=block,
-                      num_warps=min(16, max(1, block // 256)))
+    _rms_fwd[(rows,)](
+        x2, weight, y, rstd, h, eps, x2.stride(0), y.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 256))
+    )
     return x2, y, rstd
 
 
@@ -73,9 +89,22 @@ def _backward(dy: torch.Tensor, x2, weight, rstd, residual: torch.Tensor | None 
     res = as_rows(residual) if residual is not None else dy2
     dx = torch.empty(x2.shape, dtype=dy.dtype, device=dy.device)
     block = row_block(x2.shape[-1])
-    _rms_bwd[(x2.shape[0],)](dy2, x2, weight, rstd, dx, res, x2.shape[-1], dy2.stride(0), x2.stride(0),
-                             dx.stride(0), res.stride(0), HAS_RES=residual is not None, BLOCK=block,
-                             num_warps=min(16, max(1, block // 256)))
+    _rms_bwd[(x2.shape[0],)](
+        dy2,
+        x2,
+        weight,
+        rstd,
+        dx,
+        res,
+        x2.shape[-1],
+        dy2.stride(0),
+        x2.stride(0),
+        dx.stride(0),
+        res.stride(0),
+        HAS_RES=residual is not None,
+        BLOCK=block,
+        num_warps=min(16, max(1, block // 256)),
+    )
     return dx
 
 
@@ -123,8 +152,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0) 
     return _RMSNorm.apply(x, weight, eps, extra)
 
 
-def residual_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                      extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, extra: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, rms_norm(x)) where x goes on in the residual stream too; see `_ResidualRMSNorm`."""
     if not _kernel_applies(x, weight) or not torch.is_grad_enabled():
         return x, rms_norm(x, weight, eps, extra)

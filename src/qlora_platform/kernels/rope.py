@@ -4,8 +4,7 @@
 
 transformers' `apply_rotary_pos_emb` is ten elementwise kernels a layer (two multiplies,
 a negation, a concatenation and an add for each of q and k) and three times that in a
-checkpointed training step; on an H100 at b4 x s4096 they took 165 ms of a 1.69 s step
-(benchmarks/results/profile_qlora_platform_b4s4096_h100.txt). Here forward rotates q and k
+checkpointed training step, a visible share of the step (docs/benchmarks.md). Here forward rotates q and k
 in place in the projections' own buffers (nothing is saved: rotation is linear, so
 backward needs only cos and sin) and backward rotates the gradients back, both one launch.
 
@@ -13,6 +12,7 @@ Forward rounds as the stock bf16 code does (x*cos and rotate_half(x)*sin each ro
 then their sum), so the rotated q and k equal transformers' bit for bit. `rope_reference`
 is that code, used where the kernel does not run and in tests/kernels/test_rope.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,9 +32,27 @@ def rope_reference(q, k, cos, sin):
 
 
 if triton is not None:
+
     @triton.jit
-    def _rope(x_ptr, y_ptr, cos_ptr, sin_ptr, S, H, sxb, sxs, sxh, syb, sys, syh, scb, scs,
-              BACKWARD: tl.constexpr, D: tl.constexpr, H_BLOCK: tl.constexpr):
+    def _rope(
+        x_ptr,
+        y_ptr,
+        cos_ptr,
+        sin_ptr,
+        S,
+        H,
+        sxb,
+        sxs,
+        sxh,
+        syb,
+        sys,
+        syh,
+        scb,
+        scs,
+        BACKWARD: tl.constexpr,
+        D: tl.constexpr,
+        H_BLOCK: tl.constexpr,
+    ):
         # One program per token: all heads of that token, cos/sin loaded once.
         row = tl.program_id(0).to(tl.int64)
         b, s = row // S, row % S
@@ -65,9 +83,26 @@ if triton is not None:
 
 def _launch(x, y, cos, sin, backward: bool) -> None:
     b, s, h, d = x.shape
-    _rope[(b * s,)](x, y, cos, sin, s, h, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1),
-                    y.stride(2), cos.stride(0), cos.stride(1), BACKWARD=backward, D=d, H_BLOCK=row_block(h),
-                    num_warps=4)
+    _rope[(b * s,)](
+        x,
+        y,
+        cos,
+        sin,
+        s,
+        h,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        cos.stride(0),
+        cos.stride(1),
+        BACKWARD=backward,
+        D=d,
+        H_BLOCK=row_block(h),
+        num_warps=4,
+    )
 
 
 def _fits(t: torch.Tensor) -> bool:
@@ -78,8 +113,14 @@ def _kernel_runs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether the kernel takes x (either way): a power-of-two head size of at least 16 (its
     tile), contiguous last dimensions, cos and sin laid out alike and in x's dtype."""
     d = x.shape[-1]
-    return (faithful_triton(x) and d >= 16 and not d & (d - 1) and _fits(cos)
-            and sin.stride() == cos.stride() and cos.dtype == x.dtype)
+    return (
+        faithful_triton(x)
+        and d >= 16
+        and not d & (d - 1)
+        and _fits(cos)
+        and sin.stride() == cos.stride()
+        and cos.dtype == x.dtype
+    )
 
 
 class _RoPE(torch.autograd.Function):
@@ -87,7 +128,7 @@ class _RoPE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin):
-        _launch(x, x, cos, sin, backward=False)   # in place: a token's heads are read before written
+        _launch(x, x, cos, sin, backward=False)  # in place: a token's heads are read before written
         ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin)
         return x
@@ -98,8 +139,9 @@ class _RoPE(torch.autograd.Function):
         return rope_backward(grad, cos, sin), None, None
 
 
-def rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def rope_backward(
+    grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The gradient before the rotation, from the gradient after it: (B, S, heads, D), contiguous
     or written into `out` (any strides with a contiguous last dimension)."""
     if not _kernel_runs(grad, cos, sin) or (out is not None and not _fits(out)):

@@ -9,6 +9,7 @@ allocates no new (tokens x intermediate) tensor. Rounding follows PyTorch's bf16
 `F.silu(e) * u` exactly in forward: silu in fp32, rounded, then the product
 rounded. `*_reference` are the plain-PyTorch versions (used off-GPU and in tests).
 """
+
 from __future__ import annotations
 
 import torch

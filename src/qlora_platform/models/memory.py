@@ -97,12 +97,12 @@ def estimate_training_memory(
     heads = mc.num_attention_heads
     if fp32_norms:
         # fp32 norms make the activations fp32, and SDPA then materialises attention scores:
-        # about 14 bytes a score for the layer in flight (fitted to the fp32-norm H100 anchors,
-        # 7.17 GiB at b2 x s1024, 8.09 at b1 x s2048).
+        # about 14 bytes a score for the layer in flight (fitted to GPU measurements with fp32
+        # norms; tests/models/test_memory.py holds the anchors).
         attention, block_h, logit_bytes = b * heads * s * s * 14, 10, act_bytes + 8
     else:
-        # 16-bit activations: SDPA's fused kernels keep no score matrix (fitted to the 16-bit
-        # H100 runs: 5.39 GiB at b2 x s1024, 5.40 at b1 x s2048, 14.47 at b4 x s4096).
+        # 16-bit activations: SDPA's fused kernels keep no score matrix (fitted to GPU
+        # measurements; tests/models/test_memory.py holds the anchors).
         attention, block_h, logit_bytes = 0, 8, 8
     # The fused MLP keeps gate and up outputs only and reuses them for its gradients.
     block_i = FAST_BLOCK_I if fast else 4

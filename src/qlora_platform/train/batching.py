@@ -21,6 +21,7 @@ a resumed run recomputes exactly the batches it would have seen. Two layouts:
     plan = plan_epoch(lengths, epoch, seed, batch_size, max_seq_len, packing)
     batch = collate([[examples[i] for i in row] for row in plan[k]], pad_id, packing, max_seq_len)
 """
+
 from __future__ import annotations
 
 import random
@@ -30,13 +31,13 @@ import torch
 from ..data.collate import collate as collate_rows
 from ..data.tokenize import IGNORE
 
+WIDTH_MULTIPLE = 128  # padded batches are as wide as their longest row, rounded up to this
+OPEN_ROWS = 8  # packing: an example goes into the first of this many open rows it fits
 
-WIDTH_MULTIPLE = 128   # padded batches are as wide as their longest row, rounded up to this
-OPEN_ROWS = 8          # packing: an example goes into the first of this many open rows it fits
 
-
-def plan_epoch(lengths: list[int], epoch: int, seed: int, batch_size: int, max_seq_len: int,
-               packing: bool) -> list[list[list[int]]]:
+def plan_epoch(
+    lengths: list[int], epoch: int, seed: int, batch_size: int, max_seq_len: int, packing: bool
+) -> list[list[list[int]]]:
     """Batches of rows of example indices: batch -> row -> example indices."""
     order = list(range(len(lengths)))
     random.Random(seed * 100_003 + epoch).shuffle(order)
@@ -45,7 +46,7 @@ def plan_epoch(lengths: list[int], epoch: int, seed: int, batch_size: int, max_s
     else:
         # First fit over a window of open rows: a row closes when it is the oldest of more than
         # OPEN_ROWS, so the order stays close to the shuffled one and rows fill up.
-        rows, open_rows = [], []   # open_rows: [indices, tokens used]
+        rows, open_rows = [], []  # open_rows: [indices, tokens used]
         for i in order:
             n = min(lengths[i], max_seq_len)
             row = next((r for r in open_rows if r[1] + n <= max_seq_len), None)
@@ -57,7 +58,7 @@ def plan_epoch(lengths: list[int], epoch: int, seed: int, batch_size: int, max_s
             row[0].append(i)
             row[1] += n
         rows += [r[0] for r in open_rows]
-    return [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+    return [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
 
 
 def padded_width(longest: int, max_seq_len: int | None, multiple: int = WIDTH_MULTIPLE) -> int:
@@ -74,8 +75,9 @@ def segment_slots(count: int, rows: int, width: int) -> int:
     return 1 << (need - 1).bit_length()
 
 
-def collate(rows: list[list[dict]], pad_id: int, packing: bool,
-            max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    rows: list[list[dict]], pad_id: int, packing: bool, max_seq_len: int | None = None
+) -> dict[str, torch.Tensor]:
     """Tensors for one batch as data/collate.py lays them out; `rows` holds the examples of each
     row. With `max_seq_len`, packed rows are that wide (with `cu_seq_lens`) and padded batches
     a multiple of WIDTH_MULTIPLE (module doc)."""

@@ -31,6 +31,7 @@ checks do when a mask is passed). A failed capture is said once and the shape st
 Gradients must live in buffers that persist across steps (FlatParams): a graph accumulates
 into the same addresses on every replay.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,7 @@ import torch
 class _Graph:
     def __init__(self, graph, inputs: dict, scale: torch.Tensor, loss: torch.Tensor, owned: list):
         self.graph, self.inputs, self.scale, self.loss = graph, inputs, scale, loss
-        self.owned = owned   # pinned host buffers the graph copies checkpoints through
+        self.owned = owned  # pinned host buffers the graph copies checkpoints through
 
     def replay(self, batch: dict, scale: float) -> torch.Tensor:
         for name, t in batch.items():
@@ -52,14 +53,15 @@ class _Graph:
 
 
 class LossBackward:
-    def __init__(self, loss_fn, device, offloader=None, max_graphs: int = 4, log=print,
-                 capture_context=contextlib.nullcontext):
+    def __init__(
+        self, loss_fn, device, offloader=None, max_graphs: int = 4, log=print, capture_context=contextlib.nullcontext
+    ):
         self.loss_fn, self.device, self.offloader = loss_fn, torch.device(device), offloader
-        self.capture_context = capture_context   # entered around the capture
+        self.capture_context = capture_context  # entered around the capture
         self.max_graphs, self.log = max_graphs, log
         self.enabled = self.device.type == "cuda"
-        self.graphs: dict[tuple, _Graph | None] = {}   # None: this shape stays eager
-        self.seen: dict[tuple, int] = {}               # eager runs per shape: bytes the step took
+        self.graphs: dict[tuple, _Graph | None] = {}  # None: this shape stays eager
+        self.seen: dict[tuple, int] = {}  # eager runs per shape: bytes the step took
         self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
         # Every step, eager or captured, runs on this one stream: cuBLAS keeps a workspace per
         # stream (64 MiB on Hopper), so capturing on a stream of its own beside eager steps on the
@@ -78,7 +80,7 @@ class LossBackward:
         self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
             loss = self._step(batch, scale, graphable)
-        caller.wait_stream(self.stream)   # the optimizer and the caller's next work come after
+        caller.wait_stream(self.stream)  # the optimizer and the caller's next work come after
         return loss
 
     def _step(self, batch: dict, scale: float, graphable: bool) -> torch.Tensor:
@@ -90,7 +92,7 @@ class LossBackward:
             return graph.replay(batch, scale)
         if key in self.graphs or (key not in self.seen and len(self.seen) >= self.max_graphs):
             return self.eager(batch, scale)
-        if key not in self.seen:            # first of its shape: eager, measuring its working memory
+        if key not in self.seen:  # first of its shape: eager, measuring its working memory
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             loss = self.eager(batch, scale)
@@ -105,10 +107,12 @@ class LossBackward:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
-        if free < 2 * working:   # the graph's pool and, beside it, one eager step of another shape
-            self.log(f"CUDA graphs: batch shape {_shape(key)} stays eager: the step's "
-                     f"{working / 2**30:.2f} GiB of working memory twice exceeds the "
-                     f"{free / 2**30:.2f} GiB free")
+        if free < 2 * working:  # the graph's pool and, beside it, one eager step of another shape
+            self.log(
+                f"CUDA graphs: batch shape {_shape(key)} stays eager: the step's "
+                f"{working / 2**30:.2f} GiB of working memory twice exceeds the "
+                f"{free / 2**30:.2f} GiB free"
+            )
             return None
         inputs = {name: t.clone() for name, t in batch.items()}
         scale = torch.ones((), dtype=torch.float32, device=self.device)
@@ -116,8 +120,11 @@ class LossBackward:
         graph = torch.cuda.CUDAGraph()
         parking = self.offloader.capturing(owned) if self.offloader is not None else contextlib.nullcontext()
         try:
-            with parking, self.capture_context(), torch.cuda.graph(graph, pool=self.pool, stream=self.stream,
-                                                                   capture_error_mode="thread_local"):
+            with (
+                parking,
+                self.capture_context(),
+                torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"),
+            ):
                 loss = self.loss_fn(**inputs) * scale
                 loss.backward()
         except RuntimeError as err:
@@ -126,8 +133,7 @@ class LossBackward:
             torch.cuda.synchronize(self.device)
             _end_generator_capture()
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-            self.log(f"CUDA graphs: batch shape {_shape(key)} stays eager: the step could not be "
-                     f"captured ({first})")
+            self.log(f"CUDA graphs: batch shape {_shape(key)} stays eager: the step could not be captured ({first})")
             return None
         return _Graph(graph, inputs, scale, loss.detach(), owned)
 

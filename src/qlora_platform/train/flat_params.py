@@ -5,8 +5,8 @@
     ... loss.backward(); clip_grad_norm_([flat.param], 1.0); optimizer.step(); flat.zero_grad()
 
 A 7B model with LoRA on seven projections has 448 adapter tensors. bitsandbytes'
-8-bit optimizers step them one by one from Python: 33-56 ms a step on an H100, most
-of a small batch's budget (benchmarks/profile_train_step.py). Laid out back to back,
+8-bit optimizers step them one by one from Python, tens of milliseconds a step: most
+of a small batch's budget (docs/benchmarks.md). Laid out back to back,
 the same update (Adam is elementwise; the 8-bit states are kept per block of 256
 values either way) is one kernel launch, and the gradient norm one reduction.
 
@@ -16,6 +16,7 @@ accumulates into the flat gradient in place. So gradients must be zeroed with
 says so instead of training on zeros). PEFT saves aliased tensors by cloning them,
 and loading an adapter copies into the views, so checkpoints work unchanged.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,9 +36,9 @@ class FlatParams:
         with torch.no_grad():
             for p in params:
                 n = p.numel()
-                data[offset:offset + n].copy_(p.reshape(-1))
-                p.data = data[offset:offset + n].view_as(p)
-                p.grad = grad[offset:offset + n].view_as(p)
+                data[offset : offset + n].copy_(p.reshape(-1))
+                p.data = data[offset : offset + n].view_as(p)
+                p.grad = grad[offset : offset + n].view_as(p)
                 offset += n
         self.views = params
         self.param = torch.nn.Parameter(data)
@@ -52,5 +53,7 @@ class FlatParams:
         end = start + self.param.grad.numel() * self.param.grad.element_size()
         for p in self.views:
             if p.grad is None or not start <= p.grad.data_ptr() < end:
-                raise RuntimeError("a LoRA gradient no longer points into the flat gradient buffer; "
-                                   "zero gradients with FlatParams.zero_grad(), not set_to_none")
+                raise RuntimeError(
+                    "a LoRA gradient no longer points into the flat gradient buffer; "
+                    "zero gradients with FlatParams.zero_grad(), not set_to_none"
+                )

@@ -9,6 +9,7 @@ layers, SwiGLU MLPs and RMSNorms run on qlora_platform.kernels, checkpointed lay
 wait in pinned CPU memory, and the loss goes through the output head in chunks so the
 logits never exist in full. On the CPU the model is PEFT's own, as the demo measured.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,6 @@ import torch
 from ..config import Config
 from ..models.loader import attach_lora, fast_kernels_on, fp8_plan, load_base_model, offload_on
 from ..models.scoring import summed_answer_nll
-
 
 # Batch inputs that make attention more than causal: a padding mask, or packed sequences.
 PLAIN_CAUSAL_UNLESS = frozenset({"attention_mask", "position_ids", "cu_seq_lens"})
@@ -34,12 +34,14 @@ def build_training_model(cfg: Config, device: str, log=print, distributed: bool 
         return model, None
     if fast_kernels_on(cfg, device):
         from ..kernels import apply_fast_kernels, fused_loss_parts
+
         log(apply_fast_kernels(model, fp8_plan(cfg, device)).summary())
         fused = fused_loss_parts(model)
         if fused is None:
             log("fast kernels: this model's output head needs full logits; the loss materialises them")
     if offload_on(cfg, device):
         from ..kernels import enable_offloaded_checkpointing
+
         enable_offloaded_checkpointing(model)
         log("gradient checkpointing: layer inputs offloaded to pinned CPU memory")
     return model, fused
@@ -57,6 +59,7 @@ def summed_nll(model, fused, labels: torch.Tensor, **inputs) -> torch.Tensor:
     if fused is None:
         return summed_answer_nll(model(**inputs).logits, labels)
     from ..kernels import linear_cross_entropy, shift_labels
+
     decoder, head = fused
     hidden = decoder(**inputs).last_hidden_state
     return linear_cross_entropy(hidden, head.weight, shift_labels(labels))
@@ -70,8 +73,12 @@ def loss_backward(model, fused, cfg: Config, device: str, log=print):
     from ..kernels.offload import offloader_of
     from .cuda_graph import LossBackward
 
-    run = LossBackward(lambda labels, **inputs: summed_nll(model, fused, labels, **inputs), device,
-                       offloader=offloader_of(model), log=log,
-                       max_graphs=8)   # padded widths come in buckets (batching.py): a handful of shapes
+    run = LossBackward(
+        lambda labels, **inputs: summed_nll(model, fused, labels, **inputs),
+        device,
+        offloader=offloader_of(model),
+        log=log,
+        max_graphs=8,
+    )  # padded widths come in buckets (batching.py): a handful of shapes
     run.enabled = run.enabled and cfg.training.cuda_graphs and fast_kernels_on(cfg, device)
     return run
