@@ -536,17 +536,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _not_kernels_community(record) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
 def quiet_library_noise() -> None:
     """Drop library log lines that are no use to a user of the CLI.
 
     bitsandbytes on CPUs with AVX512-BF16 warns on every model load that the optional
-    `kernels` package (a Hub download) is missing; its own CPU kernels run instead.
+    `kernels` package (a Hub download) is missing; its own CPU kernels run instead. The filter
+    is one function, so a logger holds it once however often `main` runs in a process.
     """
     import logging
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage()
-    )
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_kernels_community)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,3 +85,15 @@ def test_bpe_tokenizers_decode_without_the_clean_up_warning(tiny_model_dir, caps
         text = tok.decode(tok("Hello , world !")["input_ids"], skip_special_tokens=True)
     assert text == "Hello , world !"
     assert "clean_up_tokenization_spaces" not in caplog.text + capsys.readouterr().err
+
+
+def test_the_noise_filter_is_installed_once():
+    import logging
+
+    from qlora_platform.cli import quiet_library_noise
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    quiet_library_noise()
+    before = len(logger.filters)
+    quiet_library_noise()
+    assert len(logger.filters) == before
