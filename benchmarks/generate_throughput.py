@@ -3,7 +3,7 @@
     python benchmarks/generate_throughput.py --shape mistral-7b --weights bf16|nf4 --batch 1 \
         --variant qlora_platform|reference|unsloth [--new-tokens 128] [--run-id ID] [--commit SHA]
 
-Random weights in the shape's real layout (`train_throughput.checkpoint`, built once in
+Random weights in the shape's real layout (`common.checkpoint`, built once in
 /tmp), a 32-token random prompt per row, greedy decoding of --new-tokens tokens (EOS
 ignored). `tokens_per_s` counts decoded tokens after the first, over all rows, per
 second of decoding; `ttft_ms` is the prompt's forward plus the first token.
@@ -19,42 +19,23 @@ second of decoding; `ttft_ms` is the prompt's forward plus the first token.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-from benchmarks.train_throughput import checkpoint  # noqa: E402
-
-
-def load(variant: str, path: Path, weights: str):
-    if variant == "unsloth":
-        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-        import torch
-        import unsloth  # noqa: F401  (before transformers)
-        from unsloth import FastLanguageModel
-
-        model, _ = FastLanguageModel.from_pretrained(str(path), load_in_4bit=weights == "nf4", dtype=torch.bfloat16)
-        FastLanguageModel.for_inference(model)
-        return model
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kwargs = {"dtype": torch.bfloat16, "device_map": {"": 0}}
-    if weights == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+from benchmarks.common import (  # noqa: E402
+    VARIANTS,
+    add_run_args,
+    checkpoint,
+    emit,
+    gpu_peak_gib,
+    load_for_generation,
+    model_parser,
+    run_meta,
+)
 
 
 def hf_generate(model, prompt, new_tokens: int):
@@ -110,23 +91,14 @@ def to_fp32(model) -> None:
     model.config.dtype = torch.float32
 
 
-def model_parser(doc: str) -> argparse.ArgumentParser:
-    """The arguments of every script that loads a model through `load`: --shape, --weights."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--shape", default="mistral-7b")
-    p.add_argument("--weights", choices=["bf16", "nf4"], required=True)
-    return p
-
-
 def main() -> None:
     p = model_parser(__doc__)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--variant", choices=["qlora_platform", "reference", "unsloth"], required=True)
+    p.add_argument("--variant", choices=VARIANTS, required=True)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--run-id", default=time.strftime("%Y%m%d-%H%M%S"))
-    p.add_argument("--commit", default=os.environ.get("QLORA_COMMIT", "unknown"))
+    add_run_args(p)
     args = p.parse_args()
-    model = load(args.variant, checkpoint(args.shape), args.weights)
+    model = load_for_generation(args.variant, checkpoint(args.shape), args.weights)
     import torch
 
     prompt = torch.randint(5, 32000, (args.batch, 32), generator=torch.Generator().manual_seed(0)).cuda()
@@ -157,7 +129,7 @@ def main() -> None:
             "fused_step": bool(engine._decoders) and all(d.fast is not None for d in engine._decoders.values()),
             "fused_step_off": next((d.fast_reason for d in engine._decoders.values() if d.fast_reason), None),
             "static_fallback": engine.static_fallback_reason,
-            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_alloc_gib": gpu_peak_gib(),
         }
         line |= compare(model, prompt, [r.token_ids for r in results], args.new_tokens)
         # The same weights computed in fp32 by both paths: rounding noise (which in bf16 moves a
@@ -177,10 +149,9 @@ def main() -> None:
         line |= {
             "tokens_per_s": round(args.batch * (args.new_tokens - 1) / (total - first), 1),
             "ttft_ms": round(1000 * first, 1),
-            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_alloc_gib": gpu_peak_gib(),
         }
-    line |= {"device": torch.cuda.get_device_name(), "commit": args.commit, "run_id": args.run_id}
-    print(json.dumps(line))
+    emit(line | run_meta(args))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU work still owed, in sections that each fit one device call (600 s), results to $OUT.
+# The GPU benchmarks and tests in sections that each fit one device call (600 s), results to $OUT.
 #   QLORA_COMMIT=$(git rev-parse --short HEAD) RUN_ID=h100-YYYYMMDD-x bash benchmarks/gpu_session.sh SECTION
-# SECTION: tests | loss-ab | train | train-small | train-large | fp8 | generate | serve | packing | multi-gpu
-# (multi-gpu on nvidia-h100-x2: DDP, FSDP and one GPU with the same global batch)
+# SECTION: tests | loss-ab | train | train-small | train-large | real-data | generate | serve | multi-gpu
+# (multi-gpu on a two-GPU machine: DDP, FSDP and one GPU with the same global batch; real-data takes RUNS)
 # (generate and serve take WEIGHTS="nf4 bf16" and generate VARIANTS="reference qlora_platform unsloth")
 # Carry .device-site (benchmarks/README.md says how to build it).
 set -uo pipefail
@@ -16,12 +16,12 @@ gen() {  # variant weights [batch]
     | tee -a "$OUT/generate_throughput.jsonl"
 }
 case "${1:-}" in
-  tests)   # every GPU test, and the kernel/infer/train suites on real CUDA tensors
+  tests)   # every GPU test (loss parity included), and the kernel/infer/train suites on CUDA tensors
     QLORA_TEST_OUT=$OUT timeout 560 python -m pytest -q -p no:cacheprovider -rf tests/kernels tests/infer/test_static_decode.py \
       tests/infer/test_batcher.py tests/train/test_gpu.py tests/train/test_flat_params.py tests/train/test_cuda_graph.py \
       2>&1 | grep -E "passed|failed|^FAILED|^E  " | head -30 ;;
-  loss-ab)   # b2 x s1024, the 11-step loss with and without CUDA graphs (README: Fifth change)
-    python -c "from benchmarks.train_throughput import checkpoint; checkpoint('mistral-7b')"
+  loss-ab)   # b2 x s1024, the 11-step loss with and without CUDA graphs, side by side
+    python -c "from benchmarks.common import checkpoint; checkpoint('mistral-7b')"
     for g in true false; do
       timeout 200 python benchmarks/train_throughput.py --shape mistral-7b --batch 2 --seq 1024 --variant qlora_platform \
         --set training.cuda_graphs=$g --run-id "$RUN_ID" --commit "$QLORA_COMMIT" 2> "$OUT/err-ab-$g.log" | tail -1 \
@@ -38,9 +38,8 @@ case "${1:-}" in
     timeout 200 python benchmarks/train_throughput.py --shape mistral-7b --batch 4 --seq 4096 --variant qlora_platform \
       --set training.fp8=true --run-id "$RUN_ID" --commit "$QLORA_COMMIT" 2> "$OUT/err-fp8.log" | tail -1 \
       | tee -a "$OUT/train_throughput.jsonl" ;;
-  fp8)   # does fp8 slow learning on the GPU at the 7B width, as the H100 probe suggested?
-    timeout 560 python benchmarks/fp8_learning_probe.py --device cuda --hidden 4096 --layers 4 --batch 4 --seq 4096 \
-      --steps 12 2> "$OUT/err-fp8-probe.log" | tee -a "$OUT/fp8_learning_probe.jsonl" ;;
+  real-data)   # qlora train against Unsloth's SFTTrainer, 1 epoch each: pick RUNS that fit the call
+    COMMIT=$QLORA_COMMIT timeout 580 bash benchmarks/real_data_train.sh ;;
   generate)
     for w in ${WEIGHTS:-nf4 bf16}; do for v in ${VARIANTS:-reference qlora_platform unsloth}; do gen "$v" "$w"; done; done ;;
   serve)
@@ -48,9 +47,7 @@ case "${1:-}" in
       timeout 280 python benchmarks/serve_throughput.py --shape mistral-7b --weights "$w" --streams 16 \
         --run-id "$RUN_ID" --commit "$QLORA_COMMIT" 2> "$OUT/err-serve-$w.log" | tail -1 | tee -a "$OUT/serve_throughput.jsonl"
     done ;;
-  packing)
-    bash benchmarks/packing_throughput.sh ;;
-  multi-gpu)   # first steps compile kernels and FSDP ran ~15 s a step: give each run its time
+  multi-gpu)   # the first steps compile kernels and FSDP steps are slow: give each run its time
     STEPS=${STEPS:-8} RUN_TIMEOUT=${RUN_TIMEOUT:-170} bash benchmarks/multi_gpu.sh ;;
   *) sed -n '2,6p' "$0"; exit 2 ;;
 esac

@@ -3,8 +3,8 @@
     python benchmarks/profile_train_step.py --variant qlora_platform --batch 4 --seq 4096 \
         [--rows 40] [--sort self_cpu_time_total]
 
-Builds the variant exactly as benchmarks/train_throughput.py does, runs 3 warm-up
-steps, profiles the 4th and prints the kernels (CUDA time, calls) sorted by total
+Builds the variant as benchmarks/train_throughput.py does (`common.build_step`), runs 3
+warm-up steps, profiles the 4th and prints the kernels (CUDA time, calls) sorted by total
 GPU time, then the step's wall time and peak memory. Used to pick what to fuse next.
 """
 
@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-from benchmarks.train_throughput import build_step, checkpoint  # noqa: E402
+from benchmarks.common import VARIANTS, build_step, checkpoint, gpu_peak_gib  # noqa: E402
 
 
 def _gpu_busy(prof) -> tuple[float, int]:
@@ -40,7 +40,7 @@ def _gpu_busy(prof) -> tuple[float, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="mistral-7b")
-    p.add_argument("--variant", required=True)
+    p.add_argument("--variant", choices=VARIANTS, required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--seq", type=int, required=True)
     p.add_argument("--rows", type=int, default=40)
@@ -67,7 +67,7 @@ def main() -> None:
     print(
         f"# {args.variant} b{args.batch} x s{args.seq}: step {wall:.3f} s (profiled), "
         f"GPU kernels {gpu_total:.3f} s, GPU busy (kernels, any stream) {busy:.3f} s, {launches} kernel launches, "
-        f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        f"peak {gpu_peak_gib():.2f} GiB"
     )
     kernels = sorted(events, key=lambda e: -e.self_device_time_total)[: args.rows]
     for e in kernels:

@@ -12,8 +12,6 @@ out on purpose: it adds the same small cost to every peer and is tested in tests
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import sys
 import threading
@@ -21,11 +19,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-from benchmarks.generate_throughput import load, model_parser  # noqa: E402
-from benchmarks.train_throughput import checkpoint  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_run_args,
+    checkpoint,
+    emit,
+    gpu_peak_gib,
+    load_for_generation,
+    model_parser,
+    run_meta,
+)
 
 
 def main() -> None:
@@ -33,8 +37,7 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--run-id", default=time.strftime("%Y%m%d-%H%M%S"))
-    p.add_argument("--commit", default=os.environ.get("QLORA_COMMIT", "unknown"))
+    add_run_args(p)
     args = p.parse_args()
     import torch
     from transformers import AutoTokenizer
@@ -43,7 +46,7 @@ def main() -> None:
     from qlora_platform.infer.sampling import SamplingParams
 
     path = checkpoint(args.shape)
-    engine = Engine(load("reference", path, args.weights), AutoTokenizer.from_pretrained(path))
+    engine = Engine(load_for_generation("reference", path, args.weights), AutoTokenizer.from_pretrained(path))
     engine.enable_batching(args.streams)
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
@@ -64,26 +67,22 @@ def main() -> None:
         t.join()
     wall = time.perf_counter() - start
     decoder = engine.batcher.decoder
-    print(
-        json.dumps(
-            {
-                "variant": "qlora_platform",
-                "shape": args.shape,
-                "weights": args.weights,
-                "streams": args.streams,
-                "new_tokens": args.new_tokens,
-                "total_tokens_per_s": round(sum(r.completion_tokens for r in results) / wall, 1),
-                "ttft_ms_median": round(1000 * statistics.median(r.prefill_s for r in results), 1),
-                "cuda_graphs": decoder.graph is not None,
-                "graph_fallback": decoder.fallback_reason,
-                "fused_step": decoder.fast is not None,
-                "fused_step_off": decoder.fast_reason,
-                "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                "device": torch.cuda.get_device_name(),
-                "commit": args.commit,
-                "run_id": args.run_id,
-            }
-        )
+    emit(
+        {
+            "variant": "qlora_platform",
+            "shape": args.shape,
+            "weights": args.weights,
+            "streams": args.streams,
+            "new_tokens": args.new_tokens,
+            "total_tokens_per_s": round(sum(r.completion_tokens for r in results) / wall, 1),
+            "ttft_ms_median": round(1000 * statistics.median(r.prefill_s for r in results), 1),
+            "cuda_graphs": decoder.graph is not None,
+            "graph_fallback": decoder.fallback_reason,
+            "fused_step": decoder.fast is not None,
+            "fused_step_off": decoder.fast_reason,
+            "peak_alloc_gib": gpu_peak_gib(),
+        }
+        | run_meta(args)
     )
 
 

@@ -234,10 +234,6 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     ]
 
 
-# TEMPORARY: test files another change is editing; they still import benchmark code.
-TESTS_IMPORTING_BENCHMARKS = {"kernels/test_fast_path_gpu.py"}
-
-
 def test_tests_import_the_package_not_the_benchmarks():
     tests = Path(__file__).resolve().parent
     offenders = []
@@ -245,9 +241,6 @@ def test_tests_import_the_package_not_the_benchmarks():
         rel = path.relative_to(tests).as_posix()
         for node in _imports(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            if (
-                any(n == "benchmarks" or n.startswith("benchmarks.") for n in names)
-                and rel not in TESTS_IMPORTING_BENCHMARKS
-            ):
+            if any(n == "benchmarks" or n.startswith("benchmarks.") for n in names):
                 offenders.append(f"{rel}:{node.lineno}")
     assert offenders == [], f"tests import benchmarks/ (move what they need into the package): {offenders}"

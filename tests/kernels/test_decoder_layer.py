@@ -6,8 +6,8 @@ to the stock layer."""
 import pytest
 import torch
 
-from qlora_platform.kernels import apply_fast_kernels, fused_loss_parts, lora
-from qlora_platform.kernels.offload import Offloader, use_offloader
+from qlora_platform.kernels import apply_fast_kernels, decoder_layer, fused_loss_parts, lora
+from qlora_platform.kernels.offload import LayerReplay, Offloader, replay_of, use_offloader
 from qlora_platform.models.loader import attach_lora, load_base_model
 from qlora_platform.train.model import summed_nll
 
@@ -109,16 +109,53 @@ def test_packed_rows_with_restarting_positions_match_peft(tiny_cfg):
     assert abs(unpacked.item() - loss_fast.item()) > 1e-3  # the positions did matter
 
 
+def _offloaded(model):
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return use_offloader(model, Offloader(torch.device("cpu")))
+
+
 def test_a_recompute_whose_first_pass_kept_nothing_recomputes_in_full(tiny_cfg):
     # The first pass ran the stock layer (adapter switched off then), the recompute the fast one.
-    from qlora_platform.kernels.offload import LayerReplay, _replaying
-
     model = _model(tiny_cfg)
+    offloader = _offloaded(model)
     layer = model.get_base_model().model.layers[0]
     x = torch.randn(1, 5, 64, requires_grad=True)
     rotary = model.get_base_model().model.rotary_emb
     pos = rotary(x, torch.arange(5)[None])
-    want = layer(x, position_embeddings=pos)
-    with _replaying(LayerReplay(kept={})):
-        got = layer(x, position_embeddings=pos)
+    want = layer.forward(x, position_embeddings=pos)  # the patched forward, outside the checkpoint
+    replay = LayerReplay(kept={})
+    with offloader.replaying(replay):
+        assert replay_of(layer) is replay
+        got = layer.forward(x, position_embeddings=pos)
+    assert replay_of(layer) is None
     torch.testing.assert_close(got, want)
+
+
+def test_two_models_do_not_share_the_replay_of_a_checkpointed_layer(tiny_cfg, monkeypatch):
+    # Model b's layer runs in the middle of model a's checkpointed layer: it must neither park
+    # its tensors with a's layer nor take a's pass for its own, and a's gradients stay exact.
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(5))
+    loss_plain, plain = _step(_model(tiny_cfg), ids)
+    a, b = _model(tiny_cfg), _model(tiny_cfg)
+    offloader_a, offloader_b = _offloaded(a), _offloaded(b)
+    layer_a, layer_b = (m.get_base_model().model.layers[0] for m in (a, b))
+    x = torch.randn(1, 5, 64)
+    pos = b.get_base_model().model.rotary_emb(x, torch.arange(5)[None])
+    seen = []
+    real = decoder_layer.attention_core
+
+    def attention_core(attn, *args, **kwargs):
+        if attn is layer_a.self_attn:
+            seen.append((replay_of(layer_a), replay_of(layer_b)))
+            with torch.no_grad():
+                layer_b.forward(x, position_embeddings=pos)
+        return real(attn, *args, **kwargs)
+
+    monkeypatch.setattr(decoder_layer, "attention_core", attention_core)
+    loss_a, grads_a = _step(a, ids)
+    # Once in the first pass, once in the recompute: a's layer saw its replay, b's layer none.
+    assert len(seen) == 2 and all(ra is not None and rb is None for ra, rb in seen)
+    assert offloader_a.replay is None and offloader_b.replay is None and offloader_b.saved == []
+    assert loss_a == loss_plain
+    for name, g in plain.items():
+        torch.testing.assert_close(grads_a[name], g, atol=1e-6, rtol=1e-5)

@@ -83,15 +83,20 @@ def test_swiglu_runs_on_the_two_halves_of_one_buffer():
 
 
 def test_swiglu_writes_h_with_room_beside_it_for_the_down_fold():
-    """extra=8: h is the left block of a buffer 8 columns wider, which padded_buffer finds."""
+    """extra=8: h is the left block of a buffer 8 columns wider, which padded_buffer hands out
+    once (its free columns then hold the fold's); a plain slice of a wider tensor never."""
     g = torch.Generator().manual_seed(3)
     e, u = torch.randn(5, 48, generator=g).to(DEVICE), torch.randn(5, 48, generator=g).to(DEVICE)
     h = swiglu_forward(e, u, extra=8)
     torch.testing.assert_close(h, swiglu_forward_reference(e, u), **TOL[torch.float32])
-    if _triton.use_triton(e):  # the reference path allocates no padding
-        buf = _triton.padded_buffer(h, 56)
-        assert buf is not None and buf.data_ptr() == h.data_ptr() and h.stride() == (56, 1)
-        assert _triton.padded_buffer(h, 57) is None
+    assert _triton.padded_buffer(h, 57) is None  # not its width
+    assert _triton.padded_buffer(h[:4], 56) is None  # not all its rows
+    buf = _triton.padded_buffer(h, 56)
+    assert buf is not None and buf.data_ptr() == h.data_ptr() and h.stride() == (56, 1)
+    assert _triton.padded_buffer(h, 56) is None  # handed out already
+    plain = swiglu_forward(e, u)
+    wide = torch.randn(5, 56, generator=g).to(DEVICE)
+    assert _triton.padded_buffer(plain, 48) is None and _triton.padded_buffer(wide[:, :48], 56) is None
 
 
 def test_residual_rms_norm_adds_the_stream_gradient_in_the_kernel():

@@ -16,24 +16,23 @@ from safetensors.torch import load_file
 from qlora_platform.config import dump_config
 
 
-def _train(cfg, out, *extra, processes=1):
+def _qlora_train(config, *args, timeout=600) -> subprocess.CompletedProcess:
+    """`qlora train --config CONFIG ARGS` in a fresh interpreter, its output captured."""
+    cmd = [sys.executable, "-m", "qlora_platform.cli", "train", "--config", str(config), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _write_config(cfg, out):
     cfg = cfg.model_copy(deep=True)
     cfg.output.dir = str(out)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(dump_config(cfg))
-    cmd = [
-        sys.executable,
-        "-m",
-        "qlora_platform.cli",
-        "train",
-        "--config",
-        str(path),
-        "--num-processes",
-        str(processes),
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return path
+
+
+def _train(cfg, out, *extra, processes=1):
+    run = _qlora_train(_write_config(cfg, out), "--num-processes", str(processes), *extra)
     assert run.returncode == 0, "\n".join(
         line for line in run.stderr.splitlines() if "Error" in line or "rank0" in line
     )[-6000:]
@@ -92,15 +91,7 @@ def test_resume_with_another_process_count_is_refused(cfg, tmp_path):
     cfg.training.batch_size = 2
     cfg.training.save_steps = 3
     _train(cfg, tmp_path / "run", processes=2)
-    path = tmp_path / "again.yaml"
-    cfg.output.dir = str(tmp_path / "run")
-    path.write_text(dump_config(cfg))
-    run = subprocess.run(
-        [sys.executable, "-m", "qlora_platform.cli", "train", "--config", str(path), "--resume"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = _qlora_train(_write_config(cfg, tmp_path / "run"), "--resume", timeout=300)
     assert run.returncode != 0 and "resume with --num-processes 2" in run.stderr
 
 
@@ -109,26 +100,9 @@ def test_accelerate_config_is_written_for_each_strategy(cfg, tmp_path):
 
     for strategy, kind in [("ddp", "MULTI_CPU"), ("fsdp", "FSDP"), ("deepspeed-zero3", "DEEPSPEED")]:
         cfg.training.strategy = strategy
-        path = tmp_path / f"{strategy}.yaml"
-        path.write_text(dump_config(cfg))
         out = tmp_path / f"acc-{strategy}.yaml"
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "qlora_platform.cli",
-                "train",
-                "--config",
-                str(path),
-                "--num-processes",
-                "2",
-                "--write-accelerate-config",
-                str(out),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        path = _write_config(cfg, tmp_path / strategy)
+        run = _qlora_train(path, "--num-processes", "2", "--write-accelerate-config", str(out), timeout=120)
         assert run.returncode == 0, run.stderr
         written = yaml.safe_load(out.read_text())
         assert written["distributed_type"] == kind and written["num_processes"] == 2

@@ -10,7 +10,6 @@ Everywhere else the reference runs.
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 
@@ -43,26 +42,37 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
-# Outputs written as the left block of a wider buffer, by the buffer's address: lora.py's
-# folded projections write their x A^T columns beside such an x (the normed x of rmsnorm.py,
-# the h of swiglu.py) instead of copying x into a buffer of their own.
-_PADDED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+# A producer that leaves free columns beside its output (the normed x of rmsnorm.py, the h of
+# swiglu.py) marks its wider buffer with this attribute, the index of the first free column:
+# lora.py's folded projections then write their x A^T columns there instead of copying x into a
+# buffer of their own. The mark lives on the buffer, so only buffers made as scratch carry it.
+_FREE_FROM = "_qlora_free_columns_from"
 
 
 def padded_empty(rows: int, cols: int, extra: int, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised (rows, cols) tensor in like's dtype and device; with `extra` > 0 the left
-    block of a (rows, cols + extra) buffer that `padded_buffer` finds."""
+    block of a (rows, cols + extra) buffer whose free right block `padded_buffer` hands out."""
     buf = torch.empty((rows, cols + extra), dtype=like.dtype, device=like.device)
-    if extra:
-        _PADDED[buf.data_ptr()] = buf
+    if not extra:
+        return buf
+    setattr(buf, _FREE_FROM, cols)
     return buf[:, :cols]
 
 
 def padded_buffer(x2: torch.Tensor, width: int) -> torch.Tensor | None:
-    """The (rows, width) buffer x2 (rows, cols) was written into as its left block, if it was."""
-    buf = _PADDED.get(x2.data_ptr())
-    if buf is None or tuple(buf.shape) != (x2.shape[0], width) or x2.stride() != (width, 1):
+    """The (rows, width) buffer that `padded_empty` made with x2 (rows, cols) as its left block;
+    None for any other tensor (a slice of a wider tensor that holds data among them). The buffer
+    is handed out once: after that its right block holds the caller's columns, not free room."""
+    buf = x2._base
+    if (
+        buf is None
+        or getattr(buf, _FREE_FROM, None) != x2.shape[1]
+        or tuple(buf.shape) != (x2.shape[0], width)
+        or buf.data_ptr() != x2.data_ptr()
+        or x2.stride() != (width, 1)
+    ):
         return None
+    delattr(buf, _FREE_FROM)
     return buf
 
 

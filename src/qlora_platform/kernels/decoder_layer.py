@@ -33,12 +33,13 @@ forward otherwise. Against the stock layer it buys two things:
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 
 from .lora import LoRAProj, fold_columns, fused_columns, lora_linear, lora_projections, lora_swiglu_mlp, placeholder
-from .offload import current_replay
+from .offload import replay_of
 from .rmsnorm import RMSNORM_CLASSES, residual_rms_norm
 from .rope import rope_backward, rope_qk
 
@@ -147,16 +148,30 @@ class _KnownAttention(torch.autograd.Function):
         return (*(g.transpose(1, 2) for g in grads), None, None)
 
 
-_DIRECT_ATTENTION = [True]  # cleared if this torch/GPU has no cuDNN attention op
+@functools.cache
+def cudnn_attention_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether this torch build and GPU run cuDNN's causal attention op and its backward (what
+    `_direct_attention` and `_KnownAttention` call) for this dtype and head size: tried once on a
+    tiny problem, the answer cached (a property of the build and the GPU, not of any model).
+    `cudnn_attention_available.cache_clear()` resets it."""
+    q = torch.zeros(1, 1, 64, head_dim, dtype=dtype, device=device)
+    try:
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, True, 0.0, True, False)
+        torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            q, q, q, q, out[0], out[1], out[6], out[7], None, out[2], out[3], out[4], out[5], 0.0, True
+        )
+    except (RuntimeError, AttributeError):  # NotImplementedError (no CUDA kernel) is a RuntimeError
+        return False
+    return True
 
 
 def _direct_attention_applies(attn, q, attention_mask, window) -> bool:
     """Whether the first pass may call cuDNN's attention op itself (what SDPA picks on Hopper for
-    this case) and keep what its backward needs: SDPA, causal, no mask, no dropout."""
+    this case) and keep what its backward needs: SDPA, causal, no mask, no dropout, and a build
+    and GPU that have the op for this dtype and head size."""
     s = q.shape[1]
     return (
-        _DIRECT_ATTENTION[0]
-        and q.is_cuda
+        q.is_cuda
         and attn.config._attn_implementation == "sdpa"
         and attention_mask is None
         and s > 1
@@ -165,18 +180,20 @@ def _direct_attention_applies(attn, q, attention_mask, window) -> bool:
         and getattr(attn, "is_causal", True)
         and q.dtype in (torch.bfloat16, torch.float16)
         and q.shape[-1] in (64, 128)
+        and cudnn_attention_available(q.device, q.dtype, q.shape[-1])
     )
 
 
 def _direct_attention(attn, q, k, v, keep):
-    """First pass: cuDNN causal attention; keeps its output, log-sum-exp and bookkeeping."""
+    """First pass: cuDNN causal attention; keeps its output, log-sum-exp and bookkeeping. None
+    when cuDNN refuses this call's shapes (the op exists: `cudnn_attention_available`): this call
+    then runs the model's attention function, and nothing is remembered."""
     b, s = q.shape[:2]
     try:
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, True, False, scale=attn.scaling
         )
-    except (RuntimeError, AttributeError):
-        _DIRECT_ATTENTION[0] = False
+    except RuntimeError:
         return None
     a = out[0].transpose(1, 2).reshape(b, s, -1)
     keep("attn", a)
@@ -329,9 +346,9 @@ def attention_core(
         q, k = rope_qk(q.view(b, s, -1, d), k.view(b, s, -1, d), cos, sin)
         v = v.view(b, s, -1, d)
         if keep is not None:
-            qkv = fused_columns(q.flatten(2), k.flatten(2), v.flatten(2))
-            if qkv is not None:  # folded projections: one buffer, one copy
-                keep("qkv", qkv)
+            fused = fused_columns(q.flatten(2), k.flatten(2), v.flatten(2))
+            if fused is not None:  # folded projections: one buffer, one copy
+                keep("qkv", fused)
                 keep("head_dim", d, park=False)
             else:
                 for name, t in (("q", q), ("k", k), ("v", v)):
@@ -381,9 +398,11 @@ def decoder_layer_forward(
     """What the stock decoder layer computes (no cache), recomputing only what backward needs."""
     kwargs.pop("use_cache", None)
     kwargs.pop("past_key_values", None)
-    replay = current_replay()
+    replay = replay_of(layer)  # set while the model's Offloader runs this layer as a checkpoint
     # A recompute skips work only when its first pass kept everything (the same fast forward ran).
-    recompute = replay is not None and replay.recompute and any(r <= replay.kept.keys() for r in REQUIRED)
+    kept = None
+    if replay is not None and replay.recompute and any(r <= replay.kept.keys() for r in REQUIRED):
+        kept = replay.kept
     keep = replay.keep if replay is not None and not replay.recompute else None
     qkv = [projs["q_proj"], projs["k_proj"], projs["v_proj"]]
     hidden_states, n1 = _stream_and_norm(layer.input_layernorm, hidden_states, qkv)
@@ -393,20 +412,20 @@ def decoder_layer_forward(
         n1,
         position_embeddings,
         attention_mask,
-        replay.kept if recompute else None,
+        kept,
         keep,
         position_ids=position_ids,
         **kwargs,
     )
-    if recompute:
+    if kept is not None:
         o = lora_linear(a, projs["o_proj"], output=False)
-        h2 = _KnownResidual.apply(hidden_states, o, replay.kept)
+        h2 = _KnownResidual.apply(hidden_states, o, kept)
     else:
         h2 = lora_linear(a, projs["o_proj"], residual=hidden_states)
         if keep is not None:
             keep("h2", h2)
     h2, n2 = _stream_and_norm(layer.post_attention_layernorm, h2, [projs["gate_proj"], projs["up_proj"]])
-    if recompute:
+    if kept is not None:
         m = lora_swiglu_mlp(n2, projs["gate_proj"], projs["up_proj"], projs["down_proj"], output=False)
         return _Joined.apply(h2, m)
     return lora_swiglu_mlp(n2, projs["gate_proj"], projs["up_proj"], projs["down_proj"], residual=h2)

@@ -30,7 +30,9 @@ bitsandbytes runs on (CPU included).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -52,7 +54,7 @@ class LoRAProj:
     b16: torch.Tensor | None = None
 
     def compute_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.a16 is not None and self.a16.dtype == dtype:
+        if self.a16 is not None and self.b16 is not None and self.a16.dtype == dtype:
             return self.a16, self.b16
         return self.A.to(dtype), self.B.to(dtype)
 
@@ -72,7 +74,7 @@ class LoRAProj:
 def base_weight(base: torch.nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
     """The frozen weight (out, in) in the compute dtype: dequantized when 4-bit; into `out`
     (a row-strided block of a wider buffer) when given."""
-    weight = base.weight
+    weight = cast(torch.Tensor, base.weight)
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight if out is None else out.copy_(weight)
@@ -235,19 +237,26 @@ def placeholder(ref: torch.Tensor, shape) -> torch.Tensor:
     return ref.new_zeros(()).expand(*shape)
 
 
-_OUT_DTYPE_GEMM = [True]  # cleared if this torch/CUDA has no 16-bit x 16-bit -> fp32 addmm
+@functools.cache
+def addmm_out_dtype_available(device: torch.device, dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether this torch build runs addmm on `device` with `dtype` operands and an `out_dtype`
+    result: tried once on tiny matrices, the answer cached per device and dtypes (a property of
+    the build and the GPU, not of any model). `addmm_out_dtype_available.cache_clear()` resets it."""
+    m = torch.zeros(16, 16, dtype=dtype, device=device)
+    try:
+        torch.addmm(torch.empty(16, 16, dtype=out_dtype, device=device), m, m, beta=0, out_dtype=out_dtype)
+    except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+        return False
+    return True
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, alpha: float, dtype: torch.dtype | None = None) -> torch.Tensor:
     """alpha * m1 @ m2 in one GEMM (beta=0 ignores the uninitialised input). With `dtype` (an
-    adapter's fp32 master) the GEMM writes that dtype directly on CUDA, so autograd has no
-    cast to make before it accumulates the gradient (one kernel fewer per LoRA tensor)."""
-    if dtype is not None and dtype != m1.dtype and m1.is_cuda and _OUT_DTYPE_GEMM[0]:
+    adapter's fp32 master) the GEMM writes that dtype directly on CUDA where the build can, so
+    autograd has no cast to make before it accumulates the gradient (one kernel fewer per LoRA tensor)."""
+    if dtype is not None and dtype != m1.dtype and m1.is_cuda and addmm_out_dtype_available(m1.device, m1.dtype, dtype):
         out = torch.empty(m1.shape[0], m2.shape[1], dtype=dtype, device=m1.device)
-        try:
-            return torch.addmm(out, m1, m2, beta=0, alpha=alpha, out_dtype=dtype)
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE_GEMM[0] = False
+        return torch.addmm(out, m1, m2, beta=0, alpha=alpha, out_dtype=dtype)
     out = torch.empty(m1.shape[0], m2.shape[1], dtype=m1.dtype, device=m1.device)
     return torch.addmm(out, m1, m2, beta=0, alpha=alpha)
 
@@ -270,7 +279,7 @@ def cast_adapters(projs: list[LoRAProj], dtype: torch.dtype) -> None:
             return  # a gap or an overlap: cast one by one
         end += t.numel()
     with torch.no_grad():
-        span = tensors[0].new_empty(0).set_(storage, start, (end - start,))
+        span = tensors[0].new_empty(0).set_(storage, start, (end - start,), (1,))
         low = span.to(dtype)
 
     def view(t):
@@ -308,8 +317,9 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def compute_dtype(p: LoRAProj) -> torch.dtype:
     """The dtype the base layer computes in (a 4-bit layer's compute dtype)."""
-    state = getattr(p.base.weight, "quant_state", None)
-    return state.dtype if state is not None else p.base.weight.dtype
+    weight = cast(torch.Tensor, p.base.weight)
+    state = getattr(weight, "quant_state", None)
+    return state.dtype if state is not None else weight.dtype
 
 
 def _as_compute(x2: torch.Tensor, p: LoRAProj) -> torch.Tensor:

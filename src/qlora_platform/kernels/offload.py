@@ -12,9 +12,12 @@ buffering), so the PCIe traffic hides behind compute. Pinned buffers are pooled
 across steps and shapes by byte size, within a bound (`HostPool`; pinning is slow). On the
 CPU it is ordinary checkpointing.
 
-A layer's forward may park more than its input (`current_replay().keep(name, t)` in the
-first pass) and find it again in the recompute (`current_replay().kept[name]`), so that the
-recompute skips what it would only compute to reproduce t (kernels/decoder_layer.py).
+A layer's forward may park more than its input (`replay_of(layer).keep(name, t)` in the
+first pass) and find it again in the recompute (`replay_of(layer).kept[name]`), so that the
+recompute skips what it would only compute to reproduce t (kernels/decoder_layer.py). The
+replay is the model's own: its Offloader holds the one of the layer it runs now, and a layer
+finds that Offloader through the checkpoint function `use_offloader` gave it, so two models in
+one process never see each other's.
 """
 
 from __future__ import annotations
@@ -137,6 +140,16 @@ class Offloader:
         self._pending: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # host buffers being read
         self._parking: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []  # device tensors being copied out
         self.graph_owned: list[torch.Tensor] | None = None  # set while a CUDA graph is captured
+        self.replay: LayerReplay | None = None  # the pass of the checkpointed layer running now
+
+    @contextlib.contextmanager
+    def replaying(self, replay: LayerReplay):
+        """`replay` is the pass of the layer that runs inside this block (`replay_of` finds it)."""
+        outer, self.replay = self.replay, replay
+        try:
+            yield replay
+        finally:
+            self.replay = outer
 
     def save(self, x: torch.Tensor) -> int:
         """Start a layer's entry with its input; returns the entry's index."""
@@ -153,29 +166,41 @@ class Offloader:
     def add(self, idx: int, name: str, x, park: bool = True) -> None:
         """Park one more tensor of entry idx; the copy starts now, behind the work that made x.
         With park=False (small tensors, or anything else) x stays on the device as it is."""
+        entry = self._entry(idx)
         if not self.on_gpu or not park or idx == self.last:
-            self.saved[idx].append((name, x, False))
+            entry.append((name, x, False))
             return
         if self.graph_owned is not None:
             host = self.graph_pool.take(x)
             self.graph_owned.append(host)  # the graph writes this buffer on every replay
         else:
             host = self.pool.take(x)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+        stream = self._side_stream()
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
             host.copy_(x, non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record(self.stream)
+            copied.record(stream)
         self._parking.append((idx, x, copied))  # x stays alive until compute waits for `copied`
-        self.saved[idx].append((name, host, True))
+        entry.append((name, host, True))
+
+    def _entry(self, idx: int) -> list:
+        entry = self.saved[idx]
+        if entry is None:
+            raise RuntimeError(f"checkpoint entry {idx} was loaded already")
+        return entry
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self.stream is None:
+            raise RuntimeError("tensors are parked on the host from a CUDA device only")
+        return self.stream
 
     def _release_parked(self, before: int) -> None:
         """Drop device tensors of entries < before once the compute stream waits for their copies."""
         keep = []
-        compute = torch.cuda.current_stream(self.device) if self.on_gpu else None
-        for idx, x, copied in self._parking:
+        for idx, x, copied in self._parking:  # empty off CUDA
             if idx < before:
-                compute.wait_event(copied)
+                torch.cuda.current_stream(self.device).wait_event(copied)
             else:
                 keep.append((idx, x, copied))
         self._parking = keep
@@ -183,25 +208,26 @@ class Offloader:
     def _start_load(self, idx: int) -> None:
         if idx < 0 or idx >= len(self.saved) or idx in self.prefetched or self.saved[idx] is None:
             return
-        entry = self.saved[idx]
+        entry = self._entry(idx)
         gpus = [
             torch.empty(host.shape, dtype=host.dtype, device=self.device) if parked else host
             for _, host, parked in entry
         ]
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # gpus' memory is free by then
-        with torch.cuda.stream(self.stream):
+        stream = self._side_stream()
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # gpus' memory is free by then
+        with torch.cuda.stream(stream):
             for gpu, (_, host, parked) in zip(gpus, entry):
                 if parked:
                     gpu.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
-            done.record(self.stream)
+            done.record(stream)
         self.prefetched[idx] = (gpus, done)
 
     def load(self, idx: int) -> dict:
         """Entry idx back on the device, by name ("input" and what the layer kept); the next
         entry down starts copying."""
         if not self.on_gpu:
-            entry, self.saved[idx] = self.saved[idx], None
+            entry, self.saved[idx] = self._entry(idx), None
             self._forget_if_done()
             return {name: x for name, x, _ in entry}
         self._release_parked(before=len(self.saved))  # forward is over
@@ -209,7 +235,7 @@ class Offloader:
         self._start_load(idx - 1)  # the layer backward reaches next: overlap its copy
         gpus, done = self.prefetched.pop(idx)
         torch.cuda.current_stream(self.device).wait_event(done)
-        entry = self.saved[idx]
+        entry = self._entry(idx)
         if self.graph_owned is None:
             self._pending += [(host, done) for _, host, parked in entry if parked]
         self.saved[idx] = None
@@ -242,12 +268,13 @@ class Offloader:
         self._pending, self._parking = [], []
 
     def reset(self) -> None:
-        """Forget a pass that did not finish (a failed capture); its host buffers go back to the pool."""
+        """Forget a pass that did not finish (a failed capture, a test); its host buffers go back to the pool."""
         for entry in self.saved:
             for _, buf, parked in entry or []:
                 if parked:
                     self.pool.give(buf)  # a graph's buffer is not the eager pool's: ignored
         self.saved, self.prefetched, self._parking = [], {}, []
+        self.replay = None
 
     @contextlib.contextmanager
     def capturing(self, owned: list):
@@ -270,7 +297,8 @@ class LayerReplay:
     First pass (no gradients): `keep(name, t)` parks t with the layer's input (park=False:
     leaves it on the device, for small tensors). Recompute in backward: `recompute` is True
     and `kept` maps those names to the tensors again, so the layer may skip work whose
-    result it kept (kernels/decoder_layer.py)."""
+    result it kept (kernels/decoder_layer.py). The layer reaches it through `replay_of(layer)`
+    while its Offloader runs it (`Offloader.replaying`)."""
 
     def __init__(self, offloader: Offloader | None = None, idx: int = -1, kept: dict | None = None):
         self.offloader, self.idx = offloader, idx
@@ -278,23 +306,9 @@ class LayerReplay:
         self.kept = kept or {}
 
     def keep(self, name: str, t, park: bool = True) -> None:
+        if self.offloader is None:
+            raise RuntimeError("only a first pass keeps tensors; this replay has no Offloader to park them with")
         self.offloader.add(self.idx, name, t, park)
-
-
-_REPLAYS: list[LayerReplay] = []  # the layer running now (forward, or backward's recompute)
-
-
-def current_replay() -> LayerReplay | None:
-    return _REPLAYS[-1] if _REPLAYS else None
-
-
-@contextlib.contextmanager
-def _replaying(replay: LayerReplay):
-    _REPLAYS.append(replay)
-    try:
-        yield
-    finally:
-        _REPLAYS.pop()
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -302,7 +316,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, run, offloader, hidden, *args):
         ctx.run, ctx.offloader, ctx.args = run, offloader, args
         ctx.idx = offloader.save(hidden)
-        with torch.no_grad(), _replaying(LayerReplay(offloader, ctx.idx)):
+        with torch.no_grad(), offloader.replaying(LayerReplay(offloader, ctx.idx)):
             out = run(hidden, *args)
         offloader.done_with(ctx.idx)
         return out
@@ -311,7 +325,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, grad):
         kept = ctx.offloader.load(ctx.idx)
         hidden = kept.pop("input").detach().requires_grad_(True)
-        with torch.enable_grad(), _replaying(LayerReplay(kept=kept)):
+        with torch.enable_grad(), ctx.offloader.replaying(LayerReplay(kept=kept)):
             out = ctx.run(hidden, *ctx.args)
         torch.autograd.backward(out, grad)
         return (None, None, hidden.grad) + (None,) * len(ctx.args)
@@ -332,12 +346,27 @@ def enable_offloaded_checkpointing(model) -> Offloader | None:
     return use_offloader(model, Offloader(device))
 
 
+def layer_offloader(module) -> Offloader | None:
+    """The Offloader that checkpoints `module` (a decoder layer), if `use_offloader` gave it one."""
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    if isinstance(func, functools.partial) and func.func is offloaded_checkpoint:
+        return func.args[0]
+    return None
+
+
+def replay_of(module) -> LayerReplay | None:
+    """The pass `module` runs in while its model's Offloader runs it as a checkpoint (its first
+    pass, or the recompute in backward); None otherwise."""
+    offloader = layer_offloader(module)
+    return offloader.replay if offloader is not None else None
+
+
 def offloader_of(model) -> Offloader | None:
     """The Offloader a model's checkpointed layers use, if any."""
     for module in model.modules():
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if isinstance(func, functools.partial) and func.func is offloaded_checkpoint:
-            return func.args[0]
+        offloader = layer_offloader(module)
+        if offloader is not None:
+            return offloader
     return None
 
 

@@ -179,7 +179,8 @@ def _fast_layer_forward(layer, fp8, hidden_states, *args, **kwargs):
 def _fast_decoder_layer(module) -> bool:
     attn, mlp = getattr(module, "self_attn", None), getattr(module, "mlp", None)
     return (
-        type(attn).__name__ in ATTENTION_CLASSES
+        attn is not None
+        and type(attn).__name__ in ATTENTION_CLASSES
         and hasattr(module, "input_layernorm")
         and hasattr(module, "post_attention_layernorm")
         and _qkv_block(attn)

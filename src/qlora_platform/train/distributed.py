@@ -23,12 +23,19 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import UserError
+from .strategy import SingleDevice, Strategy
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed-zero3")
 
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_strategy(cfg: Config, device: str) -> Strategy:
+    """The strategy for this process: `Distributed` when torchrun or accelerate launch started
+    several (WORLD_SIZE > 1), else `SingleDevice`, which never touches accelerate."""
+    return Distributed(cfg, device) if world_size() > 1 else SingleDevice(device)
 
 
 def launch(argv: list[str], num_processes: int) -> int:
@@ -89,15 +96,18 @@ def accelerate_config(cfg: Config, num_processes: int, device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Distributed:
-    """The engine side of a multi-process run: device, wrapping, reductions, who writes."""
+class Distributed(Strategy):
+    """The engine side of a multi-process run: device, wrapping, reductions, who writes, and the
+    per-process checkpoint files."""
+
+    fast_path = False  # the fast path is single-process for now (module docstring)
 
     def __init__(self, cfg: Config, device: str):
         from accelerate import Accelerator
 
-        self.strategy = cfg.training.strategy
+        self.engine = cfg.training.strategy
         kwargs = {"cpu": device == "cpu"}
-        if self.strategy == "deepspeed-zero3":
+        if self.engine == "deepspeed-zero3":
             try:
                 import deepspeed  # noqa: F401
             except ImportError:
@@ -113,12 +123,14 @@ class Distributed:
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
 
-    def wrap(self, model, make_optimizer):
-        """(wrapped model, its optimizer). DDP and ZeRO-3 through accelerate.prepare; FSDP through
-        torch's FullyShardedDataParallel itself, because accelerate's FSDP plugin refuses CPUs
-        (and the CPU is where CI checks it): LoRA layers and decoder blocks become their own
-        units (peft's wrap policy) so trainable and frozen weights never share a flat buffer."""
-        if self.strategy == "fsdp":
+    def wrap(self, model, params: list, make_optimizer) -> tuple:
+        """(wrapped model, its optimizer, the wrapped model's trainable tensors); `params` (the
+        unwrapped model's) are replaced by what the engine made of them. DDP and ZeRO-3 through
+        accelerate.prepare; FSDP through torch's FullyShardedDataParallel itself, because
+        accelerate's FSDP plugin refuses CPUs (and the CPU is where CI checks it): LoRA layers and
+        decoder blocks become their own units (peft's wrap policy) so trainable and frozen weights
+        never share a flat buffer."""
+        if self.engine == "fsdp":
             import torch
             from peft.utils.other import fsdp_auto_wrap_policy
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -135,18 +147,82 @@ class Distributed:
                 sync_module_states=on_gpu,
                 device_id=self.device if on_gpu else torch.device("cpu"),
             )
-            return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-        return self.accelerator.prepare(model, optimizer)
+            optimizer = make_optimizer(_trainable(model))
+        else:
+            model, optimizer = self.accelerator.prepare(model, make_optimizer(_trainable(model)))
+        return model, optimizer, _trainable(model)
 
-    def clip_grad_norm(self, model, params, max_norm: float):
-        if self.strategy == "fsdp":  # the norm over every shard, not this process's part
+    def loss_backward(self, model, fused, cfg: Config, device: str, log, graphs: bool):
+        return _EngineBackward(self.accelerator, model, fused)
+
+    def clip_grad_norm(self, model, params: list, max_norm: float | None):
+        max_norm = max_norm or 1e9
+        if self.engine == "fsdp":  # the norm over every shard, not this process's part
             return model.clip_grad_norm_(max_norm)
         return self.accelerator.clip_grad_norm_(params, max_norm)
 
-    def full_state_dict(self, model) -> dict:
+    def mean(self, value: float) -> float:
+        import torch
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self.accelerator.reduce(t, reduction="mean")[0])
+
+    def total(self, value: int) -> int:
+        return round(self.mean(value) * self.world)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def my_rows(self, rows: list) -> list:
+        return rows[self.rank :: self.world]
+
+    def save_adapter(self, model, path) -> None:
+        """The LoRA adapter, gathered from every process (FSDP shards it), written by the first."""
+        state = self._full_state_dict(model)
+        if self.is_main:
+            peft_model = self._unwrap(model)
+            if self.engine == "fsdp":
+                _save_fsdp_adapter(peft_model, state, Path(path))
+            else:
+                peft_model.save_pretrained(path, state_dict=state, safe_serialization=True)
+        self.barrier()
+
+    def save_checkpoint(self, out: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+        """checkpoint-N as in checkpoint.py (adapter, scheduler, trainer_state.json last, atomic
+        rename), with one optimizer and RNG file per process: FSDP's optimizer state is sharded,
+        so each process keeps its own; resuming needs the same number of processes."""
+        import shutil
+
+        import torch
+
+        from .checkpoint import _rng_state, publish
+
+        final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        self.save_adapter(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / f"optimizer-rank{self.rank}.pt")
+        torch.save(_rng_state(), tmp / f"rng_state-rank{self.rank}.pt")
+        self.barrier()
+        if self.is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {**state, "global_step": step, "world_size": self.world, "strategy": self.engine}
+            publish(tmp, final, state, out, keep)
+        self.barrier()
+        return final
+
+    def load_state(self, ckpt: Path, model, optimizer, scheduler) -> dict:
+        """This process's optimizer shard and RNG, the scheduler, and the trainer state."""
+        from .checkpoint import load_training_state
+
+        where = self.device if self.device.type == "cuda" else "cpu"  # accelerate names the CPU "cpu:0"
+        return load_training_state(ckpt, optimizer, scheduler, where, f"-rank{self.rank}")
+
+    def _full_state_dict(self, model) -> dict:
         """The whole model's state (gathered from the shards under FSDP; complete on process 0)."""
-        if self.strategy == "fsdp":
+        if self.engine == "fsdp":
             from torch.distributed.fsdp import FullStateDictConfig, StateDictType
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -157,34 +233,30 @@ class Distributed:
                 return model.state_dict()
         return self.accelerator.get_state_dict(model)
 
-    def unwrap(self, model):
-        return model.module if self.strategy == "fsdp" else self.accelerator.unwrap_model(model)
-
-    def mean(self, value: float) -> float:
-        import torch
-
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        return float(self.accelerator.reduce(t, reduction="mean")[0])
-
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
-
-    def my_rows(self, rows: list) -> list:
-        """This process's share of a global batch's rows (the same plan on every process)."""
-        return rows[self.rank :: self.world]
+    def _unwrap(self, model):
+        return model.module if self.engine == "fsdp" else self.accelerator.unwrap_model(model)
 
 
-def save_adapter(trainer, path) -> None:
-    """The LoRA adapter, gathered from every process (FSDP shards it), written by the first."""
-    dist = trainer.dist
-    state = dist.full_state_dict(trainer.model)
-    if dist.is_main:
-        peft_model = dist.unwrap(trainer.model)
-        if dist.strategy == "fsdp":
-            _save_fsdp_adapter(peft_model, state, Path(path))
-        else:
-            peft_model.save_pretrained(path, state_dict=state, safe_serialization=True)
-    dist.barrier()
+def _trainable(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class _EngineBackward:
+    """Forward and backward of one micro-batch through the engine: accelerate's backward (under
+    DeepSpeed the engine's own). Always eager: CUDA graphs are part of the single-process path."""
+
+    enabled = False
+
+    def __init__(self, accelerator, model, fused):
+        self.accelerator, self.model, self.fused = accelerator, model, fused
+
+    def __call__(self, batch: dict, scale: float, graphable: bool = False):
+        from .model import summed_nll
+
+        labels = batch.pop("labels")
+        loss = summed_nll(self.model, self.fused, labels, **batch) * scale
+        self.accelerator.backward(loss)
+        return loss.detach()
 
 
 def _save_fsdp_adapter(peft_model, state: dict, path: Path) -> None:
@@ -207,40 +279,3 @@ def _save_fsdp_adapter(peft_model, state: dict, path: Path) -> None:
     config.inference_mode = True
     config.save_pretrained(str(path))
     config.inference_mode = inference
-
-
-def save_distributed_checkpoint(trainer) -> Path:
-    """checkpoint-N as in checkpoint.py (adapter, scheduler, trainer_state.json last, atomic
-    rename), with one optimizer and RNG file per process: FSDP's optimizer state is sharded,
-    so each process keeps its own; resuming needs the same number of processes."""
-    import shutil
-
-    import torch
-
-    from .checkpoint import _rng_state, publish
-
-    dist, out, step = trainer.dist, trainer.out, trainer.step
-    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    save_adapter(trainer, tmp)
-    torch.save(trainer.optimizer.state_dict(), tmp / f"optimizer-rank{dist.rank}.pt")
-    torch.save(_rng_state(), tmp / f"rng_state-rank{dist.rank}.pt")
-    dist.barrier()
-    if dist.is_main:
-        torch.save(trainer.scheduler.state_dict(), tmp / "scheduler.pt")
-        state = {**trainer._state(), "global_step": step, "world_size": dist.world, "strategy": dist.strategy}
-        publish(tmp, final, state, out, trainer.cfg.training.save_total_limit)
-    dist.barrier()
-    return final
-
-
-def load_distributed_state(trainer, ckpt: Path) -> dict:
-    """This process's optimizer shard and RNG, the scheduler, and the trainer state."""
-    from .checkpoint import load_training_state
-
-    device = trainer.dist.device
-    where = device if device.type == "cuda" else "cpu"  # accelerate names the CPU "cpu:0"
-    return load_training_state(ckpt, trainer.optimizer, trainer.scheduler, where, f"-rank{trainer.dist.rank}")

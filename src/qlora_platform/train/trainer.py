@@ -45,17 +45,10 @@ from ..models.loader import device_label, load_tokenizer, pick_device
 from ..models.memory import memory_advice, peak_memory_gib
 from ..models.scoring import holdout_perplexity
 from .batching import collate, plan_epoch
-from .checkpoint import (
-    latest_checkpoint,
-    load_adapter_weights,
-    load_checkpoint,
-    newest_loadable,
-    replace_folder,
-    save_checkpoint,
-)
-from .distributed import world_size
+from .checkpoint import latest_checkpoint, load_adapter_weights, newest_loadable, replace_folder
+from .distributed import pick_strategy
 from .flat_params import FlatParams
-from .model import build_training_model, loss_backward, summed_nll
+from .model import build_training_model
 from .model_card import write_model_card
 from .tracking import LOG_FILE, NullTracker, Tracker, truncate_log
 
@@ -262,17 +255,40 @@ def changed_keys(saved: dict, now: dict) -> list[tuple[str, str, object, object]
 
 
 class Trainer:
+    """Set up in named steps, each reading what the ones before it set: the data, the strategy
+    (one device, or several processes through accelerate), the step plan, --resume's checkpoint,
+    the model, the optimizer, the schedule, then the resumed state."""
+
     def __init__(self, cfg: Config, resume: bool = False, log=print, overwrite: bool = False):
         self.cfg, self.log = cfg, guard_log(log)
-        log = self.log
         self.out = Path(cfg.output.dir)
-        claim_output_dir(self.out, resume, overwrite, log, clear=int(os.environ.get("RANK", "0")) == 0)
-        tc = cfg.training
-        self.device = pick_device(tc.device)
+        claim_output_dir(self.out, resume, overwrite, self.log, clear=int(os.environ.get("RANK", "0")) == 0)
+        self.device = pick_device(cfg.training.device)
         # Every device-dependent default, decided once; the set-up below reads these values.
         self.resolved = resolve(cfg, self.device)
-        if tc.num_threads:
-            torch.set_num_threads(tc.num_threads)
+        if cfg.training.num_threads:
+            torch.set_num_threads(cfg.training.num_threads)
+        self.step, self.history = 0, []
+        self.train_seconds, self.train_tokens = 0.0, 0
+        self.resumed, self.finished, self.summary = resume, False, None
+        self._saved_step: int | None = None  # the step of the checkpoint on disk for this run
+        self._evaluating = False
+
+        self._setup_data()
+        self._setup_strategy()
+        self._plan_steps()
+        self._resume_from = self._find_resume() if resume else None
+        if self.finished:
+            return
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_schedule()
+        self._resume()
+
+    # -- set-up steps -----------------------------------------------------------------
+    def _setup_data(self) -> None:
+        """The tokenizer and the encoded training and holdout examples (every process logs them)."""
+        cfg = self.cfg
         train_records = load_records(cfg.data.train_file, "train_file")
         eval_records = load_records(cfg.data.eval_file, "eval_file") if cfg.data.eval_file else []
         self.tokenizer = load_tokenizer(cfg.model)
@@ -286,7 +302,7 @@ class Trainer:
             "truncated": truncated,
             "dropped_no_labels": dropped + eval_dropped,
         }
-        log(
+        self.log(
             f"data: {len(self.train_examples)} training examples ({truncated} truncated to "
             f"{cfg.data.max_seq_len} tokens, {dropped} dropped with no answer token left), "
             f"{len(self.eval_examples)} holdout examples"
@@ -296,59 +312,83 @@ class Trainer:
                 f"no usable training example in '{cfg.data.train_file}' "
                 f"(all answers were truncated away? raise data.max_seq_len)"
             )
-        # Several processes (torchrun / accelerate launch): accelerate's DDP, FSDP or ZeRO-3.
-        self.dist = None
-        if world_size() > 1:
-            from .distributed import Distributed
 
-            self.dist = Distributed(cfg, self.device)
-            if not self.dist.is_main:
-                self.log = log = _quiet
+    def _setup_strategy(self) -> None:
+        """One device, or several processes (torchrun / accelerate launch) through accelerate's
+        DDP, FSDP or ZeRO-3; only the first of several logs."""
+        self.strategy = pick_strategy(self.cfg, self.device)
+        if not self.strategy.is_main:
+            self.log = _quiet
 
-        # The step plan needs only the data, so --resume knows where it stands (and whether there
-        # is anything left to do) before the model is loaded.
+    def _plan_steps(self) -> None:
+        """The step plan. It needs only the data, so --resume knows where it stands (and whether
+        there is anything left to do) before the model is loaded."""
+        tc = self.cfg.training
         self.lengths = [len(ex["input_ids"]) for ex in self.train_examples]
         # Labelled tokens after the one-token shift; packing masks each example's first label too.
         self.label_counts = [sum(lab != IGNORE for lab in ex["labels"][1:]) for ex in self.train_examples]
         self.batches_per_epoch = len(self._plan(0))
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * self.batches_per_epoch / tc.grad_accum))
-        self.step, self.history = 0, []
-        self.train_seconds, self.train_tokens = 0.0, 0
-        self.resumed, self.finished, self.summary = resume, False, None
-        self._saved_step: int | None = None  # the step of the checkpoint on disk for this run
-        self._evaluating = False
-        self._resume_from = self._resume_checkpoint() if resume else None
-        if self._resume_from is not None and self._finished_run():
-            self.finished = True
-            return
 
+    def _find_resume(self) -> Path | None:
+        """The checkpoint --resume continues from (None: start at step 0); sets `finished` when
+        the run it belongs to is complete, so that nothing is loaded."""
+        ckpt = self._resume_checkpoint()
+        if ckpt is not None and self._finished_run():
+            self.finished = True
+        return ckpt
+
+    def _setup_model(self) -> None:
+        """The 4-bit base with its LoRA adapter, holding the checkpoint's adapter when resuming;
+        on the fast path the adapter lives in one flat buffer (one optimizer launch a step)."""
         if self.device == "cuda":
             self._preflight()
-        torch.manual_seed(tc.seed)
-        self.model, self.fused_loss = build_training_model(cfg, self.device, log, distributed=bool(self.dist))
+        torch.manual_seed(self.cfg.training.seed)
+        self.model, self.fused_loss = build_training_model(
+            self.cfg, self.device, self.log, distributed=not self.strategy.fast_path
+        )
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        # With the fast kernels the adapter lives in one flat buffer: one optimizer launch a step.
-        self.flat = FlatParams(self.trainable) if self.resolved.fast_kernels and not self.dist else None
-        self.optimized = [self.flat.param] if self.flat else self.trainable
-        # Forward + backward of a batch; CUDA graphs need gradients that stay put (FlatParams).
-        self.run_batch = loss_backward(self.model, self.fused_loss, cfg, self.device, log)
-        self.run_batch.enabled = self.run_batch.enabled and self.flat is not None
-        self.optimizer = None if self.dist else build_optimizer(self.optimized, cfg, self.device)
-        if self.dist and self._resume_from is not None:
+        fast = self.resolved.fast_kernels and self.strategy.fast_path
+        self.flat = FlatParams(self.trainable) if fast else None
+        if self._resume_from is not None:
             load_adapter_weights(self._resume_from, self.model)  # before wrapping: FSDP shards what it is given
-        if self.dist:
-            self.model, self.optimizer = self.dist.wrap(self.model, lambda ps: build_optimizer(ps, cfg, self.device))
-            self.optimized = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _setup_optimizer(self) -> None:
+        """The model as the strategy runs it, its optimizer, and the forward + backward of a batch
+        (CUDA graphs need gradients that stay put: the flat buffer)."""
+        params = [self.flat.param] if self.flat else self.trainable
+        self.model, self.optimizer, self.optimized = self.strategy.wrap(
+            self.model, params, lambda ps: build_optimizer(ps, self.cfg, self.device)
+        )
+        self.run_batch = self.strategy.loss_backward(
+            self.model, self.fused_loss, self.cfg, self.device, self.log, graphs=self.flat is not None
+        )
+
+    def _setup_schedule(self) -> None:
+        """The learning-rate schedule over the planned steps."""
         from transformers import get_scheduler
 
+        tc = self.cfg.training
         self.scheduler = get_scheduler(
             tc.lr_scheduler if tc.lr_scheduler != "constant" else "constant_with_warmup",
             self.optimizer,
             num_warmup_steps=int(tc.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
         )
-        if self._resume_from is not None:
-            self._resume()
+
+    def _resume(self) -> None:
+        """Optimizer, scheduler, RNG and the run's history from --resume's checkpoint."""
+        ckpt = self._resume_from
+        if ckpt is None:
+            return
+        state = self.strategy.load_state(ckpt, self.model, self.optimizer, self.scheduler)
+        self._use_configured_rates()
+        self.step = state["global_step"]
+        self._saved_step = self.step
+        self.history = [h for h in state.get("history", []) if h.get("step", 0) <= self.step]
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.train_tokens = state.get("train_tokens", 0)
+        self.log(f"resumed from {ckpt} at step {self.step}/{self.total_steps}")
 
     # -- set-up helpers ---------------------------------------------------------------
     def _preflight(self):
@@ -361,16 +401,14 @@ class Trainer:
             resolve_model_source(self.cfg.model.name), trust_remote_code=self.cfg.model.trust_remote_code
         )
         free, _ = torch.cuda.mem_get_info()
-        est = estimate_training_memory(mc, self.resolved, self.dist.world if self.dist else 1)
+        est = estimate_training_memory(mc, self.resolved, self.strategy.world)
         check_fits(est, free, torch.cuda.get_device_name(), self.cfg)
 
     def _plan(self, epoch: int):
         """Global batches: batch_size rows for each process, the same plan on every process."""
         tc = self.cfg.training
-        world = self.dist.world if self.dist else 1
-        return plan_epoch(
-            self.lengths, epoch, tc.seed, tc.batch_size * world, self.cfg.data.max_seq_len, self.cfg.data.packing
-        )
+        rows = tc.batch_size * self.strategy.world
+        return plan_epoch(self.lengths, epoch, tc.seed, rows, self.cfg.data.max_seq_len, self.cfg.data.packing)
 
     def _micro_batches(self, skip: int):
         """Endless (epoch, batch rows) in the deterministic order, the first `skip` passed over."""
@@ -403,7 +441,7 @@ class Trainer:
                 f"--resume: {'; '.join(refused)}; restore {'it' if len(refused) == 1 else 'them'}, "
                 f"or start a new output.dir (or again with --overwrite)"
             )
-        world = self.dist.world if self.dist else 1
+        world = self.strategy.world
         if state.get("world_size", 1) != world:
             raise UserError(
                 f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es), this run "
@@ -443,22 +481,6 @@ class Trainer:
         )
         return True
 
-    def _resume(self):
-        ckpt = self._resume_from
-        if self.dist:
-            from .distributed import load_distributed_state
-
-            state = load_distributed_state(self, ckpt)
-        else:
-            state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
-        self._use_configured_rates()
-        self.step = state["global_step"]
-        self._saved_step = self.step
-        self.history = [h for h in state.get("history", []) if h.get("step", 0) <= self.step]
-        self.train_seconds = state.get("train_seconds", 0.0)
-        self.train_tokens = state.get("train_tokens", 0)
-        self.log(f"resumed from {ckpt} at step {self.step}/{self.total_steps}")
-
     def _use_configured_rates(self) -> None:
         """The loaded optimizer and scheduler carry the learning rate and weight decay they were
         saved with; the config's values (perhaps changed for this resume) take their place, and the
@@ -491,13 +513,11 @@ class Trainer:
     def _batch(self, rows) -> tuple[dict, int, float, bool]:
         """A micro-batch on the device: (inputs with labels, its tokens, loss weight across
         processes, whether it may run from a CUDA graph: no mask and no packing positions)."""
-        scale = 1.0
-        if self.dist:
-            # This process's rows; the engine averages gradients over processes, so the summed
-            # loss is scaled by their number. A process left without rows (a short last batch)
-            # still runs one row, weighted 0, so the collectives line up.
-            mine = self.dist.my_rows(rows)
-            rows, scale = (mine, float(self.dist.world)) if mine else (rows[:1], 0.0)
+        # This process's rows; the engine averages gradients over processes, so the summed loss
+        # is scaled by their number. A process left without rows (a short last batch) still runs
+        # one row, weighted 0, so the collectives line up. One process: all rows, weight 1.
+        mine = self.strategy.my_rows(rows)
+        rows, scale = (mine, float(self.strategy.world)) if mine else (rows[:1], 0.0)
         examples = [[self.train_examples[i] for i in row] for row in rows]
         fast = self.flat is not None
         # The fast path gets batches in a few shapes (full-width packed rows, padded widths in
@@ -532,11 +552,6 @@ class Trainer:
         micro-batches."""
         inputs, ntok, scale, graphable = self._batch(rows)
         weight = scale / max(n_label_window, 1)
-        if self.dist:
-            labels = inputs.pop("labels")
-            loss = summed_nll(self.model, self.fused_loss, labels, **inputs) * weight
-            self.dist.accelerator.backward(loss)
-            return loss.detach(), ntok
         return self.run_batch(inputs, weight, graphable=graphable), ntok
 
     def _zero_grad(self) -> None:
@@ -554,10 +569,6 @@ class Trainer:
             "total_steps": self.total_steps,
         }
 
-    def _writes(self) -> bool:
-        """Whether this process writes files (all but the first of several only compute)."""
-        return self.dist is None or self.dist.is_main
-
     def _continue_hint(self) -> str:
         return f"qlora train --config {self.out / 'config.yaml'} --resume"
 
@@ -565,20 +576,15 @@ class Trainer:
         """checkpoint-N at the step reached; a failed write (a full disk) becomes one line naming the
         newest checkpoint that is on disk."""
         try:
-            if self.dist:
-                from .distributed import save_distributed_checkpoint
-
-                path = save_distributed_checkpoint(self)
-            else:
-                path = save_checkpoint(
-                    self.out,
-                    self.step,
-                    self.model,
-                    self.optimizer,
-                    self.scheduler,
-                    self._state(),
-                    keep=self.cfg.training.save_total_limit,
-                )
+            path = self.strategy.save_checkpoint(
+                self.out,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self._state(),
+                keep=self.cfg.training.save_total_limit,
+            )
         except OSError as err:
             newest = latest_checkpoint(self.out)
             kept = f"the newest saved one is {newest}" if newest else "no checkpoint is saved yet"
@@ -597,9 +603,7 @@ class Trainer:
 
     def _stop_agreed(self, stop: StopRequest) -> bool:
         """Whether to stop now; several processes stop together when any of them was signalled."""
-        if self.dist:
-            return self.dist.mean(1.0 if stop.signum is not None else 0.0) > 0
-        return stop.signum is not None
+        return self.strategy.mean(1.0 if stop.signum is not None else 0.0) > 0
 
     def train(self) -> dict:
         if self.finished:
@@ -608,15 +612,15 @@ class Trainer:
 
         tc = self.cfg.training
         self.out.mkdir(parents=True, exist_ok=True)
-        if self._writes():
+        if self.strategy.is_main:
             if self.resumed:  # each step once in the log, also when resuming from an earlier checkpoint
                 truncate_log(self.out, self.step)
             (self.out / "config.yaml").write_text(dump_config(self.cfg))
-        tracker = Tracker(self.out, tc.report_to, self.cfg) if self._writes() else NullTracker()
+        tracker = Tracker(self.out, tc.report_to, self.cfg) if self.strategy.is_main else NullTracker()
         self.model.train()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        stop = StopRequest(immediate=self.dist is None)
+        stop = StopRequest(immediate=self.strategy.world == 1)
         # Progress and messages go to streams that stop writing when their reader is gone.
         err, out = GuardedStream(sys.stderr), GuardedStream(sys.stdout)
         bar = tqdm(
@@ -625,7 +629,7 @@ class Trainer:
             desc="training",
             unit="step",
             dynamic_ncols=True,
-            disable=not self._writes(),
+            disable=not self.strategy.is_main,
             file=err,
         )
         try:
@@ -663,12 +667,10 @@ class Trainer:
                     step_tokens += ntok
             if self.flat:
                 self.flat.check()
-            if self.dist:  # the loss over all processes, and all their tokens
-                step_loss = self.dist.mean(step_loss)
-                step_tokens = round(self.dist.mean(step_tokens) * self.dist.world)
-                grad_norm = self.dist.clip_grad_norm(self.model, self.optimized, tc.max_grad_norm or 1e9)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized, tc.max_grad_norm or float("inf"))
+            # The loss over all processes, and all their tokens.
+            step_loss = self.strategy.mean(step_loss)
+            step_tokens = self.strategy.total(step_tokens)
+            grad_norm = self.strategy.clip_grad_norm(self.model, self.optimized, tc.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self._zero_grad()
@@ -723,16 +725,11 @@ class Trainer:
     def _save_final_adapter(self) -> Path:
         """final_adapter/ (adapter, tokenizer), written beside it and renamed into place whole."""
         final, tmp = self.out / "final_adapter", self.out / "final_adapter.tmp"
-        if self._writes():
+        if self.strategy.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         try:
-            if self.dist:
-                from .distributed import save_adapter
-
-                save_adapter(self, tmp)
-            else:
-                self.model.save_pretrained(tmp, safe_serialization=True)
-            if self._writes():
+            self.strategy.save_adapter(self.model, tmp)
+            if self.strategy.is_main:
                 self.tokenizer.save_pretrained(tmp)
                 replace_folder(tmp, final)
         except OSError as err:
@@ -806,7 +803,7 @@ class Trainer:
         return result
 
     def _summarize(self, final_eval: dict | None) -> dict:
-        if not self._writes():
+        if not self.strategy.is_main:
             return {}
         final = self.out / "final_adapter"
         summary = {
