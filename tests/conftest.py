@@ -15,15 +15,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# The chat template the 32k stand-in tokenizer gets (the one benchmarks/random_checkpoint.py gives
-# its checkpoints), so that tests do not import the benchmarks.
-MISTRAL_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-)
-
-
 @pytest.fixture(scope="session")
 def bundled_dir() -> Path:
     from qlora_platform.models.bundled import DEFAULT_MODEL, resolve_gguf
@@ -40,19 +31,8 @@ def tokenizer(request):
     try:
         return AutoTokenizer.from_pretrained(request.getfixturevalue("bundled_dir"))
     except UserError:
-        # The GPU machine lacks the bundled model's package: use the 32k benchmark tokenizer.
-        tok = AutoTokenizer.from_pretrained(Path(__file__).parents[1] / "benchmarks/assets/tok32k")
-        tok.chat_template = MISTRAL_TEMPLATE
-        tok.is_stand_in = True
-        return tok
-
-
-@pytest.fixture
-def bundled_text(tokenizer):
-    """For tests whose assertions rest on the text the tiny model writes with SmolLM2's tokenizer
-    (stop strings cut from it, EOS never drawn): skipped where only the stand-in exists."""
-    if getattr(tokenizer, "is_stand_in", False):
-        pytest.skip("the text this test cuts stop strings from needs the bundled SmolLM2 tokenizer")
+        # The GPU machine lacks the bundled model's package: the same tokenizer ships as an asset.
+        return AutoTokenizer.from_pretrained(Path(__file__).parents[1] / "benchmarks/assets/smollm2-tokenizer")
 
 
 @pytest.fixture(scope="session")

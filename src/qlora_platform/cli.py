@@ -74,6 +74,7 @@ def cmd_prepare(args, extra) -> int:
         skip_invalid=args.skip_invalid,
         sample=args.sample,
         split=args.split,
+        sample_preferences=args.sample_preferences,
     )
     print(format_report(report))
     return 0
@@ -379,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL/JSON/CSV/PDF/HTML/TXT/MD file, a folder of them, or HF dataset (repeatable)",
     )
     s.add_argument("--sample", action="store_true", help="build the offline Python-stdlib assistant data set")
+    s.add_argument(
+        "--sample-preferences",
+        action="store_true",
+        help="build its preference pairs: the documented answer chosen, a neighbour's answer rejected",
+    )
     s.add_argument("--format", default="auto", help="auto, hf, messages, sharegpt, alpaca, prompt_completion, text")
     s.add_argument("--columns", help="field=column mapping for CSV/HF, e.g. instruction=question,output=answer")
     s.add_argument("--doc-mode", default="qa", help="documents: qa (instruction pairs) or text (pre-training)")

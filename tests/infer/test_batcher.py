@@ -53,7 +53,7 @@ def test_concurrent_requests_equal_their_single_runs(model, tokenizer):
         assert got[i].prefill_s > 0 and got[i].decode_s > 0
 
 
-def test_stop_string_and_cancel_end_one_row_only(model, tokenizer, bundled_text):
+def test_stop_string_and_cancel_end_one_row_only(model, tokenizer):
     batched = Engine(model, tokenizer)
     batched.enable_batching(slots=2, max_len=256)
     prompt = batched.encode_text("The list")

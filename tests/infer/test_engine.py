@@ -31,7 +31,7 @@ def hf_greedy(engine, ids, n, penalty=1.0):
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_greedy_equals_transformers_generate(engine, penalty, bundled_text):
+def test_greedy_equals_transformers_generate(engine, penalty):
     ids = engine.encode_chat([{"role": "user", "content": "Tell me about lists."}])
     result = engine.generate([ids], SamplingParams(max_new_tokens=12, ignore_eos=True, repetition_penalty=penalty))[0]
     assert result.token_ids == hf_greedy(engine, ids, 12, penalty)
@@ -54,7 +54,7 @@ def test_stream_pieces_join_to_the_text(engine):
     assert engine.last.text == engine.tokenizer.decode(engine.last.token_ids, skip_special_tokens=True)
 
 
-def test_stop_string_is_cut_and_never_streamed(engine, bundled_text):
+def test_stop_string_is_cut_and_never_streamed(engine):
     ids = engine.encode_text("The list")
     full = engine.generate([ids], SamplingParams(max_new_tokens=10, ignore_eos=True))[0].text
     stop = full.strip()[3:6]

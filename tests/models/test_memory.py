@@ -4,15 +4,9 @@ from transformers import MistralConfig
 from qlora_platform.config import load_config
 from qlora_platform.errors import UserError
 from qlora_platform.models.memory import GIB, check_fits, estimate_training_memory
+from qlora_platform.train.synthetic import SHAPES
 
-MISTRAL = MistralConfig(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-)
+MISTRAL = MistralConfig(**SHAPES["mistral-7b"])
 
 
 def _cfg(**kw):

@@ -1,6 +1,7 @@
 """`qlora prepare`: raw inputs to `train.jsonl` + `eval.jsonl` in chat form.
 
     qlora prepare --sample                                # the offline stdlib data set
+    qlora prepare --sample-preferences --out-dir data/pref   # the same questions as preference pairs
     qlora prepare --input faq.csv --columns instruction=question,output=answer
     qlora prepare --input notes.jsonl --input manual.pdf --doc-mode qa
     qlora prepare --input tatsu-lab/alpaca --format hf
@@ -8,7 +9,9 @@
 Inputs are read by their type (JSONL/JSON, CSV, PDF/HTML/Markdown/text, a
 folder of such files, or a Hugging Face dataset), normalised to chat records,
 checked, deduplicated and split into a seeded holdout with no prompt on both
-sides. A bad record (a malformed JSON line included) stops the run with its
+sides. Preference pairs, KTO records and prompt-only records (data/preference.py)
+are detected and written in their own normalised shapes; one run holds one kind.
+A bad record (a malformed JSON line included) stops the run with its
 file and line, unless `--skip-invalid` is given; then it is dropped and counted.
 Every dropped record is reported. The output folder holds this run's files
 only: an `eval.jsonl` left by an earlier run is removed when this run has no
@@ -24,18 +27,16 @@ from pathlib import Path
 from ..errors import UserError
 from .formats import (
     FORMATS,
-    answer_of,
     detect_format,
     iter_jsonl_lines,
-    normalise_key,
     parse_jsonl_line,
-    prompt_of,
     to_chat_record,
     write_jsonl,
 )
+from .preference import KIND_NAMES, KindGuard, answer_words, detect_kind, record_key, split_records, to_kind_record
+from .preference_sample import build_sample_preferences
 from .sample import build_sample_records
 from .sources import DOC_SUFFIXES, columns_hint, csv_to_jsonl, document_records, hf_dataset_to_jsonl
-from .split import split_holdout
 
 RECORD_SUFFIXES = {".jsonl", ".json", ".csv"}
 HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
@@ -102,10 +103,12 @@ def read_source(
     return rows
 
 
-def _check_record(raw, where: str, record_fmt: str, mapped: bool) -> dict:
-    """One raw record as a chat record, or the UserError that says what is wrong with it."""
+def _check_record(raw, where: str, record_fmt: str, mapped: bool, kind: str = "sft") -> dict:
+    """One raw record as a chat record (or a record of another kind), or the UserError that says what is wrong."""
     if isinstance(raw, UserError):
         raise raw
+    if kind != "sft":
+        return to_kind_record(raw, where, kind)
     if not mapped and isinstance(raw, dict) and record_fmt == "auto" and detect_format(raw) is None:
         keys = ", ".join(sorted(raw)) or "none"
         raise UserError(
@@ -146,27 +149,39 @@ def prepare(
     skip_invalid: bool = False,
     sample: bool = False,
     split: str = "train",
+    sample_preferences: bool = False,
 ) -> dict:
     """Write train/eval JSONL and return the report (also written as prepare_report.json)."""
     if fmt not in ("auto", "hf", *FORMATS):
         raise UserError(f"--format must be auto, hf or one of {', '.join(FORMATS)}; got '{fmt}'")
     if not 0 <= eval_ratio < 1:
         raise UserError(f"--eval-ratio must be in [0, 1), got {eval_ratio}")
-    if not inputs and not sample:
-        raise UserError("nothing to prepare: give --input FILE (repeatable) or --sample")
+    if not inputs and not sample and not sample_preferences:
+        raise UserError("nothing to prepare: give --input FILE (repeatable), --sample or --sample-preferences")
+    if sample and sample_preferences:
+        raise UserError("--sample writes SFT chats and --sample-preferences preference pairs; one run writes one kind")
     records: list[dict] = []
     invalid: Counter = Counter()
     first_invalid: list[str] = []
     raw_count = 0
+    guard = KindGuard()
     if sample:
         records += build_sample_records()
-        raw_count += len(records)
+        guard.check("sft", "the --sample set")
+    if sample_preferences:
+        records += build_sample_preferences(seed)
+        guard.check("preference", "the --sample-preferences set")
+    raw_count += len(records)
     record_fmt = "auto" if fmt == "hf" else fmt
     for source in inputs:
         for where, raw in read_source(source, fmt, mapping, doc_mode, split):
             raw_count += 1
+            # The kind comes from the record unless --format names an SFT one; another kind stops even --skip-invalid.
+            kind = detect_kind(raw) if record_fmt == "auto" and isinstance(raw, dict) else "sft"
+            if not isinstance(raw, UserError):
+                guard.check(kind, where)
             try:
-                records.append(_check_record(raw, where, record_fmt, bool(mapping)))
+                records.append(_check_record(raw, where, record_fmt, bool(mapping), kind))
             except UserError as err:
                 if not skip_invalid:
                     raise UserError(f"{err} (or pass --skip-invalid to drop and count such records)") from None
@@ -177,7 +192,7 @@ def prepare(
 
     seen, unique, duplicates = set(), [], 0
     for rec in records:
-        key = (normalise_key(prompt_of(rec)), normalise_key(answer_of(rec)))
+        key = record_key(rec)
         if key in seen:
             duplicates += 1
             continue
@@ -189,7 +204,7 @@ def prepare(
         raise UserError(
             f"no valid record left to write: all {raw_count} records were invalid, e.g. {' | '.join(first_invalid[:3])}"
         )
-    train, holdout = split_holdout(unique, eval_ratio, seed)
+    train, holdout = split_records(unique, eval_ratio, seed)
     out_dir = Path(out_dir)
     stale = None if holdout else _stale_eval(out_dir)
     write_jsonl(out_dir / "train.jsonl", train)
@@ -197,9 +212,12 @@ def prepare(
         write_jsonl(out_dir / "eval.jsonl", holdout)
     elif stale:
         stale.unlink()
-    words = [len(answer_of(r).split()) for r in unique]
+    words = [n for n in map(answer_words, unique) if n is not None]
     report = {
-        "inputs": (["sample:python-stdlib"] if sample else []) + list(inputs),
+        "inputs": (["sample:python-stdlib"] if sample else [])
+        + (["sample:python-stdlib-preferences"] if sample_preferences else [])
+        + list(inputs),
+        "kind": guard.kind or "sft",
         "records_read": raw_count,
         "invalid_dropped": sum(invalid.values()),
         "invalid_reasons": dict(invalid),
@@ -209,7 +227,7 @@ def prepare(
         "train": len(train),
         "eval": len(holdout),
         "eval_ratio": eval_ratio,
-        "avg_answer_words": round(sum(words) / len(words), 1),
+        "avg_answer_words": round(sum(words) / len(words), 1) if words else None,
         "categories": dict(Counter(str(r.get("category", "")) for r in unique)),
         "train_file": str(out_dir / "train.jsonl"),
         "eval_file": str(out_dir / "eval.jsonl") if holdout else None,
@@ -220,13 +238,17 @@ def prepare(
 
 
 def format_report(report: dict) -> str:
+    kind = report.get("kind", "sft")
     lines = [
-        f"read {report['records_read']} records; wrote {report['written']} "
+        f"read {report['records_read']} records; wrote {report['written']}"
+        f"{'' if kind == 'sft' else ' ' + KIND_NAMES[kind][1]} "
         f"({report['train']} train -> {report['train_file']}, {report['eval']} holdout"
         f"{' -> ' + report['eval_file'] if report['eval_file'] else ''})",
         f"dropped: {report['duplicates_dropped']} duplicates, {report['invalid_dropped']} invalid",
-        f"average answer length: {report['avg_answer_words']} words",
     ]
+    if report["avg_answer_words"] is not None:
+        answer = {"preference": "chosen answer", "kto": "completion"}.get(kind, "answer")
+        lines.append(f"average {answer} length: {report['avg_answer_words']} words")
     for reason, n in report["invalid_reasons"].items():
         lines.append(f"  invalid x{n}: {reason}")
     for example in report.get("invalid_examples", [])[:3]:
@@ -236,6 +258,6 @@ def format_report(report: dict) -> str:
             f"removed {stale}: an earlier run's holdout; this run has none (--eval-ratio "
             f"{report.get('eval_ratio', 0)}), so no stale file is read as one"
         )
-    if report["avg_answer_words"] < 50:
+    if report["avg_answer_words"] is not None and report["avg_answer_words"] < 50:
         lines.append("warning: answers average under 50 words; short answers teach little (see 'qlora validate')")
     return "\n".join(lines)

@@ -9,6 +9,10 @@ prompts that also appear in the holdout file (leakage).
 Warnings (exit 0): duplicates, answers averaging under 50 words, examples
 longer than max_seq_len (and how many would be truncated).
 
+Preference pairs, KTO records and prompt-only records are checked as their kind
+(data/preference_validate.py): one bad record is one error line, a record of
+another kind than the file's first stops with its line.
+
 It checks prepared chat JSONL: a CSV, a JSON list, a document or a folder is
 sent to `qlora prepare` first, in one line.
 """
@@ -19,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .formats import answer_of, iter_jsonl_lines, normalise_key, parse_jsonl_line, prompt_of, to_chat_record
+from .formats import answer_of, normalise_key, prompt_of
+from .preference import KIND_NAMES, prompt_text, read_kind_lines
+from .preference_validate import check_kind_records
 from .tokenize import IGNORE, encode_record
 
 MAX_LISTED = 20
@@ -47,18 +53,6 @@ class ValidationReport:
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append("OK" if self.ok else f"FAILED: {len(self.errors)} error(s)")
         return "\n".join(lines)
-
-
-def _read_lines(path: Path, report: ValidationReport) -> list[tuple[int, dict]]:
-    """Valid records with their line numbers; every bad line becomes an error in the report."""
-    out = []
-    for lineno, line in iter_jsonl_lines(path):
-        where = f"{path}:{lineno}"
-        try:
-            out.append((lineno, to_chat_record(parse_jsonl_line(line, where), where)))
-        except UserError as err:
-            report.errors.append(str(err))
-    return out
 
 
 def check_jsonl_input(path: str | Path, what: str = "qlora validate") -> Path:
@@ -92,10 +86,15 @@ def validate_file(
 ) -> ValidationReport:
     path = check_jsonl_input(path)
     report = ValidationReport(str(path))
-    records = _read_lines(path, report)
+    kind, records = read_kind_lines(path, report.errors)
     report.records = len(records) + len(report.errors)
     if not records:
         report.errors.append(f"{path}: no valid record")
+        return report
+    if kind != "sft":
+        check_kind_records(report, path, kind, records, tokenizer, max_seq_len)
+        if eval_path:
+            _check_leakage(report, path, kind, records, Path(eval_path))
         return report
 
     seen: dict[tuple, int] = {}
@@ -152,17 +151,27 @@ def validate_file(
             )
 
     if eval_path:
-        eval_path = Path(eval_path)
-        holdout = _read_lines(eval_path, ValidationReport(str(eval_path)))
-        train_prompts: dict[str, int] = {}
-        for n, r in records:
-            train_prompts.setdefault(normalise_key(prompt_of(r)), n)
-        for lineno, rec in holdout:
-            n = train_prompts.get(normalise_key(prompt_of(rec)))
-            if n is not None:
-                report.errors.append(
-                    f"{eval_path}:{lineno}: the same prompt is in {path}:{n} "
-                    f"(train/holdout leakage inflates the evaluation)"
-                )
-        report.stats["holdout"] = f"{len(holdout)} records checked for leakage"
+        _check_leakage(report, path, kind, records, Path(eval_path))
     return report
+
+
+def _check_leakage(report: ValidationReport, path: Path, kind: str, records: list, eval_path: Path) -> None:
+    """An error for each holdout record whose prompt is also in the training file."""
+    eval_kind, holdout = read_kind_lines(eval_path, [])
+    if holdout and eval_kind != kind:
+        report.errors.append(
+            f"{eval_path}: holds {KIND_NAMES[eval_kind][1]} and {path} {KIND_NAMES[kind][1]}; "
+            f"a holdout file holds the kind of its training file"
+        )
+        return
+    train_prompts: dict[str, int] = {}
+    for n, r in records:
+        train_prompts.setdefault(normalise_key(prompt_text(r)), n)
+    for lineno, rec in holdout:
+        n = train_prompts.get(normalise_key(prompt_text(rec)))
+        if n is not None:
+            report.errors.append(
+                f"{eval_path}:{lineno}: the same prompt is in {path}:{n} "
+                f"(train/holdout leakage inflates the evaluation)"
+            )
+    report.stats["holdout"] = f"{len(holdout)} records checked for leakage"

@@ -205,9 +205,8 @@ class StaticDecoder:
         self.fast_checked = True
         fast = self.fast(self.token, self.position)
         stock = self._forward(self.token, self.mask, self.position)
-        # bf16 rounding through 32 layers moves a 7B's logits by a few percent of their range
-        # (benchmarks/fused_step_check.py); a wrong kernel or an unknown layer variant moves them
-        # by about all of it.
+        # bf16 rounding through 32 layers moves a 7B's logits by a few percent of their range; a
+        # wrong kernel or an unknown layer variant moves them by about all of it.
         gap = (fast.float() - stock.float()).abs().max()
         if gap > 0.2 * stock.float().abs().max() + 1e-3:
             self.fast, self.fast_reason = None, f"the fused step differed from the model's forward ({gap:.3g})"

@@ -65,7 +65,7 @@ class LossBackward:
         self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
         # Every step, eager or captured, runs on this one stream: cuBLAS keeps a workspace per
         # stream (64 MiB on Hopper), so capturing on a stream of its own beside eager steps on the
-        # default one would hold two (benchmarks/memory_peak_probe.py measured the second).
+        # default one would hold two (measured in docs/lab-log.md, "CUDA graphs, folded LoRA").
         self.stream = torch.cuda.Stream(self.device) if self.enabled else None
 
     def eager(self, batch: dict, scale: float) -> torch.Tensor:
