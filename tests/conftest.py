@@ -125,3 +125,17 @@ def small_data(tmp_path) -> tuple[Path, Path]:
 def tiny_cfg(tiny_model_dir, small_data, tmp_path):
     train, held = small_data
     return tiny_run_config(tiny_model_dir, train, held, tmp_path / "run")
+
+
+def interrupt_during(trainer, call: int):
+    """`trainer` with a Ctrl-C raised during its `call`-th forward/backward (micro-batch)."""
+    real, calls = trainer._forward_backward, {"n": 0}
+
+    def flaky(rows, n):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(rows, n)
+
+    trainer._forward_backward = flaky
+    return trainer

@@ -130,6 +130,7 @@ def test_resume_keys_are_declared_on_the_schema():
     from qlora_platform.config import resume_keys
 
     assert set(resume_keys()) == {
+        ("training", "method"),
         ("training", "batch_size"),
         ("training", "grad_accum"),
         ("training", "seed"),

@@ -142,21 +142,24 @@ def cmd_train(args, extra) -> int:
         return launch(_train_argv(args, extra), args.num_processes)
     from contextlib import redirect_stderr, redirect_stdout
 
-    from .train.trainer import GuardedStream, Trainer, flush_quietly, plural, say
+    from .train.dpo import make_trainer
+    from .train.trainer import GuardedStream, flush_quietly, plural, say
 
     # Output goes out guarded: with stdout or stderr a pipe whose reader is gone (| tee stopped by
     # the same Ctrl-C), the checkpoint is still saved and the exit code still says what happened.
     try:
         with redirect_stdout(GuardedStream(sys.stdout)), redirect_stderr(GuardedStream(sys.stderr)):
-            trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+            trainer = make_trainer(cfg, resume=args.resume, overwrite=args.overwrite)
             summary = trainer.train()
         if trainer.finished or not summary:  # nothing left to train, or not the first of several processes
             return 0
-        ppl = summary["eval_perplexity"]
+        ppl, accuracy = summary["eval_perplexity"], summary.get("eval_reward_accuracy")
+        holdout = "no holdout" if ppl is None else f"eval perplexity {ppl:.3f}"
+        if accuracy is not None:  # a DPO run scores its holdout pairs instead
+            holdout = f"holdout reward accuracy {accuracy:.3f}"
         say(
             f"done: {plural(summary['steps'], 'step')} in {summary['train_seconds']} s, "
-            f"{summary['tokens_per_s']} tokens/s, "
-            f"{'no holdout' if ppl is None else f'eval perplexity {ppl:.3f}'}",
+            f"{summary['tokens_per_s']} tokens/s, {holdout}",
             sys.stdout,
         )
         return 0

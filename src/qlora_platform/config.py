@@ -95,6 +95,16 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    # dpo trains on preference pairs against the same base with the adapter switched off as the
+    # reference (train/preference.py); more methods come as they work.
+    method: Literal["sft", "dpo"] = Field(
+        "sft",
+        json_schema_extra=MUST_MATCH,
+        description="sft: answers of chat records; dpo: Direct Preference Optimization on preference pairs",
+    )
+    dpo_beta: float = Field(
+        0.1, gt=0, description="with method dpo: strength of the pull towards the reference (the base model)"
+    )
     epochs: float = Field(1.0, gt=0, description="passes over the training data (fractions allowed)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
     batch_size: int = Field(4, ge=1, json_schema_extra=MUST_MATCH, description="rows per micro-batch (per process)")
@@ -176,6 +186,10 @@ class Config(_Section):
             raise ValueError(
                 "training.offload_checkpoints: offloading moves the checkpoints of gradient "
                 "checkpointing; set training.gradient_checkpointing true or drop it"
+            )
+        if self.training.method == "dpo" and self.data.packing:
+            raise ValueError(
+                "data.packing: training.method dpo runs each answer in a padded row of its own; set data.packing false"
             )
         return self
 

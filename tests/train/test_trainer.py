@@ -8,6 +8,7 @@ import torch
 from qlora_platform.errors import UserError
 from qlora_platform.train.checkpoint import latest_checkpoint, list_checkpoints
 from qlora_platform.train.trainer import Trainer
+from tests.conftest import interrupt_during
 
 
 def _split_params(model):
@@ -68,17 +69,7 @@ def test_checkpoint_then_resume_continues_at_the_same_step_and_order(tiny_cfg, t
     full = Trainer(straight, log=lambda *_: None)
     full.train()
 
-    calls = {"n": 0}
-    interrupted = Trainer(tiny_cfg, log=lambda *_: None)
-    real = interrupted._forward_backward
-
-    def flaky(rows, n):
-        calls["n"] += 1
-        if calls["n"] == 5:  # during step 5: Ctrl-C
-            raise KeyboardInterrupt
-        return real(rows, n)
-
-    interrupted._forward_backward = flaky
+    interrupted = interrupt_during(Trainer(tiny_cfg, log=lambda *_: None), call=5)
     with pytest.raises(UserError, match="interrupted at step 4/6.*--resume") as err:
         interrupted.train()
     assert err.value.exit_code == 130

@@ -3,7 +3,9 @@
     write_report(out_dir, report)     # report: the dict `eval.run.run_eval` builds
 
 `eval.json` keys that scripts rely on: `perplexity.base`, `perplexity.tuned`,
-`keyword_pass_rate.base`, `keyword_pass_rate.tuned`, `tokens_per_s` (batch-1 decode
+`keyword_pass_rate.base`, `keyword_pass_rate.tuned`,
+`preference.accuracy.base` / `.tuned` and `preference.margin.base` / `.tuned` (a DPO run's report,
+which has these instead of `perplexity`; eval/preference.py defines them), `tokens_per_s` (batch-1 decode
 of the tuned model), `speed`, `keyword_benchmark`, `prompts`, `train`, `plots`.
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from .preference import preference_markdown
 
 SCHEMA_VERSION = 1
 
@@ -27,13 +31,32 @@ def _answer_block(text: str) -> str:
     return "\n".join("    " + line for line in (text or "(empty)").splitlines()) or "    (empty)"
 
 
-def render_markdown(report: dict) -> str:
-    ppl, rate, speed, bench = (
-        report["perplexity"],
-        report["keyword_pass_rate"],
-        report["speed"],
-        report["keyword_benchmark"],
+def _perplexity_rows(ppl: dict | None) -> list[str]:
+    if ppl is None:
+        return []
+    change = (
+        f"{ppl['reduction_pct']:.1f}% lower" if ppl["reduction_pct"] >= 0 else f"{-ppl['reduction_pct']:.1f}% higher"
     )
+    return [
+        f"| holdout perplexity | {ppl['base']:.3f} | {ppl['tuned']:.3f} ({change}) |",
+        f"| holdout loss (nats/token) | {ppl['base_loss']:.4f} | {ppl['tuned_loss']:.4f} |",
+    ]
+
+
+def _perplexity_note(ppl: dict | None) -> list[str]:
+    if ppl is None:
+        return []
+    return [
+        f"Perplexity is exp of the mean negative log-likelihood over the assistant-answer tokens only "
+        f"(prompts and system text excluded), token-weighted: {ppl['tokens']} tokens in "
+        f"{ppl['examples']} holdout examples of `{ppl['eval_file']}` (max {ppl['max_seq_len']} tokens each). "
+        f"Base = the same weights with the LoRA adapter switched off.",
+        "",
+    ]
+
+
+def render_markdown(report: dict) -> str:
+    rate, speed, bench = report["keyword_pass_rate"], report["speed"], report["keyword_benchmark"]
     lines = [
         f"# Evaluation: {report['model']}",
         "",
@@ -42,18 +65,12 @@ def render_markdown(report: dict) -> str:
         "",
         "| metric | base | tuned |",
         "|---|---|---|",
-        f"| holdout perplexity | {ppl['base']:.3f} | {ppl['tuned']:.3f} ({ppl['reduction_pct']:.1f}% lower) |"
-        if ppl["reduction_pct"] >= 0
-        else f"| holdout perplexity | {ppl['base']:.3f} | {ppl['tuned']:.3f} ({-ppl['reduction_pct']:.1f}% higher) |",
-        f"| holdout loss (nats/token) | {ppl['base_loss']:.4f} | {ppl['tuned_loss']:.4f} |",
+        *_perplexity_rows(report.get("perplexity")),
         f"| keyword pass rate | {100 * rate['base']:.1f}% ({bench['base_passed']}/{bench['prompts']}) | "
         f"{100 * rate['tuned']:.1f}% ({bench['tuned_passed']}/{bench['prompts']}) |",
         "",
-        f"Perplexity is exp of the mean negative log-likelihood over the assistant-answer tokens only "
-        f"(prompts and system text excluded), token-weighted: {ppl['tokens']} tokens in "
-        f"{ppl['examples']} holdout examples of `{ppl['eval_file']}` (max {ppl['max_seq_len']} tokens each). "
-        f"Base = the same weights with the LoRA adapter switched off.",
-        "",
+        *_perplexity_note(report.get("perplexity")),
+        *(preference_markdown(report["preference"]) if "preference" in report else []),
         "## Speed (tuned model, batch 1)",
         "",
         "| prefill tokens/s | decode tokens/s | time to first token | peak memory | device |",

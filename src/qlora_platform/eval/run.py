@@ -28,6 +28,7 @@ from ..models.loader import training_numerics
 from ..models.scoring import holdout_perplexity
 from .keywords import DEFAULT_PROMPTS, label, load_prompt_file, score_answer
 from .plots import write_plots
+from .preference import preference_scores
 from .report import SCHEMA_VERSION, write_report
 
 
@@ -50,7 +51,9 @@ def _training_questions(path: str | None) -> set[str] | None:
         return None
     questions = set()
     for _, obj in iter_jsonl(path):
-        for message in obj.get("messages", []) if isinstance(obj, dict) else []:
+        # SFT records hold `messages`; preference pairs hold the prompt's messages in `prompt`.
+        messages = (obj.get("messages") or obj.get("prompt")) if isinstance(obj, dict) else None
+        for message in messages if isinstance(messages, list) else []:
             if isinstance(message, dict) and message.get("role") == "user":
                 questions.add(" ".join(str(message.get("content", "")).split()).lower())
     return questions
@@ -59,6 +62,37 @@ def _training_questions(path: str | None) -> set[str] | None:
 def _read_history(run_dir: Path) -> list[dict]:
     path = run_dir / "train_log.jsonl"
     return [obj for _, obj in iter_jsonl(path)] if path.is_file() else []
+
+
+def _perplexity(loaded, eval_file: str, n_prompts: int, adapter: str, log) -> dict:
+    """Holdout perplexity of base and tuned on the SFT records of `eval_file`."""
+    cfg, tok = loaded.cfg, loaded.tokenizer
+    examples, _ = encode_records(tok, load_records(eval_file, "eval_file"), cfg.data.max_seq_len)
+    if not examples:
+        raise UserError(f"no holdout example of '{eval_file}' has an answer token within {cfg.data.max_seq_len} tokens")
+    log(
+        f"eval: {loaded.model_name} + {adapter} on {loaded.device}; {len(examples)} holdout examples, "
+        f"{n_prompts} benchmark prompts"
+    )
+    # Scored as training scored it (the same batch size and 4-bit numerics), before any generation.
+    ppl_batch = max(1, cfg.training.batch_size)
+    with training_numerics(loaded.model):
+        with loaded.base_only():
+            base_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
+        tuned_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
+    log(f"holdout perplexity: base {base_ppl['perplexity']:.3f} -> tuned {tuned_ppl['perplexity']:.3f}")
+    return {
+        "base": base_ppl["perplexity"],
+        "tuned": tuned_ppl["perplexity"],
+        "base_loss": base_ppl["loss"],
+        "tuned_loss": tuned_ppl["loss"],
+        "reduction_pct": 100 * (1 - tuned_ppl["perplexity"] / base_ppl["perplexity"]),
+        "tokens": tuned_ppl["tokens"],
+        "examples": len(examples),
+        "eval_file": str(eval_file),
+        "max_seq_len": cfg.data.max_seq_len,
+        "method": "exp(mean NLL over assistant-answer tokens), token-weighted",
+    }
 
 
 def run_eval(
@@ -80,7 +114,7 @@ def run_eval(
     loaded = load_for_inference(
         adapter=adapter, device=device, trust_remote_code=trust_remote_code, log=log, warm_up=False
     )
-    cfg, tok = loaded.cfg, loaded.tokenizer
+    cfg = loaded.cfg
     run_dir = Path(adapter).parent
     out_dir = Path(out) if out else run_dir / "eval"
     eval_file = eval_file or cfg.data.eval_file
@@ -88,22 +122,17 @@ def run_eval(
         raise UserError(
             f"holdout file '{eval_file}' not found; pass --eval-file FILE (the eval.jsonl that 'qlora prepare' wrote)"
         )
-    examples, _ = encode_records(tok, load_records(eval_file, "eval_file"), cfg.data.max_seq_len)
-    if not examples:
-        raise UserError(f"no holdout example of '{eval_file}' has an answer token within {cfg.data.max_seq_len} tokens")
-    log(
-        f"eval: {loaded.model_name} + {adapter} on {loaded.device}; {len(examples)} holdout examples, "
-        f"{len(bench.prompts)} benchmark prompts"
-    )
-
-    # Scored as training scored it (the same batch size and 4-bit numerics), before any generation.
-    ppl_batch = max(1, cfg.training.batch_size)
-    with training_numerics(loaded.model):
-        with loaded.base_only():
-            base_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
-        tuned_ppl = holdout_perplexity(loaded.model, examples, ppl_batch, tok.pad_token_id, progress=True)
+    if cfg.training.method == "dpo":
+        log(f"eval: {loaded.model_name} + {adapter} on {loaded.device}; a DPO run: preference pairs of {eval_file}")
+        scored = {"preference": preference_scores(loaded, eval_file)}
+        log(
+            f"holdout perplexity: skipped (it needs SFT records; this DPO run's eval_file holds preference pairs); "
+            f"preference accuracy: base {scored['preference']['accuracy']['base']:.3f} -> "
+            f"tuned {scored['preference']['accuracy']['tuned']:.3f}"
+        )
+    else:
+        scored = {"perplexity": _perplexity(loaded, eval_file, len(bench.prompts), adapter, log)}
     loaded.engine.warm_up()
-    log(f"holdout perplexity: base {base_ppl['perplexity']:.3f} -> tuned {tuned_ppl['perplexity']:.3f}")
 
     prompt_ids = [loaded.engine.encode_chat(single_turn(p.prompt, bench.system)) for p in bench.prompts]
     with loaded.base_only():
@@ -147,18 +176,7 @@ def run_eval(
         "run_dir": str(run_dir),
         "device": speed["device"],
         "weights": "4-bit NF4" if cfg.quantization.load_in_4bit else "16-bit",
-        "perplexity": {
-            "base": base_ppl["perplexity"],
-            "tuned": tuned_ppl["perplexity"],
-            "base_loss": base_ppl["loss"],
-            "tuned_loss": tuned_ppl["loss"],
-            "reduction_pct": 100 * (1 - tuned_ppl["perplexity"] / base_ppl["perplexity"]),
-            "tokens": tuned_ppl["tokens"],
-            "examples": len(examples),
-            "eval_file": str(eval_file),
-            "max_seq_len": cfg.data.max_seq_len,
-            "method": "exp(mean NLL over assistant-answer tokens), token-weighted",
-        },
+        **scored,
         "keyword_pass_rate": {"base": base_passed / n, "tuned": tuned_passed / n},
         "keyword_benchmark": {
             "file": str(bench_path),
@@ -177,8 +195,9 @@ def run_eval(
         "plots": [],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    report["plots"] = write_plots(out_dir, _read_history(run_dir), report)
+    # The plots draw the perplexity; a DPO run's report has the preference metrics instead.
+    report["plots"] = write_plots(out_dir, _read_history(run_dir), report) if "perplexity" in report else []
     report["eval_seconds"] = round(time.time() - start, 1)
     write_report(out_dir, report)
-    log(f"report: {out_dir / 'eval.md'} (and eval.json, {', '.join(report['plots'])})")
+    log(f"report: {out_dir / 'eval.md'} (and {', '.join(['eval.json', *report['plots']])})")
     return report

@@ -60,3 +60,43 @@ def holdout_perplexity(
         model.train()
     loss = total_nll / max(total_tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_tokens}
+
+
+# Preference pairs: the answer log-probabilities DPO training and `qlora eval` rank pairs by.
+def answer_rows(pairs: list[dict]) -> list[list[dict]]:
+    """The chosen rows of `pairs`, then their rejected rows, as one-example rows for `collate`."""
+    chosen = [{"input_ids": p["chosen_input_ids"], "labels": p["chosen_labels"]} for p in pairs]
+    rejected = [{"input_ids": p["rejected_input_ids"], "labels": p["rejected_labels"]} for p in pairs]
+    return [[ex] for ex in chosen + rejected]
+
+
+def answer_logps(model, pairs: list[dict], pad_id: int) -> torch.Tensor:
+    """[pairs, 2] log-probabilities of (chosen, rejected), from one padded forward of both rows."""
+    batch = collate(answer_rows(pairs), pad_id, packing=False)
+    device = next(model.parameters()).device
+    logits = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    ).logits
+    labels = batch["labels"].to(device)
+    nll = torch.stack([summed_answer_nll(logits[r : r + 1], labels[r : r + 1]) for r in range(labels.size(0))])
+    return -nll.view(2, len(pairs)).t()
+
+
+@torch.no_grad()
+def sequence_logps(model, pairs: list[dict], batch_size: int, pad_id: int, desc: str = "") -> torch.Tensor:
+    """[pairs, 2] answer log-probabilities of every pair in eval mode, batch_size pairs a forward."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(pairs), 2)
+    starts = range(0, len(pairs), batch_size)
+    if desc:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=desc, leave=False)
+    for k in starts:
+        out[k : k + batch_size] = answer_logps(model, pairs[k : k + batch_size], pad_id).float().cpu()
+    if was_training:
+        model.train()
+    return out

@@ -50,6 +50,7 @@ from .distributed import pick_strategy
 from .flat_params import FlatParams
 from .model import build_training_model
 from .model_card import write_model_card
+from .preference import check_record_kind
 from .tracking import LOG_FILE, NullTracker, Tracker, truncate_log
 
 SUMMARY_FILE = "train_summary.json"
@@ -257,7 +258,9 @@ def changed_keys(saved: dict, now: dict) -> list[tuple[str, str, object, object]
 class Trainer:
     """Set up in named steps, each reading what the ones before it set: the data, the strategy
     (one device, or several processes through accelerate), the step plan, --resume's checkpoint,
-    the model, the optimizer, the schedule, then the resumed state."""
+    the model, the optimizer, the schedule, then the resumed state. This class trains SFT; the
+    DPOTrainer of train/dpo.py changes only the data, the loss and the evaluation
+    (`train.dpo.make_trainer` picks the one of training.method)."""
 
     def __init__(self, cfg: Config, resume: bool = False, log=print, overwrite: bool = False):
         self.cfg, self.log = cfg, guard_log(log)
@@ -289,19 +292,18 @@ class Trainer:
     def _setup_data(self) -> None:
         """The tokenizer and the encoded training and holdout examples (every process logs them)."""
         cfg = self.cfg
+        if cfg.training.method != "sft":
+            raise UserError(
+                f"training.method {cfg.training.method}: this Trainer trains sft; build it with train.dpo.make_trainer"
+            )
+        for what in ("train_file", "eval_file"):
+            check_record_kind(getattr(cfg.data, what), what, "sft")
         train_records = load_records(cfg.data.train_file, "train_file")
         eval_records = load_records(cfg.data.eval_file, "eval_file") if cfg.data.eval_file else []
         self.tokenizer = load_tokenizer(cfg.model)
         self.train_examples, dropped = encode_records(self.tokenizer, train_records, cfg.data.max_seq_len)
         self.eval_examples, eval_dropped = encode_records(self.tokenizer, eval_records, cfg.data.max_seq_len)
-        truncated = sum(ex["truncated"] for ex in self.train_examples)
-        self.data_stats = {
-            "train_records": len(train_records),
-            "train_examples": len(self.train_examples),
-            "eval_examples": len(self.eval_examples),
-            "truncated": truncated,
-            "dropped_no_labels": dropped + eval_dropped,
-        }
+        truncated = self._count_data(len(train_records), dropped + eval_dropped)
         self.log(
             f"data: {len(self.train_examples)} training examples ({truncated} truncated to "
             f"{cfg.data.max_seq_len} tokens, {dropped} dropped with no answer token left), "
@@ -312,6 +314,18 @@ class Trainer:
                 f"no usable training example in '{cfg.data.train_file}' "
                 f"(all answers were truncated away? raise data.max_seq_len)"
             )
+
+    def _count_data(self, n_records: int, dropped: int) -> int:
+        """Record the data's counts in `data_stats`; returns how many training examples were truncated."""
+        truncated = sum(ex["truncated"] for ex in self.train_examples)
+        self.data_stats = {
+            "train_records": n_records,
+            "train_examples": len(self.train_examples),
+            "eval_examples": len(self.eval_examples),
+            "truncated": truncated,
+            "dropped_no_labels": dropped,
+        }
+        return truncated
 
     def _setup_strategy(self) -> None:
         """One device, or several processes (torchrun / accelerate launch) through accelerate's
@@ -324,11 +338,15 @@ class Trainer:
         """The step plan. It needs only the data, so --resume knows where it stands (and whether
         there is anything left to do) before the model is loaded."""
         tc = self.cfg.training
-        self.lengths = [len(ex["input_ids"]) for ex in self.train_examples]
-        # Labelled tokens after the one-token shift; packing masks each example's first label too.
-        self.label_counts = [sum(lab != IGNORE for lab in ex["labels"][1:]) for ex in self.train_examples]
+        self.lengths, self.label_counts = self._lengths_and_weights()
         self.batches_per_epoch = len(self._plan(0))
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * self.batches_per_epoch / tc.grad_accum))
+
+    def _lengths_and_weights(self) -> tuple[list[int], list[int]]:
+        """Each example's length (for the batch plan) and its weight in a step's loss: its labelled
+        tokens after the one-token shift (packing masks each example's first label too)."""
+        lengths = [len(ex["input_ids"]) for ex in self.train_examples]
+        return lengths, [sum(lab != IGNORE for lab in ex["labels"][1:]) for ex in self.train_examples]
 
     def _find_resume(self) -> Path | None:
         """The checkpoint --resume continues from (None: start at step 0); sets `finished` when
@@ -698,6 +716,7 @@ class Trainer:
                     "grad_norm": float(grad_norm),
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                     "tokens": window_tokens,
+                    **self._window_metrics(),
                 }
                 self.history.append(record)
                 tracker.log(record, self.step)
@@ -797,10 +816,25 @@ class Trainer:
         self._evaluating = True  # stays set if it fails: the out-of-memory message reads it
         result = self.evaluate()
         self._evaluating = False
-        record = {"step": self.step, "eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
+        record = {"step": self.step, **self._eval_record(result)}
         self.history.append(record)
         tracker.log(record, self.step)
         return result
+
+    def _window_metrics(self) -> dict:
+        """Further means over the steps of a log line (none for SFT)."""
+        return {}
+
+    def _eval_record(self, result: dict) -> dict:
+        """What a holdout evaluation adds to the log."""
+        return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
+
+    def _eval_summary(self, result: dict | None) -> dict:
+        """What the final holdout evaluation adds to the run's summary."""
+        return {
+            "eval_loss": result["loss"] if result else None,
+            "eval_perplexity": result["perplexity"] if result else None,
+        }
 
     def _summarize(self, final_eval: dict | None) -> dict:
         if not self.strategy.is_main:
@@ -812,8 +846,7 @@ class Trainer:
             "tokens_per_s": round(self.train_tokens / max(self.train_seconds, 1e-9), 1),
             "train_loss_first": next((h["loss"] for h in self.history if "loss" in h), None),
             "train_loss_last": next((h["loss"] for h in reversed(self.history) if "loss" in h), None),
-            "eval_loss": final_eval["loss"] if final_eval else None,
-            "eval_perplexity": final_eval["perplexity"] if final_eval else None,
+            **self._eval_summary(final_eval),
             "peak_memory_gib": round(peak_memory_gib(self.device), 2),
             "device": device_label(self.device),
             **self.data_stats,
