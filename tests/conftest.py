@@ -139,3 +139,11 @@ def interrupt_during(trainer, call: int):
 
     trainer._forward_backward = flaky
     return trainer
+
+
+def assert_same_lora(model, expected, atol: float = 1e-5) -> None:
+    """Every LoRA weight of `model` equals `expected`'s within atol."""
+    want = dict(expected.named_parameters())
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert torch.allclose(p, want[name], atol=atol), name

@@ -16,7 +16,7 @@ from qlora_platform.train.checkpoint import list_checkpoints
 from qlora_platform.train.dpo import DPOTrainer, make_trainer
 from qlora_platform.train.preference import dpo_loss, preference_metrics
 from qlora_platform.train.trainer import Trainer
-from tests.conftest import interrupt_during, tiny_run_config, toy_task, write_jsonl
+from tests.conftest import assert_same_lora, interrupt_during, tiny_run_config, toy_task, write_jsonl
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 
@@ -120,10 +120,7 @@ def test_an_interrupted_dpo_run_resumes_where_it_stopped(dpo_cfg, tmp_path):
     assert isinstance(resumed, DPOTrainer) and resumed.step == 4
     resumed.train()
     assert resumed.step == 6
-    a = dict(full.model.named_parameters())
-    for name, p in resumed.model.named_parameters():
-        if "lora_" in name:
-            assert torch.allclose(p, a[name], atol=1e-5), name
+    assert_same_lora(resumed.model, full.model)
 
 
 def test_an_sft_file_for_dpo_is_one_line_naming_the_fix(dpo_cfg, tmp_path):

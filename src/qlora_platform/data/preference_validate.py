@@ -47,11 +47,12 @@ def _answer_stats(report, kind: str, records: list[dict]) -> None:
         )
 
 
-def _duplicates(report, path, numbered: list[tuple[int, dict]]) -> None:
+def warn_duplicates(report, path, numbered: list[tuple[int, dict]], key_of) -> None:
+    """One warning naming the first repeated records, where `key_of(record)` says what repeats."""
     seen: dict[tuple, int] = {}
     duplicates = []
     for lineno, rec in numbered:
-        key = record_key(rec)
+        key = key_of(rec)
         if key in seen:
             duplicates.append(f"{path}:{lineno} repeats line {seen[key]}")
         else:
@@ -96,7 +97,7 @@ def check_kind_records(
 ) -> None:
     """Add the findings on a file's valid non-SFT records (with their line numbers) to a ValidationReport."""
     records = [rec for _, rec in numbered]
-    _duplicates(report, path, numbered)
+    warn_duplicates(report, path, numbered, record_key)
     _answer_stats(report, kind, records)
     if tokenizer is not None:
         _lengths(report, path, kind, numbered, tokenizer, max_seq_len)

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..errors import UserError
 from .formats import answer_of, normalise_key, prompt_of
 from .preference import KIND_NAMES, prompt_text, read_kind_lines
-from .preference_validate import check_kind_records
+from .preference_validate import check_kind_records, warn_duplicates
 from .tokenize import IGNORE, encode_record
 
 MAX_LISTED = 20
@@ -97,18 +97,7 @@ def validate_file(
             _check_leakage(report, path, kind, records, Path(eval_path))
         return report
 
-    seen: dict[tuple, int] = {}
-    duplicates = []
-    for lineno, rec in records:
-        key = (normalise_key(prompt_of(rec)), normalise_key(answer_of(rec)))
-        if key in seen:
-            duplicates.append(f"{path}:{lineno} repeats line {seen[key]}")
-        else:
-            seen[key] = lineno
-    if duplicates:
-        report.warnings.append(
-            f"{len(duplicates)} duplicate record(s), e.g. {'; '.join(duplicates[:3])} ('qlora prepare' removes them)"
-        )
+    warn_duplicates(report, path, records, lambda rec: (normalise_key(prompt_of(rec)), normalise_key(answer_of(rec))))
     words = [len(answer_of(r).split()) for _, r in records]
     avg = sum(words) / len(words)
     report.stats["answers"] = (
