@@ -142,7 +142,7 @@ def cmd_train(args, extra) -> int:
         return launch(_train_argv(args, extra), args.num_processes)
     from contextlib import redirect_stderr, redirect_stdout
 
-    from .train.dpo import make_trainer
+    from .train.methods import make_trainer
     from .train.trainer import GuardedStream, flush_quietly, plural, say
 
     # Output goes out guarded: with stdout or stderr a pipe whose reader is gone (| tee stopped by

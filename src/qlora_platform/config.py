@@ -95,15 +95,15 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    # dpo trains on preference pairs against the same base with the adapter switched off as the
-    # reference (train/preference.py); more methods come as they work.
-    method: Literal["sft", "dpo"] = Field(
+    # Every method trains one LoRA adapter on the 4-bit base; the reference policy is that base with
+    # the adapter switched off, and a reward model is a second adapter with a scalar head
+    # (docs/preference.md). The method-specific keys are in the alignment section.
+    method: Literal["sft", "reward", "dpo", "orpo", "kto", "ppo", "grpo"] = Field(
         "sft",
         json_schema_extra=MUST_MATCH,
-        description="sft: answers of chat records; dpo: Direct Preference Optimization on preference pairs",
-    )
-    dpo_beta: float = Field(
-        0.1, gt=0, description="with method dpo: strength of the pull towards the reference (the base model)"
+        description="sft: answers of chat records; reward: a reward model (adapter + scalar head) on preference "
+        "pairs; dpo / orpo: preference pairs; kto: completions marked desirable or not; ppo / grpo: "
+        "reinforcement learning on prompts",
     )
     epochs: float = Field(1.0, gt=0, description="passes over the training data (fractions allowed)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
@@ -164,6 +164,35 @@ class TrainingConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="CPU threads; null: torch's default")
 
 
+class AlignmentConfig(_Section):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo, kto: strength of the pull towards the reference (the base model); orpo: weight of "
+        "the odds-ratio term beside the chosen answer's loss",
+    )
+    kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable completions' losses")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable completions' losses")
+    reward_adapter: str | None = Field(
+        None,
+        description="ppo, grpo: the final_adapter folder of a training.method reward run on the same base, "
+        "scoring sampled answers",
+    )
+    reward_functions: list[str] = Field(
+        [],
+        description="grpo, ppo: Python rewards as 'module:function' (or 'path/to/file.py:function'), each called "
+        "with prompts and completions and returning one float per completion; summed with the reward adapter's",
+    )
+    num_generations: int = Field(4, ge=2, description="grpo: answers sampled per prompt (the group); ppo: per prompt")
+    max_new_tokens: int = Field(64, ge=1, description="ppo, grpo: longest sampled answer in tokens")
+    temperature: float = Field(1.0, gt=0, description="ppo, grpo: sampling temperature of the answers")
+    kl_coef: float = Field(
+        0.05, ge=0, description="ppo, grpo: weight of the KL divergence to the reference (the base model)"
+    )
+    clip_range: float = Field(0.2, gt=0, description="ppo, grpo: clipping of the policy ratio")
+    value_coef: float = Field(0.1, gt=0, description="ppo: weight of the value head's loss")
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs/default", description="run folder: checkpoints, final_adapter, logs, summary")
 
@@ -174,6 +203,7 @@ class Config(_Section):
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
+    alignment: AlignmentConfig = AlignmentConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -187,9 +217,10 @@ class Config(_Section):
                 "training.offload_checkpoints: offloading moves the checkpoints of gradient "
                 "checkpointing; set training.gradient_checkpointing true or drop it"
             )
-        if self.training.method == "dpo" and self.data.packing:
+        if self.training.method != "sft" and self.data.packing:
             raise ValueError(
-                "data.packing: training.method dpo runs each answer in a padded row of its own; set data.packing false"
+                f"data.packing: training.method {self.training.method} runs each answer in a padded row of its "
+                "own; set data.packing false"
             )
         return self
 
@@ -388,7 +419,7 @@ def validate_config(raw: dict, source: str = "config", typed: dict[str, str] | N
 
 # Paths in a config are relative to the folder the command runs in; a run stores them
 # absolute, so its config.yaml and the commands printed for it work from anywhere.
-PATH_KEYS = (("data", "train_file"), ("data", "eval_file"), ("output", "dir"))
+PATH_KEYS = (("data", "train_file"), ("data", "eval_file"), ("alignment", "reward_adapter"), ("output", "dir"))
 
 
 def absolute_paths(cfg: Config, base: Path | None = None) -> Config:

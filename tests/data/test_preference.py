@@ -3,7 +3,7 @@ import json
 import pytest
 
 from qlora_platform.data.formats import normalise_key
-from qlora_platform.data.preference import detect_kind, load_kind_records, prompt_text, split_records, to_kind_record
+from qlora_platform.data.preference import detect_kind, load_kind_records, prompt_text, to_kind_record
 from qlora_platform.data.preference_sample import build_sample_preferences
 from qlora_platform.data.preference_tokenize import encode_kto, encode_pair, encode_pairs, encode_prompt
 from qlora_platform.data.prepare import format_report, prepare
@@ -201,18 +201,21 @@ def test_prepare_writes_kto_and_prompt_only_files(tmp_path):
 
 
 def test_sample_preferences_are_many_distinct_and_seeded():
-    pairs = build_sample_preferences()
+    train, held = build_sample_preferences()
+    pairs = train + held
     assert len(pairs) >= 300
-    assert build_sample_preferences() == pairs
+    assert build_sample_preferences() == (train, held)
     assert all(normalise_key(p["chosen"]) != normalise_key(p["rejected"]) for p in pairs)
     assert all(to_kind_record(p, "sample") == p for p in pairs)
     assert len({normalise_key(prompt_text(p)) for p in pairs}) == len(pairs)
-    assert build_sample_preferences(seed=7) != pairs
+    assert build_sample_preferences(seed=7) != (train, held)
     # An object's wrong answer names the asked object and documents another one of its module.
     loads = next(p for p in pairs if "`json.loads`" in p["prompt"][-1]["content"])
     assert loads["rejected"].startswith("`json.loads(") and loads["rejected"] != loads["chosen"]
-    train, held = split_records(pairs, 0.1, 42)
     assert len(held) > 100 and not {prompt_text(r) for r in held} & {prompt_text(r) for r in train}
+    # No holdout answer, right or wrong, is an answer of a training pair: nothing teaches against it.
+    train_answers = {normalise_key(a) for r in train for a in (r["chosen"], r["rejected"])}
+    assert not {normalise_key(a) for r in held for a in (r["chosen"], r["rejected"])} & train_answers
 
 
 def test_prepare_sample_preferences_through_the_cli_is_deterministic(tmp_path, capsys):

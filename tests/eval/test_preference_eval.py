@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from qlora_platform.eval.run import run_eval
-from qlora_platform.train.dpo import make_trainer
+from qlora_platform.train.methods import make_trainer
 from tests.conftest import tiny_run_config
 from tests.train.test_dpo import WORDS, toy_pairs
 
@@ -17,7 +17,7 @@ def test_eval_of_a_dpo_adapter_reports_preference_accuracy_and_margin(tmp_path, 
         train,
         held,
         tmp_path / "run",
-        **{"training.method": "dpo", "training.dpo_beta": 0.5, "training.max_steps": 6},
+        **{"training.method": "dpo", "alignment.beta": 0.5, "training.max_steps": 6},
     )
     make_trainer(cfg, log=lambda *_: None).train()
     prompts = tmp_path / "prompts.json"
@@ -43,8 +43,10 @@ def test_eval_of_a_dpo_adapter_reports_preference_accuracy_and_margin(tmp_path, 
     pref = saved["preference"]
     assert set(pref["accuracy"]) == {"base", "tuned"} and set(pref["margin"]) == {"base", "tuned"}
     assert pref["pairs"] == 4 and all(0 <= v <= 1 for v in pref["accuracy"].values())
-    # Trained on the same kind of pairs, the tuned model prefers the chosen answers.
-    assert pref["accuracy"]["tuned"] == 1.0 and pref["margin"]["tuned"] > 0
+    # Trained on the same kind of pairs, the tuning moves every pair towards its chosen answer and the
+    # tuned model ranks more of them right than the base (whose ranking the answers' lengths skew).
+    assert pref["implicit_reward"]["accuracy"] == 1.0 and pref["implicit_reward"]["margin"] > 0
+    assert pref["accuracy"]["tuned"] > pref["accuracy"]["base"] and pref["margin"]["tuned"] > pref["margin"]["base"]
     assert "perplexity" not in saved and saved["plots"] == []
     assert sum("perplexity: skipped" in line for line in lines) == 1
     md = (tmp_path / "run" / "eval" / "eval.md").read_text()

@@ -105,3 +105,15 @@ def test_the_cpu_estimate_is_near_the_measured_peak_resident_memory():
     est = estimate_training_memory(smollm2, cfg, device="cpu")["total"] / GIB
     assert 5.87 * 0.8 < est < 5.87 * 1.1, est
     assert estimate_training_memory(smollm2, cfg, device="cuda")["total"] / GIB < 2.5
+
+
+def test_preference_and_rl_methods_count_their_rows_and_full_logits():
+    from qlora_platform.models.memory import micro_batch_rows
+
+    dpo = load_config("configs/mistral-7b-dpo.yaml")
+    assert micro_batch_rows(dpo) == 4  # 2 pairs: their chosen and rejected rows
+    assert micro_batch_rows(_cfg(method="grpo", batch_size=1, num_generations=6)) == 6
+    est, sft = estimate_training_memory(MISTRAL, dpo), estimate_training_memory(MISTRAL, _cfg(batch_size=4))
+    assert est["activations_kept"] == sft["activations_kept"]  # the same rows of 1024 tokens
+    assert est["logits_and_loss"] > 4 * sft["logits_and_loss"]  # answers are scored from full logits
+    assert est["total"] < 7.5 * GIB, est["total"] / GIB

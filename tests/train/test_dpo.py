@@ -13,7 +13,8 @@ from qlora_platform.config import load_config, resume_keys
 from qlora_platform.errors import UserError
 from qlora_platform.models.scoring import sequence_logps
 from qlora_platform.train.checkpoint import list_checkpoints
-from qlora_platform.train.dpo import DPOTrainer, make_trainer
+from qlora_platform.train.dpo import DPOTrainer
+from qlora_platform.train.methods import make_trainer
 from qlora_platform.train.preference import dpo_loss, preference_metrics
 from qlora_platform.train.trainer import Trainer
 from tests.conftest import assert_same_lora, interrupt_during, tiny_run_config, toy_task, write_jsonl
@@ -44,7 +45,7 @@ def dpo_cfg(tiny_model_dir, tmp_path):
         train,
         held,
         tmp_path / "run",
-        **{"training.method": "dpo", "training.dpo_beta": 0.5, "training.learning_rate": 1e-2},
+        **{"training.method": "dpo", "alignment.beta": 0.5, "training.learning_rate": 1e-2},
     )
 
 
@@ -76,7 +77,7 @@ def test_at_step_zero_the_policy_is_the_reference(dpo_cfg):
     assert int(planned.sum()) == 4
     pairs = [ex for ex, keep in zip(trainer.train_examples, planned) if keep]
     policy = sequence_logps(trainer.model, pairs, 4, trainer.tokenizer.pad_token_id)
-    stats = preference_metrics(policy, trainer.reference[planned], dpo_cfg.training.dpo_beta)
+    stats = preference_metrics(policy, trainer.reference[planned], dpo_cfg.alignment.beta)
     assert stats["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert stats["margin"] == pytest.approx(0.0, abs=1e-4)
     trainer.train()
@@ -97,7 +98,7 @@ def test_dpo_steps_raise_the_reward_accuracy_and_margin(dpo_cfg):
     assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["margin"] > steps[0]["margin"] + 0.1
     assert not trainer.reference.isnan().any()  # 8 steps of 4 reach every one of the 24 pairs
     policy = sequence_logps(trainer.model, trainer.train_examples, 4, trainer.tokenizer.pad_token_id)
-    after = preference_metrics(policy, trainer.reference, dpo_cfg.training.dpo_beta)
+    after = preference_metrics(policy, trainer.reference, dpo_cfg.alignment.beta)
     assert after["reward_accuracy"] > 0.8 and after["margin"] > 0.1 and after["loss"] < math.log(2)
     assert any(not torch.equal(lora0[n], p) for n, p in trainer.model.named_parameters() if n in lora0)
     assert summary["method"] == "dpo" and summary["eval_perplexity"] is None
@@ -144,7 +145,8 @@ def test_a_pairs_file_for_sft_is_one_line_naming_the_fix(dpo_cfg):
 
 def test_config_knows_the_methods():
     assert load_config(None, {}).training.method == "sft" and ("training", "method") in resume_keys()
-    with pytest.raises(UserError, match="method"):
-        load_config(None, {"training.method": "orpo"})
+    with pytest.raises(UserError, match="method") as err:
+        load_config(None, {"training.method": "rlhf"})
+    assert "grpo" in str(err.value) and "\n" not in str(err.value)  # names the methods there are
     with pytest.raises(UserError, match="data.packing"):
         load_config(None, {"training.method": "dpo", "data.packing": "true"})

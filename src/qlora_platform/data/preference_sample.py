@@ -12,8 +12,10 @@ is the same on every run of one Python version. A function, method or class answ
 signature line; the wrong answer keeps the asked object's name on it with the neighbour's
 parameters and documentation, so it reads as an answer to the question.
 
-    pairs = build_sample_preferences(seed=42)   # [{"prompt": [...], "chosen", "rejected", "category"}]
+    train, holdout = build_sample_preferences(seed=42, eval_ratio=0.1)   # pairs: prompt, chosen, rejected, category
 
+The questions are split into train and holdout before any wrong answer is drawn, and each side
+draws from itself: no holdout question's right answer is a rejected answer in training.
 `qlora prepare --sample-preferences` writes them as train.jsonl + eval.jsonl.
 """
 
@@ -23,6 +25,7 @@ import random
 import re
 
 from .sample import build_sample_records
+from .split import split_holdout
 
 OBJECT_CATEGORIES = ("function", "method", "class")
 MAX_OVERLAP = 0.5
@@ -96,9 +99,17 @@ def _wrong_answer(item: dict, other: dict) -> str:
     return f"`{item['name']}{other['params']}`\n\n{other['body']}"
 
 
-def build_sample_preferences(seed: int = 42) -> list[dict]:
-    """One pair per sample question that has a neighbour, in the sample set's order."""
-    items = _items(build_sample_records())
+def build_sample_preferences(seed: int = 42, eval_ratio: float = 0.1) -> tuple[list[dict], list[dict]]:
+    """(train, holdout) pairs: one per sample question that has a neighbour, in the sample set's order.
+
+    The questions are split first (as `qlora prepare --sample` splits them) and each side draws its
+    wrong answers from its own side only: a training pair that pushed a holdout question's right
+    answer down as a rejected one would teach the model against the holdout."""
+    train, holdout = split_holdout(build_sample_records(), eval_ratio, seed)
+    return _pairs(_items(train), seed), _pairs(_items(holdout), seed)
+
+
+def _pairs(items: list[dict], seed: int) -> list[dict]:
     pairs = []
     for item in items:
         messages = item["rec"]["messages"]

@@ -168,8 +168,11 @@ def prepare(
     if sample:
         records += build_sample_records()
         guard.check("sft", "the --sample set")
+    preset: dict[int, bool] = {}  # id(record) -> holdout, for sets that come split already
     if sample_preferences:
-        records += build_sample_preferences(seed)
+        pref_train, pref_holdout = build_sample_preferences(seed, eval_ratio)
+        preset.update({id(r): False for r in pref_train} | {id(r): True for r in pref_holdout})
+        records += pref_train + pref_holdout
         guard.check("preference", "the --sample-preferences set")
     raw_count += len(records)
     record_fmt = "auto" if fmt == "hf" else fmt
@@ -204,7 +207,9 @@ def prepare(
         raise UserError(
             f"no valid record left to write: all {raw_count} records were invalid, e.g. {' | '.join(first_invalid[:3])}"
         )
-    train, holdout = split_records(unique, eval_ratio, seed)
+    train, holdout = split_records([r for r in unique if id(r) not in preset], eval_ratio, seed)
+    train += [r for r in unique if preset.get(id(r)) is False]
+    holdout += [r for r in unique if preset.get(id(r)) is True]
     out_dir = Path(out_dir)
     stale = None if holdout else _stale_eval(out_dir)
     write_jsonl(out_dir / "train.jsonl", train)

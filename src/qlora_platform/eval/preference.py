@@ -5,15 +5,16 @@
 
 The log-probability of an answer is the sum of its answer tokens' log-probabilities after the
 prompt, as DPO training scores it (models/scoring.py). Base = the same weights with the adapter
-switched off. Against itself the base's DPO reward is 0, so the base ranks a pair by its own
-log-probabilities:
+switched off. Both models rank a pair the same way, by their own log-probabilities:
 
-- base margin of a pair:  log p_base(chosen) - log p_base(rejected);
-- tuned margin of a pair: the DPO implicit reward margin against the base,
-  beta * ((log p_tuned(chosen) - log p_base(chosen)) - (log p_tuned(rejected) - log p_base(rejected)));
-- accuracy: the share of pairs whose margin is above 0; `margin`: the mean margin.
+- margin of a pair under a model: log p(chosen) - log p(rejected);
+- accuracy: the share of pairs whose margin is above 0; `margin`: the mean margin (nats).
 
-The two margins are on different scales (nats against beta-scaled nats); the accuracies compare.
+The tuned adapter's DPO implicit reward against the base (what DPO training logs as reward
+accuracy) is reported beside them as `implicit_reward`: its margin is
+beta * ((log p_tuned(chosen) - log p_base(chosen)) - (log p_tuned(rejected) - log p_base(rejected))),
+the share above 0 being the pairs the tuning moved towards the chosen answer. The base's implicit
+reward against itself is 0, so it has no such figure.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from ..models.loader import training_numerics
 from ..models.scoring import sequence_logps
 
 DEFINITION = (
-    "base: log p(chosen) - log p(rejected) under the base (adapter off); tuned: the DPO implicit reward "
-    "margin beta * ((log p_tuned(chosen) - log p_base(chosen)) - (log p_tuned(rejected) - log p_base(rejected))); "
-    "accuracy: share of pairs with margin > 0; log p: summed over the answer tokens"
+    "margin: log p(chosen) - log p(rejected) under each model (base = adapter off); accuracy: share of pairs "
+    "with margin > 0; log p: summed over the answer tokens; implicit_reward: the tuned model's DPO reward margin "
+    "beta * ((log p_tuned(chosen) - log p_base(chosen)) - (log p_tuned(rejected) - log p_base(rejected)))"
 )
 
 
@@ -44,18 +45,21 @@ def preference_scores(loaded, eval_file: str, batch_size: int | None = None) -> 
     pairs, dropped = encode_pairs(tok, records, cfg.data.max_seq_len)
     if not pairs:
         raise UserError(f"no holdout pair of '{eval_file}' fits in data.max_seq_len {cfg.data.max_seq_len}")
-    size, pad, beta = batch_size or max(1, cfg.training.batch_size), tok.pad_token_id, cfg.training.dpo_beta
+    size, pad, beta = batch_size or max(1, cfg.training.batch_size), tok.pad_token_id, cfg.alignment.beta
     # Scored with the 4-bit numerics training used, before any generation repacks the layers.
     with training_numerics(loaded.model):
         with loaded.base_only():
             base = sequence_logps(loaded.model, pairs, size, pad, "preference (base)")
         tuned = sequence_logps(loaded.model, pairs, size, pad, "preference (tuned)")
-    base_margin = base[:, 0] - base[:, 1]
-    tuned_margin = beta * ((tuned[:, 0] - base[:, 0]) - (tuned[:, 1] - base[:, 1]))
+    base_margin, tuned_margin = base[:, 0] - base[:, 1], tuned[:, 0] - tuned[:, 1]
+    implicit = beta * (tuned_margin - base_margin)
     (base_acc, base_mean), (tuned_acc, tuned_mean) = _summary(base_margin), _summary(tuned_margin)
+    implicit_acc, implicit_mean = _summary(implicit)
     return {
         "accuracy": {"base": base_acc, "tuned": tuned_acc},
         "margin": {"base": base_mean, "tuned": tuned_mean},
+        "implicit_reward": {"accuracy": implicit_acc, "margin": implicit_mean},
+        "training_method": cfg.training.method,
         "pairs": len(pairs),
         "dropped": dropped,
         "beta": beta,
@@ -66,22 +70,33 @@ def preference_scores(loaded, eval_file: str, batch_size: int | None = None) -> 
 
 
 def preference_markdown(pref: dict) -> list[str]:
-    """The eval.md section of the preference metrics."""
-    acc, margin = pref["accuracy"], pref["margin"]
+    """The eval.md section of the preference metrics; the implicit-reward row for DPO runs only."""
+    acc, margin, method = pref["accuracy"], pref["margin"], pref.get("training_method", "dpo")
+    dpo = method == "dpo"
+    implicit = (
+        [f"| implicit reward accuracy (tuned against base) | | {100 * pref['implicit_reward']['accuracy']:.1f}% |"]
+        if dpo
+        else []
+    )
+    note = (
+        f"The implicit reward is DPO's, beta {pref['beta']}: beta * ((log p_tuned(chosen) - log p_base(chosen)) - "
+        f"(log p_tuned(rejected) - log p_base(rejected))); its accuracy is the share of pairs the tuning moved "
+        f"towards the chosen answer."
+        if dpo
+        else ""
+    )
     return [
-        "## Preference pairs (DPO)",
+        f"## Preference pairs ({method.upper()})",
         "",
         "| metric | base | tuned |",
         "|---|---|---|",
         f"| preference accuracy | {100 * acc['base']:.1f}% | {100 * acc['tuned']:.1f}% |",
-        f"| mean margin | {margin['base']:.3f} | {margin['tuned']:.3f} |",
+        f"| mean margin (nats) | {margin['base']:.3f} | {margin['tuned']:.3f} |",
+        *implicit,
         "",
         f"{pref['pairs']} holdout pairs of `{pref['eval_file']}` (max {pref['max_seq_len']} tokens each, "
-        f"{pref['dropped']} dropped that do not fit), beta {pref['beta']}. Base ranks a pair by "
-        f"log p(chosen) - log p(rejected) under the base model (the adapter switched off; its DPO reward "
-        f"against itself is 0); tuned by the DPO implicit reward margin against the base, "
-        f"beta * ((log p_tuned(chosen) - log p_base(chosen)) - (log p_tuned(rejected) - log p_base(rejected))). "
-        f"Accuracy is the share of pairs whose margin is above 0; log p sums over the answer tokens. "
-        f"The two margins are on different scales; the accuracies compare.",
+        f"{pref['dropped']} dropped that do not fit). Each model ranks a pair by its own "
+        f"log p(chosen) - log p(rejected), log p summed over the answer tokens (base: the adapter "
+        f"switched off); accuracy is the share of pairs ranked right. {note}".rstrip(),
         "",
     ]

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 
 from .preference import preference_markdown
+from .reward import alignment_markdown
+from .rl import rl_markdown
 
 SCHEMA_VERSION = 1
 
@@ -71,6 +73,8 @@ def render_markdown(report: dict) -> str:
         "",
         *_perplexity_note(report.get("perplexity")),
         *(preference_markdown(report["preference"]) if "preference" in report else []),
+        *(rl_markdown(report["rl"]) if "rl" in report else []),
+        *alignment_markdown(report),
         "## Speed (tuned model, batch 1)",
         "",
         "| prefill tokens/s | decode tokens/s | time to first token | peak memory | device |",

@@ -130,6 +130,20 @@ def run_eval(
             f"preference accuracy: base {scored['preference']['accuracy']['base']:.3f} -> "
             f"tuned {scored['preference']['accuracy']['tuned']:.3f}"
         )
+    elif cfg.training.method in ("ppo", "grpo"):
+        from .rl import rl_scores
+
+        log(f"eval: {loaded.model_name} + {adapter} on {loaded.device}; an RL run: sampled answers to {eval_file}")
+        scored = {"rl": rl_scores(loaded, eval_file, trust_remote_code=trust_remote_code, log=log)}
+        reward = scored["rl"]["reward"]
+        log(
+            f"holdout perplexity: skipped (an RL run learns from sampled answers); mean reward: base {reward['base']} "
+            f"-> tuned {reward['tuned']}, KL to the base {scored['rl']['kl']:.4f} per answer token"
+        )
+    elif cfg.training.method in ("reward", "orpo", "kto"):
+        from .reward import alignment_scores
+
+        scored = alignment_scores(loaded, eval_file, adapter, log)
     else:
         scored = {"perplexity": _perplexity(loaded, eval_file, len(bench.prompts), adapter, log)}
     loaded.engine.warm_up()

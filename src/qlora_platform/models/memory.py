@@ -52,6 +52,21 @@ def _linears(d: dict) -> dict[str, tuple[int, int]]:
     }
 
 
+# Rows of one micro-batch per training.batch_size unit: a pair's chosen and rejected answers (for
+# KTO a completion and the mismatched completion of its KL estimate), or an RL prompt's sampled answers.
+PAIR_METHODS = ("reward", "dpo", "orpo", "kto")
+
+
+def micro_batch_rows(cfg: Config) -> int:
+    """The rows one micro-batch runs through the model for cfg's training method."""
+    method, b = cfg.training.method, cfg.training.batch_size
+    if method in PAIR_METHODS:
+        return 2 * b
+    if method in ("ppo", "grpo"):
+        return b * cfg.alignment.num_generations
+    return b
+
+
 def estimate_training_memory(
     mc, cfg: Config | ResolvedConfig, processes: int = 1, device: str | None = None
 ) -> dict[str, float]:
@@ -69,7 +84,7 @@ def estimate_training_memory(
     rc, device = cfg, cfg.device
     cfg = rc.cfg
     d = _dims(mc)
-    b, s, layers = cfg.training.batch_size, cfg.data.max_seq_len, d["layers"]
+    b, s, layers = micro_batch_rows(cfg), cfg.data.max_seq_len, d["layers"]
     act_bytes = 4 if cfg.quantization.compute_dtype == "float32" else 2
     linears = _linears(d)
     linear_params = layers * sum(a * o for a, o in linears.values())
@@ -92,6 +107,8 @@ def estimate_training_memory(
         act_bytes = 4  # fp32 norms and head make every activation fp32
     single = processes == 1
     fast = single and rc.fast_kernels and not fp32_norms
+    # Only SFT's loss is the logits-free one; the other methods score answers from full logits.
+    fast_loss = fast and cfg.training.method == "sft"
     offload = single and rc.offload_checkpoints
     shards = processes if not single and cfg.training.strategy in ("fsdp", "deepspeed-zero3") else 1
     heads = mc.num_attention_heads
@@ -132,7 +149,7 @@ def estimate_training_memory(
         # fp32 activations enter the 4-bit layers cast to the compute dtype, and autograd keeps
         # that copy too: the inputs of q, k, v, o, gate and up (h wide) and of down (i wide).
         kept += (layers if not cfg.training.gradient_checkpointing else 1) * tokens * (6 * d["h"] + d["i"]) * 2
-    if fast:
+    if fast_loss:
         # The logits-free loss: one chunk of 16-bit and fp32 logits, and the hidden-state gradient.
         from ..kernels.cross_entropy import chunk_rows
 

@@ -100,3 +100,35 @@ def sequence_logps(model, pairs: list[dict], batch_size: int, pad_id: int, desc:
     if was_training:
         model.train()
     return out
+
+
+# Single answers (KTO's completions): the same log-probabilities, one row per example.
+def row_logps(model, rows: list[dict], pad_id: int) -> torch.Tensor:
+    """[rows] answer log-probabilities of encoded examples ({'input_ids', 'labels'}), one padded forward."""
+    batch = collate([[ex] for ex in rows], pad_id, packing=False)
+    device = next(model.parameters()).device
+    logits = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    ).logits
+    labels = batch["labels"].to(device)
+    return -torch.stack([summed_answer_nll(logits[r : r + 1], labels[r : r + 1]) for r in range(labels.size(0))])
+
+
+@torch.no_grad()
+def rows_logps(model, rows: list[dict], batch_size: int, pad_id: int, desc: str = "") -> torch.Tensor:
+    """[rows] answer log-probabilities of every example in eval mode, batch_size rows a forward."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(rows))
+    starts = range(0, len(rows), batch_size)
+    if desc:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=desc, leave=False)
+    for k in starts:
+        out[k : k + batch_size] = row_logps(model, rows[k : k + batch_size], pad_id).float().cpu()
+    if was_training:
+        model.train()
+    return out

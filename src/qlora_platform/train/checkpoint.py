@@ -155,7 +155,10 @@ def replace_folder(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(
+    out_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, keep: int, extra=None
+) -> Path:
+    """checkpoint-`step` (module doc); `extra(folder)` adds files (a reward or value head) beside the adapter."""
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f"checkpoint-{step}.tmp"
@@ -163,6 +166,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler,
     try:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng_state.pt")

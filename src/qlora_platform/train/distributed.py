@@ -187,7 +187,9 @@ class Distributed(Strategy):
                 peft_model.save_pretrained(path, state_dict=state, safe_serialization=True)
         self.barrier()
 
-    def save_checkpoint(self, out: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    def save_checkpoint(
+        self, out: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, extra=None
+    ) -> Path:
         """checkpoint-N as in checkpoint.py (adapter, scheduler, trainer_state.json last, atomic
         rename), with one optimizer and RNG file per process: FSDP's optimizer state is sharded,
         so each process keeps its own; resuming needs the same number of processes."""
@@ -208,6 +210,8 @@ class Distributed(Strategy):
         self.barrier()
         if self.is_main:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if extra is not None:
+                extra(tmp)
             state = {**state, "global_step": step, "world_size": self.world, "strategy": self.engine}
             publish(tmp, final, state, out, keep)
         self.barrier()

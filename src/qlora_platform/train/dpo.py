@@ -1,6 +1,6 @@
 """The DPO trainer: the platform's Trainer with preference pairs as data and the DPO loss.
 
-    trainer = make_trainer(cfg)   # a DPOTrainer for training.method dpo, else the SFT Trainer
+    trainer = DPOTrainer(cfg)     # train/methods.make_trainer picks it for training.method dpo
     summary = trainer.train()     # the same checkpoints, resume, signals and final_adapter as SFT
 
 train/preference.py defines the loss, the answer log-probabilities and the reference.
@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config
 from ..data.preference import load_kind_records
 from ..data.preference_tokenize import encode_pairs
 from ..errors import UserError
@@ -21,12 +20,6 @@ from ..models.loader import load_tokenizer
 from ..models.scoring import answer_logps, sequence_logps
 from .preference import check_record_kind, dpo_loss, preference_metrics, reference_logps
 from .trainer import Trainer
-
-
-def make_trainer(cfg: Config, **kwargs) -> Trainer:
-    """The trainer of cfg.training.method; `kwargs` as Trainer takes them (resume, log, overwrite)."""
-    cls = DPOTrainer if cfg.training.method == "dpo" else Trainer
-    return cls(cfg, **kwargs)
 
 
 @dataclass
@@ -125,7 +118,7 @@ class DPOTrainer(Trainer):
         pairs = [self.train_examples[i] for i in index]
         policy = answer_logps(self.model, pairs, self.tokenizer.pad_token_id)
         ref = self.reference[index].to(policy.device, policy.dtype)
-        beta = self.cfg.training.dpo_beta
+        beta = self.cfg.alignment.beta
         losses, chosen, rejected = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta)
         loss = losses.sum() / max(n_label_window, 1)
         loss.backward()
@@ -143,7 +136,7 @@ class DPOTrainer(Trainer):
         policy = sequence_logps(
             self.model, self.eval_examples, self.cfg.training.batch_size, self.tokenizer.pad_token_id, desc="holdout"
         )
-        return preference_metrics(policy, self.eval_reference, self.cfg.training.dpo_beta)
+        return preference_metrics(policy, self.eval_reference, self.cfg.alignment.beta)
 
     def _eval_record(self, result: dict) -> dict:
         return {

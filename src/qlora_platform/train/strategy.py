@@ -71,9 +71,12 @@ class Strategy(ABC):
         """The LoRA adapter's files (PEFT's format) in `path`, written by the main process."""
 
     @abstractmethod
-    def save_checkpoint(self, out: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    def save_checkpoint(
+        self, out: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, extra=None
+    ) -> Path:
         """checkpoint-`step` in `out` (atomic, the newest `keep` kept) with `state` as its
-        trainer_state.json; returns its path."""
+        trainer_state.json; `extra(folder)` (the main process) adds files beside the adapter
+        before it is published. Returns its path."""
 
     @abstractmethod
     def load_state(self, ckpt: Path, model, optimizer, scheduler) -> dict:
@@ -120,10 +123,12 @@ class SingleDevice(Strategy):
     def save_adapter(self, model, path: Path) -> None:
         model.save_pretrained(path, safe_serialization=True)
 
-    def save_checkpoint(self, out: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    def save_checkpoint(
+        self, out: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, extra=None
+    ) -> Path:
         from .checkpoint import save_checkpoint
 
-        return save_checkpoint(out, step, model, optimizer, scheduler, state, keep=keep)
+        return save_checkpoint(out, step, model, optimizer, scheduler, state, keep=keep, extra=extra)
 
     def load_state(self, ckpt: Path, model, optimizer, scheduler) -> dict:
         from .checkpoint import load_training_state

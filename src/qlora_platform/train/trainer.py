@@ -259,8 +259,8 @@ class Trainer:
     """Set up in named steps, each reading what the ones before it set: the data, the strategy
     (one device, or several processes through accelerate), the step plan, --resume's checkpoint,
     the model, the optimizer, the schedule, then the resumed state. This class trains SFT; the
-    DPOTrainer of train/dpo.py changes only the data, the loss and the evaluation
-    (`train.dpo.make_trainer` picks the one of training.method)."""
+    other methods' trainers (reward, DPO, ORPO, KTO, PPO, GRPO) change the data, the loss and the
+    evaluation (`train.methods.make_trainer` picks the one of training.method)."""
 
     def __init__(self, cfg: Config, resume: bool = False, log=print, overwrite: bool = False):
         self.cfg, self.log = cfg, guard_log(log)
@@ -294,7 +294,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.training.method != "sft":
             raise UserError(
-                f"training.method {cfg.training.method}: this Trainer trains sft; build it with train.dpo.make_trainer"
+                f"training.method {cfg.training.method}: this Trainer trains sft; "
+                "build it with train.methods.make_trainer"
             )
         for what in ("train_file", "eval_file"):
             check_record_kind(getattr(cfg.data, what), what, "sft")
@@ -374,7 +375,7 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         """The model as the strategy runs it, its optimizer, and the forward + backward of a batch
         (CUDA graphs need gradients that stay put: the flat buffer)."""
-        params = [self.flat.param] if self.flat else self.trainable
+        params = ([self.flat.param] if self.flat else self.trainable) + self.extra_trainable()
         self.model, self.optimizer, self.optimized = self.strategy.wrap(
             self.model, params, lambda ps: build_optimizer(ps, self.cfg, self.device)
         )
@@ -400,6 +401,7 @@ class Trainer:
         if ckpt is None:
             return
         state = self.strategy.load_state(ckpt, self.model, self.optimizer, self.scheduler)
+        self._load_extra(ckpt)
         self._use_configured_rates()
         self.step = state["global_step"]
         self._saved_step = self.step
@@ -602,6 +604,7 @@ class Trainer:
                 self.scheduler,
                 self._state(),
                 keep=self.cfg.training.save_total_limit,
+                extra=self._save_extra,
             )
         except OSError as err:
             newest = latest_checkpoint(self.out)
@@ -750,6 +753,7 @@ class Trainer:
             self.strategy.save_adapter(self.model, tmp)
             if self.strategy.is_main:
                 self.tokenizer.save_pretrained(tmp)
+                self._save_extra(tmp)
                 replace_folder(tmp, final)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -820,6 +824,20 @@ class Trainer:
         self.history.append(record)
         tracker.log(record, self.step)
         return result
+
+    # -- tensors trained beside the adapter (a reward or value head; none for SFT) ------------
+    def extra_trainable(self) -> list[torch.nn.Parameter]:
+        """Parameters trained beside the adapter, in the optimizer after its own (set up in
+        `_setup_model`); their gradients are clipped with the adapter's. One process only: several
+        (train/distributed.py) optimise the model's own parameters."""
+        return []
+
+    def _save_extra(self, folder: Path) -> None:
+        """Write those parameters into `folder` beside the adapter: every checkpoint-N (before it
+        is published) and final_adapter."""
+
+    def _load_extra(self, folder: Path) -> None:
+        """Restore them from --resume's checkpoint `folder` (after the optimizer state is loaded)."""
 
     def _window_metrics(self) -> dict:
         """Further means over the steps of a log line (none for SFT)."""
