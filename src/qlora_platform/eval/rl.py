@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..models.loader import training_numerics
 from ..models.rewards import is_builtin, load_reward_functions, total_rewards
 from ..models.rollout import (
+    HOLDOUT_PROMPTS,
     Rollout,
     answer_logps,
     eos_token_ids,
@@ -36,7 +37,7 @@ from ..models.rollout import (
     sample_answers,
 )
 
-MAX_PROMPTS = 16  # CPU-sized: a few holdout prompts, one answer each per model
+MAX_PROMPTS = HOLDOUT_PROMPTS  # a few holdout prompts, one answer each per model
 MAX_NEW_TOKENS = 64
 BATCH = 8  # prompts sampled together (at least; more when training used larger batches)
 SEED = 0  # added to training.seed: base and tuned sample with the same generator state

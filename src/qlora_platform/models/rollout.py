@@ -30,6 +30,9 @@ import torch
 SEED_STRIDE = 1_000_003  # seeds of different runs (training.seed) and steps never coincide below this
 PART_STRIDE = 1_009  # rollouts of one step: its micro-batches 0.., and HOLDOUT_PART for the holdout evaluation
 HOLDOUT_PART = 1_000
+# Prompts an RL holdout evaluation samples (training's and `qlora eval`'s): sampling is the slow
+# part of RL, and a few prompts, the same ones every time, show the trend.
+HOLDOUT_PROMPTS = 16
 
 
 def rollout_seed(seed: int, step: int, part: int) -> int:

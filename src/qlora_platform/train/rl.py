@@ -45,6 +45,7 @@ from ..models.loader import load_tokenizer
 from ..models.rewards import load_reward_functions, total_rewards
 from ..models.rollout import (
     HOLDOUT_PART,
+    HOLDOUT_PROMPTS,
     AnswerScores,
     Rollout,
     answer_logps,
@@ -163,7 +164,8 @@ class RLTrainer(Trainer):
         truncated = self._count_data(len(train_prompts), 0)
         self.log(
             f"data: {len(self.train_examples)} training prompts ({truncated} cut to {room} tokens to leave "
-            f"alignment.max_new_tokens {al.max_new_tokens}), {len(self.eval_examples)} holdout prompts; "
+            f"alignment.max_new_tokens {al.max_new_tokens}), {len(self.eval_examples)} holdout prompts (the "
+            f"evaluation samples the first {min(len(self.eval_examples), HOLDOUT_PROMPTS)}); "
             f"{al.num_generations} answers per prompt"
         )
         if not self.train_examples:
@@ -269,17 +271,19 @@ class RLTrainer(Trainer):
     # -- evaluation --------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Mean reward and KL to the reference of one sampled answer per holdout prompt."""
+        """Mean reward and KL to the reference of one sampled answer for each of the first
+        HOLDOUT_PROMPTS holdout prompts."""
         if not self.eval_examples:
             return None
+        examples = self.eval_examples[:HOLDOUT_PROMPTS]
         was_training = self.model.training
         self.model.eval()
         generator = self._generator(HOLDOUT_PART)
         rewards, lengths, kl_sum, tokens = [], [], 0.0, 0.0
         size, temperature = self.cfg.training.batch_size, self.cfg.alignment.temperature
         try:
-            for k in range(0, len(self.eval_examples), size):
-                roll, reward = self._sample(self.eval_examples[k : k + size], 1, generator)
+            for k in range(0, len(examples), size):
+                roll, reward = self._sample(examples[k : k + size], 1, generator)
                 policy = answer_logps(self.model, roll, temperature).logps
                 kl = kl_estimate(policy, self._reference(roll)) * roll.answer_mask
                 rewards.append(reward.float().cpu())
