@@ -150,3 +150,16 @@ def test_config_knows_the_methods():
     assert "grpo" in str(err.value) and "\n" not in str(err.value)  # names the methods there are
     with pytest.raises(UserError, match="data.packing"):
         load_config(None, {"training.method": "dpo", "data.packing": "true"})
+
+
+@pytest.mark.parametrize("method", ["dpo", "reward", "orpo"])
+def test_preference_methods_refuse_several_processes_in_one_line(dpo_cfg, monkeypatch, method):
+    from types import SimpleNamespace
+
+    import qlora_platform.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "pick_strategy", lambda *_: SimpleNamespace(world=2, is_main=True))
+    dpo_cfg.training.method = method
+    with pytest.raises(UserError) as err:
+        make_trainer(dpo_cfg, log=_quiet)
+    assert str(err.value) == f"training.method {method} runs in one process for now; drop --num-processes"

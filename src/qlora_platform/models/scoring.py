@@ -72,34 +72,32 @@ def answer_rows(pairs: list[dict]) -> list[list[dict]]:
 
 def answer_logps(model, pairs: list[dict], pad_id: int) -> torch.Tensor:
     """[pairs, 2] log-probabilities of (chosen, rejected), from one padded forward of both rows."""
-    batch = collate(answer_rows(pairs), pad_id, packing=False)
-    device = next(model.parameters()).device
-    logits = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        use_cache=False,
-    ).logits
-    labels = batch["labels"].to(device)
-    nll = torch.stack([summed_answer_nll(logits[r : r + 1], labels[r : r + 1]) for r in range(labels.size(0))])
-    return -nll.view(2, len(pairs)).t()
+    rows = [row[0] for row in answer_rows(pairs)]
+    return row_logps(model, rows, pad_id).view(2, len(pairs)).t()
 
 
 @torch.no_grad()
-def sequence_logps(model, pairs: list[dict], batch_size: int, pad_id: int, desc: str = "") -> torch.Tensor:
-    """[pairs, 2] answer log-probabilities of every pair in eval mode, batch_size pairs a forward."""
+def _in_eval_mode(model, items: list[dict], batch_size: int, desc: str, score) -> torch.Tensor:
+    """score(model, items[k : k + batch_size]) for every batch in eval mode, on the CPU, concatenated."""
     was_training = model.training
     model.eval()
-    out = torch.zeros(len(pairs), 2)
-    starts = range(0, len(pairs), batch_size)
+    starts = range(0, len(items), batch_size)
     if desc:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc=desc, leave=False)
-    for k in starts:
-        out[k : k + batch_size] = answer_logps(model, pairs[k : k + batch_size], pad_id).float().cpu()
-    if was_training:
-        model.train()
-    return out
+    try:
+        parts = [score(model, items[k : k + batch_size]).float().cpu() for k in starts]
+    finally:
+        if was_training:
+            model.train()
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def sequence_logps(model, pairs: list[dict], batch_size: int, pad_id: int, desc: str = "") -> torch.Tensor:
+    """[pairs, 2] answer log-probabilities of every pair in eval mode, batch_size pairs a forward."""
+    out = _in_eval_mode(model, pairs, batch_size, desc, lambda m, chunk: answer_logps(m, chunk, pad_id))
+    return out.view(len(pairs), 2)
 
 
 # Single answers (KTO's completions): the same log-probabilities, one row per example.
@@ -116,19 +114,6 @@ def row_logps(model, rows: list[dict], pad_id: int) -> torch.Tensor:
     return -torch.stack([summed_answer_nll(logits[r : r + 1], labels[r : r + 1]) for r in range(labels.size(0))])
 
 
-@torch.no_grad()
 def rows_logps(model, rows: list[dict], batch_size: int, pad_id: int, desc: str = "") -> torch.Tensor:
     """[rows] answer log-probabilities of every example in eval mode, batch_size rows a forward."""
-    was_training = model.training
-    model.eval()
-    out = torch.zeros(len(rows))
-    starts = range(0, len(rows), batch_size)
-    if desc:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=desc, leave=False)
-    for k in starts:
-        out[k : k + batch_size] = row_logps(model, rows[k : k + batch_size], pad_id).float().cpu()
-    if was_training:
-        model.train()
-    return out
+    return _in_eval_mode(model, rows, batch_size, desc, lambda m, chunk: row_logps(m, chunk, pad_id))

@@ -13,13 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..data.preference import load_kind_records
-from ..data.preference_tokenize import encode_pairs
-from ..errors import UserError
-from ..models.loader import load_tokenizer
 from ..models.scoring import answer_logps, sequence_logps
-from .preference import check_record_kind, dpo_loss, preference_metrics, reference_logps
-from .trainer import Trainer
+from .pairs import PairTrainer
+from .preference import dpo_loss, preference_metrics, reference_logps
 
 
 @dataclass
@@ -47,41 +43,11 @@ class _Window:
         }
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(PairTrainer):
     """The Trainer with preference pairs as data and the DPO loss; the loop, checkpoints, resume,
     signals, out-of-memory handling and the final adapter are the Trainer's."""
 
-    def _setup_data(self) -> None:
-        cfg = self.cfg
-        for what in ("train_file", "eval_file"):
-            check_record_kind(getattr(cfg.data, what), what, "dpo")
-        train_records = load_kind_records(cfg.data.train_file, "train_file", "preference")
-        eval_records = load_kind_records(cfg.data.eval_file, "eval_file", "preference") if cfg.data.eval_file else []
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.train_examples, dropped = encode_pairs(self.tokenizer, train_records, cfg.data.max_seq_len)
-        self.eval_examples, eval_dropped = encode_pairs(self.tokenizer, eval_records, cfg.data.max_seq_len)
-        truncated = self._count_data(len(train_records), dropped + eval_dropped)
-        self.log(
-            f"data: {len(self.train_examples)} training pairs ({truncated} with the prompt cut to fit "
-            f"{cfg.data.max_seq_len} tokens, {dropped} dropped whose answer does not fit), "
-            f"{len(self.eval_examples)} holdout pairs"
-        )
-        if not self.train_examples:
-            raise UserError(
-                f"no usable preference pair in '{cfg.data.train_file}' (no answer fits in "
-                f"data.max_seq_len {cfg.data.max_seq_len}; raise it)"
-            )
-        self._window = _Window()
-
-    def _setup_strategy(self) -> None:
-        super()._setup_strategy()
-        if self.strategy.world > 1:
-            raise UserError("training.method dpo runs in one process for now; drop --num-processes")
-
-    def _lengths_and_weights(self) -> tuple[list[int], list[int]]:
-        """Each pair is planned by its longer row and weighs one in the loss (a mean over pairs)."""
-        lengths = [max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"])) for ex in self.train_examples]
-        return lengths, [1] * len(self.train_examples)
+    window = _Window
 
     def _planned_pairs(self) -> list[int]:
         """The training pairs of the steps this run has left, in index order."""

@@ -183,11 +183,6 @@ class KTOTrainer(Trainer):
             )
         self._window = _Window()
 
-    def _setup_strategy(self) -> None:
-        super()._setup_strategy()
-        if self.strategy.world > 1:
-            raise UserError("training.method kto runs in one process for now; drop --num-processes")
-
     def _lengths_and_weights(self) -> tuple[list[int], list[int]]:
         """Each completion weighs one in the loss (a mean over completions)."""
         return [len(ex["input_ids"]) for ex in self.train_examples], [1] * len(self.train_examples)

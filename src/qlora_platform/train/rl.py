@@ -179,11 +179,6 @@ class RLTrainer(Trainer):
         ex = encode_prompt(self.tokenizer, {"prompt": prompt}, room)
         return {**ex, "prompt_text": prompt_text(prompt)}
 
-    def _setup_strategy(self) -> None:
-        super()._setup_strategy()
-        if self.strategy.world > 1:
-            raise UserError(f"training.method {self.method} runs in one process for now; drop --num-processes")
-
     def _lengths_and_weights(self) -> tuple[list[int], list[int]]:
         """Each prompt is planned by its length plus the longest answer, and weighs one in the loss."""
         extra = self.cfg.alignment.max_new_tokens

@@ -332,6 +332,9 @@ class Trainer:
         """One device, or several processes (torchrun / accelerate launch) through accelerate's
         DDP, FSDP or ZeRO-3; only the first of several logs."""
         self.strategy = pick_strategy(self.cfg, self.device)
+        method = self.cfg.training.method
+        if method != "sft" and self.strategy.world > 1:
+            raise UserError(f"training.method {method} runs in one process for now; drop --num-processes")
         if not self.strategy.is_main:
             self.log = _quiet
 
