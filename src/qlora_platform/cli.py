@@ -75,6 +75,7 @@ def cmd_prepare(args, extra) -> int:
         sample=args.sample,
         split=args.split,
         sample_preferences=args.sample_preferences,
+        sample_tools=args.sample_tools,
     )
     print(format_report(report))
     return 0
@@ -247,14 +248,19 @@ def cmd_chat(args, extra) -> int:
 
     if extra:
         raise UserError(f"unexpected argument(s) for chat: {' '.join(extra)}")
-    from .infer.chat import line_editing
+    from .infer.chat import line_editing, load_tools
     from .models.bundled import cache_dir
 
     params = _sampling(args)
+    tools = None
+    if args.tools:
+        if args.gguf:
+            raise UserError("--tools needs --adapter or --model: a --gguf engine does not render tool schemas")
+        tools = load_tools(args.tools)
     engine = _engine(args)
     line_editing(cache_dir() / "chat_history")
     label = f"the adapter {args.adapter}" if args.adapter else args.gguf or args.model
-    return chat_repl(engine, params, system=args.system, label=label)
+    return chat_repl(engine, params, system=args.system, label=label, tools=tools)
 
 
 def cmd_generate(args, extra) -> int:
@@ -388,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build its preference pairs: the documented answer chosen, a neighbour's answer rejected",
     )
+    s.add_argument(
+        "--sample-tools",
+        action="store_true",
+        help="build a tool-use set: docs lookup, arithmetic and unit conversion calls, and turns that need none",
+    )
     s.add_argument("--format", default="auto", help="auto, hf, messages, sharegpt, alpaca, prompt_completion, text")
     s.add_argument("--columns", help="field=column mapping for CSV/HF, e.g. instruction=question,output=answer")
     s.add_argument("--doc-mode", default="qa", help="documents: qa (instruction pairs) or text (pre-training)")
@@ -475,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat", help="streaming multi-turn chat in the terminal")
     source_args(s)
     sampling_args(s)
+    s.add_argument(
+        "--tools",
+        metavar="FILE",
+        help="a JSON list of tool schemas (OpenAI shape) the model may call; you type each call's result",
+    )
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("generate", help="answer one prompt, streamed, with tokens/s")

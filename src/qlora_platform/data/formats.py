@@ -7,7 +7,9 @@ Every training record becomes either `{"messages": [{"role", "content"}, ...]}`
 - `messages`: OpenAI/HF chat form, roles system/user/assistant;
 - `conversations`: ShareGPT form, `{"from": "human"|"gpt"|"system", "value": ...}`;
 - alpaca: `instruction`, optional `input`, `output`;
-- `prompt`/`completion` pairs and plain `text`.
+- `prompt`/`completion` pairs and plain `text`;
+- tool use (data/tools.py): `tools` with OpenAI-style `tool_calls` and `tool` messages, or
+  LLaMA-Factory's `function_call` / `observation` turns; kept as `{"tools", "messages"}`.
 
 Problems are `UserError`s that name the file and line: `data.jsonl:12: ...`.
 """
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import UserError
+from .tools import calls_of, is_tool_record, to_tool_record
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -143,6 +146,8 @@ def to_chat_record(record: dict, where: str, fmt: str = "auto") -> dict:
     """Normalise one record to {"messages": [...]} or {"text": ...}; extra keys are kept as metadata."""
     fmt = detect_format(record) if fmt == "auto" else fmt
     meta = {k: v for k, v in record.items() if k in ("category", "source", "id")}
+    if fmt in ("messages", "sharegpt") and is_tool_record(record):
+        return to_tool_record(record, where, SHAREGPT_ROLES)
     if fmt == "messages":
         raw = record.get("messages")
         if not isinstance(raw, list):
@@ -219,7 +224,11 @@ def prompt_of(record: dict) -> str:
 def answer_of(record: dict) -> str:
     if "text" in record:
         return record["text"]
-    return "\n".join(m["content"] for m in record["messages"] if m["role"] == "assistant")
+    return "\n".join(
+        "\n".join([m["content"], *(json.dumps(c, sort_keys=True) for c in calls_of(m))]).strip()
+        for m in record["messages"]
+        if m["role"] == "assistant"
+    )
 
 
 def normalise_key(text: str) -> str:

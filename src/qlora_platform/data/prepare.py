@@ -2,6 +2,7 @@
 
     qlora prepare --sample                                # the offline stdlib data set
     qlora prepare --sample-preferences --out-dir data/pref   # the same questions as preference pairs
+    qlora prepare --sample-tools --out-dir data/tools        # tool calls over the sample domain
     qlora prepare --input faq.csv --columns instruction=question,output=answer
     qlora prepare --input notes.jsonl --input manual.pdf --doc-mode qa
     qlora prepare --input tatsu-lab/alpaca --format hf
@@ -37,6 +38,7 @@ from .preference import KIND_NAMES, KindGuard, answer_words, detect_kind, record
 from .preference_sample import build_sample_preferences
 from .sample import build_sample_records
 from .sources import DOC_SUFFIXES, columns_hint, csv_to_jsonl, document_records, hf_dataset_to_jsonl
+from .tools_sample import build_sample_tool_records
 
 RECORD_SUFFIXES = {".jsonl", ".json", ".csv"}
 HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
@@ -150,16 +152,28 @@ def prepare(
     sample: bool = False,
     split: str = "train",
     sample_preferences: bool = False,
+    sample_tools: bool = False,
 ) -> dict:
     """Write train/eval JSONL and return the report (also written as prepare_report.json)."""
     if fmt not in ("auto", "hf", *FORMATS):
         raise UserError(f"--format must be auto, hf or one of {', '.join(FORMATS)}; got '{fmt}'")
     if not 0 <= eval_ratio < 1:
         raise UserError(f"--eval-ratio must be in [0, 1), got {eval_ratio}")
-    if not inputs and not sample and not sample_preferences:
-        raise UserError("nothing to prepare: give --input FILE (repeatable), --sample or --sample-preferences")
-    if sample and sample_preferences:
-        raise UserError("--sample writes SFT chats and --sample-preferences preference pairs; one run writes one kind")
+    samples = [
+        flag
+        for flag, on in (
+            ("--sample", sample),
+            ("--sample-preferences", sample_preferences),
+            ("--sample-tools", sample_tools),
+        )
+        if on
+    ]
+    if not inputs and not samples:
+        raise UserError(
+            "nothing to prepare: give --input FILE (repeatable), --sample, --sample-preferences or --sample-tools"
+        )
+    if len(samples) > 1:
+        raise UserError(f"{' and '.join(samples)} are separate data sets; one run writes one of them")
     records: list[dict] = []
     invalid: Counter = Counter()
     first_invalid: list[str] = []
@@ -168,6 +182,9 @@ def prepare(
     if sample:
         records += build_sample_records()
         guard.check("sft", "the --sample set")
+    if sample_tools:
+        records += build_sample_tool_records(seed)
+        guard.check("sft", "the --sample-tools set")
     preset: dict[int, bool] = {}  # id(record) -> holdout, for sets that come split already
     if sample_preferences:
         pref_train, pref_holdout = build_sample_preferences(seed, eval_ratio)
@@ -221,6 +238,7 @@ def prepare(
     report = {
         "inputs": (["sample:python-stdlib"] if sample else [])
         + (["sample:python-stdlib-preferences"] if sample_preferences else [])
+        + (["sample:tools"] if sample_tools else [])
         + list(inputs),
         "kind": guard.kind or "sft",
         "records_read": raw_count,
@@ -233,6 +251,7 @@ def prepare(
         "eval": len(holdout),
         "eval_ratio": eval_ratio,
         "avg_answer_words": round(sum(words) / len(words), 1) if words else None,
+        "tool_records": sum("tools" in r for r in unique),
         "categories": dict(Counter(str(r.get("category", "")) for r in unique)),
         "train_file": str(out_dir / "train.jsonl"),
         "eval_file": str(out_dir / "eval.jsonl") if holdout else None,
@@ -263,6 +282,10 @@ def format_report(report: dict) -> str:
             f"removed {stale}: an earlier run's holdout; this run has none (--eval-ratio "
             f"{report.get('eval_ratio', 0)}), so no stale file is read as one"
         )
-    if report["avg_answer_words"] is not None and report["avg_answer_words"] < 50:
+    if report.get("tool_records"):
+        lines.append(f"tool-use records: {report['tool_records']} (calls checked against their tools' schemas)")
+    # Calls are short by nature: the length warning is for chat answers.
+    short = report["avg_answer_words"] is not None and report["avg_answer_words"] < 50
+    if short and 2 * report.get("tool_records", 0) < report["written"]:
         lines.append("warning: answers average under 50 words; short answers teach little (see 'qlora validate')")
     return "\n".join(lines)

@@ -10,30 +10,40 @@ learns to stop; if a template adds no EOS, one is appended and labelled.
     ex = encode_record(tokenizer, {"messages": [...]}, max_seq_len=384)
     ex["input_ids"], ex["labels"], ex["truncated"]
 
-Plain `{"text": ...}` records are labelled on every token and end with EOS.
+Plain `{"text": ...}` records are labelled on every token and end with EOS. Tool records
+(`{"tools", "messages"}`, data/tools.py) render through `template_inputs`: the template's own
+tool format where it has one, else the platform's; calls are assistant tokens, tool results not.
 """
 
 from __future__ import annotations
 
 from ..errors import UserError
+from .tools import template_inputs
 
 IGNORE = -100
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render_chat(
+    tokenizer, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+) -> str:
     # transformers renders templates in a sandboxed Jinja environment.
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The full rendered text and the [start, end) character span of each assistant answer."""
-    full = render_chat(tokenizer, messages)
+    messages, tools = template_inputs(tokenizer, messages, tools)
+    full = render_chat(tokenizer, messages, tools=tools)
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render_chat(tokenizer, messages[: i + 1])
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        upto = render_chat(tokenizer, messages[: i + 1], tools=tools)
         if not full.startswith(before) or not full.startswith(upto):
             raise UserError(
                 "the chat template renders a conversation differently from its prefixes, so "
@@ -52,7 +62,7 @@ def encode_record(tokenizer, record: dict, max_seq_len: int) -> dict:
         ids = tokenizer(record["text"], add_special_tokens=False, verbose=False)["input_ids"] + [eos_id]
         labels = list(ids)
     else:
-        text, spans = assistant_spans(tokenizer, record["messages"])
+        text, spans = assistant_spans(tokenizer, record["messages"], record.get("tools"))
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [IGNORE] * len(ids)

@@ -67,7 +67,7 @@ def run_row(run: Path) -> dict:
         )
     cfg, summary, ev = cfg or {}, summary or {}, ev or {}
     lora, tc, data = cfg.get("lora", {}), cfg.get("training", {}), cfg.get("data", {})
-    ppl, rate = ev.get("perplexity", {}), ev.get("keyword_pass_rate", {})
+    ppl, rate = ev.get("perplexity", {}), ev.get("keyword_pass_rate") or {}
     batch = f"{tc['batch_size']} x {tc.get('grad_accum', 1)}" if "batch_size" in tc else None
     return {
         "run": str(run),

@@ -82,6 +82,8 @@ def write_plots(out: Path, history: list[dict], report: dict) -> list[str]:
     )
     written.append("perplexity.png")
     rate = report["keyword_pass_rate"]
+    if not rate:  # the keyword benchmark did not run (a tool-use holdout)
+        return written
     _bars(
         out / "keywords.png",
         f"Keyword benchmark pass rate ({report['keyword_benchmark']['prompts']} prompts)",

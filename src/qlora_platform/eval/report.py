@@ -5,7 +5,9 @@
 `eval.json` keys that scripts rely on: `perplexity.base`, `perplexity.tuned`,
 `keyword_pass_rate.base`, `keyword_pass_rate.tuned`,
 `preference.accuracy.base` / `.tuned` and `preference.margin.base` / `.tuned` (a DPO run's report,
-which has these instead of `perplexity`; eval/preference.py defines them), `tokens_per_s` (batch-1 decode
+which has these instead of `perplexity`; eval/preference.py defines them),
+`tool_calls.exact_match.base` / `.tuned`, `.right_function`, `.valid_call_rate` and `.abstention` (a holdout
+with tool records; eval/tools.py defines them), `tokens_per_s` (batch-1 decode
 of the tuned model), `speed`, `keyword_benchmark`, `prompts`, `train`, `plots`.
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from .preference import preference_markdown
 from .reward import alignment_markdown
 from .rl import rl_markdown
+from .tools import tool_calls_markdown
 
 SCHEMA_VERSION = 1
 
@@ -57,37 +60,11 @@ def _perplexity_note(ppl: dict | None) -> list[str]:
     ]
 
 
-def render_markdown(report: dict) -> str:
-    rate, speed, bench = report["keyword_pass_rate"], report["speed"], report["keyword_benchmark"]
-    lines = [
-        f"# Evaluation: {report['model']}",
-        "",
-        f"Adapter `{report['adapter']}` on {report['device']} ({report['weights']}), "
-        f"{report['created']}. Reproduce: `{report['command']}`",
-        "",
-        "| metric | base | tuned |",
-        "|---|---|---|",
-        *_perplexity_rows(report.get("perplexity")),
-        f"| keyword pass rate | {100 * rate['base']:.1f}% ({bench['base_passed']}/{bench['prompts']}) | "
-        f"{100 * rate['tuned']:.1f}% ({bench['tuned_passed']}/{bench['prompts']}) |",
-        "",
-        *_perplexity_note(report.get("perplexity")),
-        *(preference_markdown(report["preference"]) if "preference" in report else []),
-        *(rl_markdown(report["rl"]) if "rl" in report else []),
-        *alignment_markdown(report),
-        "## Speed (tuned model, batch 1)",
-        "",
-        "| prefill tokens/s | decode tokens/s | time to first token | peak memory | device |",
-        "|---|---|---|---|---|",
-        f"| {speed['prefill_tokens_per_s']:.1f} | {speed['decode_tokens_per_s']:.1f} | {speed['ttft_ms']:.0f} ms | "
-        f"{speed['peak_memory_gib']:.2f} GiB ({speed['peak_memory_kind']}) | {speed['device']} |",
-        "",
-        f"Median of {speed['runs']} runs after a warm-up: {speed['prompt_tokens']}-token prompt, "
-        f"{speed['new_tokens']} new tokens, greedy, EOS ignored; LoRA unmerged.",
-        "",
-    ]
+def _keyword_lines(report: dict) -> list[str]:
+    """The keyword benchmark's table and the answers side by side."""
+    bench = report["keyword_benchmark"]
     gen = bench["generation"]
-    lines += [
+    lines = [
         "## Keyword benchmark",
         "",
         f"`{bench['file']}` ({bench['name']}): {bench['prompts']} prompts, greedy decoding, "
@@ -123,6 +100,49 @@ def render_markdown(report: dict) -> str:
             _answer_block(p["tuned"]["answer"]),
             "",
         ]
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    rate, speed, bench = report["keyword_pass_rate"], report["speed"], report["keyword_benchmark"]
+    lines = [
+        f"# Evaluation: {report['model']}",
+        "",
+        f"Adapter `{report['adapter']}` on {report['device']} ({report['weights']}), "
+        f"{report['created']}. Reproduce: `{report['command']}`",
+        "",
+        "| metric | base | tuned |",
+        "|---|---|---|",
+        *_perplexity_rows(report.get("perplexity")),
+        *(
+            [
+                f"| keyword pass rate | {100 * rate['base']:.1f}% ({bench['base_passed']}/{bench['prompts']}) | "
+                f"{100 * rate['tuned']:.1f}% ({bench['tuned_passed']}/{bench['prompts']}) |"
+            ]
+            if rate
+            else []
+        ),
+        "",
+        *_perplexity_note(report.get("perplexity")),
+        *(preference_markdown(report["preference"]) if "preference" in report else []),
+        *(rl_markdown(report["rl"]) if "rl" in report else []),
+        *(tool_calls_markdown(report["tool_calls"]) if "tool_calls" in report else []),
+        *alignment_markdown(report),
+        "## Speed (tuned model, batch 1)",
+        "",
+        "| prefill tokens/s | decode tokens/s | time to first token | peak memory | device |",
+        "|---|---|---|---|---|",
+        f"| {speed['prefill_tokens_per_s']:.1f} | {speed['decode_tokens_per_s']:.1f} | {speed['ttft_ms']:.0f} ms | "
+        f"{speed['peak_memory_gib']:.2f} GiB ({speed['peak_memory_kind']}) | {speed['device']} |",
+        "",
+        f"Median of {speed['runs']} runs after a warm-up: {speed['prompt_tokens']}-token prompt, "
+        f"{speed['new_tokens']} new tokens, greedy, EOS ignored; LoRA unmerged.",
+        "",
+    ]
+    if bench.get("skipped"):
+        lines += ["## Keyword benchmark", "", f"Not run: {bench['skipped']}.", ""]
+    else:
+        lines += _keyword_lines(report)
     if report["plots"]:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in report["plots"]] + [""]
     train = report.get("train")

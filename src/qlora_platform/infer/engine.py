@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..data.tools import template_inputs
 from ..errors import UserError
 from .generation import Generation, TextRow, left_padded
 from .sampling import SamplingParams, choose_next
@@ -74,11 +75,13 @@ class Engine:
         self.generate([self.encode_text("Hello")], SamplingParams(max_new_tokens=2, ignore_eos=True))
 
     # -- prompts ------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Messages -> prompt ids through the tokenizer's own (sandboxed Jinja) chat template."""
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Messages -> prompt ids through the tokenizer's own (sandboxed Jinja) chat template; with tools
+        (or tool turns), in the template's tool format or the platform's (data/tools.py), as training renders them."""
+        messages, tools = template_inputs(self.tokenizer, messages, tools)
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
             )["input_ids"]
         except Exception as err:  # noqa: BLE001 - template errors come as several types
             raise UserError(f"the chat template cannot render these messages: {str(err).splitlines()[0]}") from None

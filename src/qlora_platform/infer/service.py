@@ -13,6 +13,15 @@ message naming the field, code), which the HTTP layer turns into the OpenAI erro
 envelope. Prompts are tokenized in the request's worker thread once the scheduler has
 admitted it, never on the event loop. `ServerState` holds the model (loaded once, in
 the background), the scheduler and the metrics.
+
+A chat request that declares tools (and does not set tool_choice "none") is prompted with
+the tool schemas as training renders them, and its answer is read back for calls
+(`ToolPlan`): calls that parse and fit their schemas come back as OpenAI `tool_calls`
+with finish_reason "tool_calls"; an answer whose calls do not parse or fit comes back
+as plain content with the reason in the choice's `tool_call_error` field. With
+tool_choice "required" or a named function and a chat template that does not render
+tools itself, the prompt ends with the opening of a call in the platform's format, so
+the model has to call.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from ..data.tools import CALL_CLOSE, CALL_OPEN, call_error, could_start_call, parse_tool_calls, renders_tools
 from ..errors import UserError
 from .auth import ApiKeys
 from .generation import single_turn
@@ -182,14 +192,14 @@ class ChatRender:
     def __init__(self, model: str):
         self.model, self.created = model, int(time.time())
 
-    def _chunk(self, rid, delta, finish=None) -> str:
+    def _chunk(self, rid, delta, finish=None, extra: dict | None = None) -> str:
         return _sse(
             {
                 "id": rid,
                 "object": "chat.completion.chunk",
                 "created": self.created,
                 "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **(extra or {})}],
             }
         )
 
@@ -199,8 +209,15 @@ class ChatRender:
     def piece(self, rid, text):
         return self._chunk(rid, {"content": text})
 
-    def end(self, rid, result, req):
-        out = self._chunk(rid, self.final_delta, result.finish_reason)
+    def calls(self, rid, calls: list[dict]) -> str:
+        """One chunk per call, each whole: its id, name and arguments (a JSON string)."""
+        return "".join(self._chunk(rid, {"tool_calls": [{"index": i, **call}]}) for i, call in enumerate(calls))
+
+    def end(self, rid, result, req, answer: ToolAnswer | None = None):
+        if answer is None:
+            out = self._chunk(rid, self.final_delta, result.finish_reason)
+        else:
+            out = self._chunk(rid, self.final_delta, answer.finish_reason(result), answer.extra())
         if req.stream_options and req.stream_options.include_usage:
             out += _sse(
                 {
@@ -214,19 +231,20 @@ class ChatRender:
             )
         return out
 
-    def full(self, rid, result):
+    def full(self, rid, result, answer: ToolAnswer | None = None):
+        message: dict = {"role": "assistant", "content": result.text}
+        choice: dict = {"index": 0, "message": message, "finish_reason": result.finish_reason}
+        if answer is not None:
+            message["content"] = answer.content
+            if answer.calls:
+                message["tool_calls"] = answer.calls
+            choice.update(finish_reason=answer.finish_reason(result), **answer.extra())
         return {
             "id": rid,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.finish_reason,
-                }
-            ],
+            "choices": [choice],
             "usage": _usage(result),
         }
 
@@ -234,7 +252,7 @@ class ChatRender:
 class CompletionRender(ChatRender):
     prefix, chunk_object, final_delta = "cmpl", "text_completion", ""
 
-    def _chunk(self, rid, text, finish=None) -> str:
+    def _chunk(self, rid, text, finish=None, extra: dict | None = None) -> str:
         return _sse(
             {
                 "id": rid,
@@ -292,7 +310,126 @@ class GenerateRender:
 
 
 def _encode_chat(engine, req: ChatRequest) -> list[int]:
-    return engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+    """The chat prompt; the tool schemas are rendered unless tool_choice is "none" (tool turns in
+    the history are rendered either way)."""
+    messages = req.template_messages()
+    if req.tool_mode is None:
+        return engine.encode_chat(messages)
+    return engine.encode_chat(messages, tools=req.tools)
+
+
+# -- tools ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToolAnswer:
+    """A generated answer as the API returns it for a request with tools: `calls` in the OpenAI shape
+    (arguments as a JSON string) when every call parsed and fits its schema, else none, with the raw
+    text as `content` and the reason in `error`."""
+
+    content: str | None
+    calls: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    def finish_reason(self, result) -> str:
+        return "tool_calls" if self.calls else result.finish_reason
+
+    def extra(self) -> dict:
+        """The choice's non-standard field naming why the answer's calls were not returned."""
+        return {"tool_call_error": self.error} if self.error else {}
+
+
+@dataclass
+class ToolPlan:
+    """How a chat request with tools is prompted and its answer read back. `prefix` is the opening of
+    a call that the prompt ends with (tool_choice "required" or a named function, on a template that
+    does not render tools itself); it is also the start of the answer the model continues."""
+
+    tools: list[dict]
+    mode: str  # auto, required or function
+    function: str | None  # the function tool_choice names
+    parallel: bool
+    prefix: str = ""
+
+    @classmethod
+    def of(cls, req: ChatRequest, engine) -> ToolPlan | None:
+        """The plan of a request whose tools are in use (declared, tool_choice not "none"), else None."""
+        if req.tool_mode is None or not req.tools:
+            return None
+        plan = cls(req.tools, req.tool_mode, req.forced_function, req.parallel_tool_calls)
+        if not renders_tools(engine.tokenizer):
+            if plan.mode == "required":
+                plan.prefix = f'{CALL_OPEN}\n{{"name": "'
+            elif plan.function is not None:
+                plan.prefix = f'{CALL_OPEN}\n{{"name": {json.dumps(plan.function)}, "arguments": '
+        return plan
+
+    @property
+    def one_call(self) -> bool:
+        """The answer is one call: generation may stop where that call closes."""
+        return bool(self.prefix) and (self.function is not None or not self.parallel)
+
+    def prefix_ids(self, tokenizer) -> list[int]:
+        return list(tokenizer(self.prefix, add_special_tokens=False)["input_ids"]) if self.prefix else []
+
+    def read(self, generated: str) -> ToolAnswer:
+        """The answer of `generated` (the text after the prompt, so after the prefix)."""
+        text = self.prefix + generated
+        parsed = parse_tool_calls(text)
+        error = self._error(parsed)
+        if error is not None:
+            return ToolAnswer(text, [], error)
+        if not parsed.calls:
+            return ToolAnswer(text)
+        calls = [
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)},
+            }
+            for c in parsed.calls
+        ]
+        return ToolAnswer(parsed.content or None, calls)
+
+    def _error(self, parsed) -> str | None:
+        if parsed.errors:
+            return parsed.errors[0]
+        declared = {t["function"]["name"]: t["function"] for t in self.tools}
+        for k, call in enumerate(parsed.calls):
+            problem = call_error(call["name"], call["arguments"], declared)
+            if problem:
+                return f"call {k} {problem}"
+            if self.function is not None and call["name"] != self.function:
+                return f"call {k} calls '{call['name']}', but tool_choice names '{self.function}'"
+        if not parsed.calls and self.mode != "auto":
+            wanted = "a call" if self.function is None else f"a call of '{self.function}'"
+            return f"tool_choice needs {wanted}; the answer holds none"
+        if len(parsed.calls) > 1 and not self.parallel:
+            return f"the answer holds {len(parsed.calls)} calls and parallel_tool_calls is false"
+        return None
+
+
+class HeldText:
+    """The streamed text of a request with tools: content goes out until a call may begin
+    (`could_start_call`); from there on it is held until the answer is read whole."""
+
+    def __init__(self, prefix: str):
+        self.text, self.sent = prefix, 0  # the prefix opens a call: held from the start
+
+    def push(self, piece: str) -> str:
+        """What of the text is safe to stream now."""
+        self.text += piece
+        at = could_start_call(self.text)
+        upto = len(self.text) if at < 0 else at
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent : upto], upto
+        return out
+
+    def rest(self, answer: ToolAnswer) -> str:
+        """The held text still to stream as content: the text beside the calls, or all of it."""
+        held = self.text[self.sent :]
+        return parse_tool_calls(held).content if answer.calls else held
 
 
 def _encode_completion(engine, req: CompletionRequest) -> list[int]:
@@ -330,6 +467,7 @@ class InFlight:
     def __init__(self, state: ServerState, spec: KindSpec, req, engine):
         self.state, self.spec, self.req, self.engine = state, spec, req, engine
         self.render = spec.render(state.name)
+        self.tools = ToolPlan.of(req, engine) if isinstance(req, ChatRequest) else None
         self.prompt: list[int] = []
         self.params = None
         self.first: float | None = None  # when the first piece of text came
@@ -352,9 +490,14 @@ class InFlight:
         with self.state.encode_lock:
             try:
                 prompt_ids = self.spec.encode(self.engine, self.req)
+                if self.tools is not None:
+                    prompt_ids = prompt_ids + self.tools.prefix_ids(self.engine.tokenizer)
             except UserError as err:
                 raise ApiError(400, str(err), "invalid_messages") from None
-        self.params = _params(self.engine, self.req, prompt_ids, self.state.settings)
+        params = _params(self.engine, self.req, prompt_ids, self.state.settings)
+        if self.tools is not None and self.tools.one_call:
+            params.stop.append(CALL_CLOSE)  # the one call is whole: nothing after it is read
+        self.params = params
         self.prompt = prompt_ids
         job.emit(_PREPARED)
 
@@ -392,6 +535,8 @@ class InFlight:
         if result is None or cancelled:  # the caller left: nobody reads an answer
             return None
         self._account(result)
+        if self.tools is not None:
+            return self.render.full(self.rid, result, self._tool_answer(result))
         return self.render.full(self.rid, result)
 
     async def prepared(self) -> bool:
@@ -410,17 +555,23 @@ class InFlight:
     async def chunks(self) -> AsyncIterator[str]:
         """The answer as SSE strings once `prepared`; errors from here on are reported in-band."""
         result = None
+        held = HeldText(self.tools.prefix) if self.tools is not None else None
         try:
             yield self.render.start(self.rid)
             async for item in self.events:
                 if isinstance(item, str):
                     self.first = self.first or time.perf_counter()
-                    yield self.render.piece(self.rid, item)
+                    text = held.push(item) if held is not None else item
+                    if text:
+                        yield self.render.piece(self.rid, text)
                 else:
                     result = item
             if result is not None:
                 self._account(result)
-                yield self.render.end(self.rid, result, self.req)
+                if held is None:
+                    yield self.render.end(self.rid, result, self.req)
+                else:
+                    yield self._tool_end(result, held)
         except QueueTimeout as err:
             yield _in_band_error(f"{err}; retry later", "service_unavailable", "queue_timeout")
         except Exception:  # noqa: BLE001 - the stream has begun: report in-band
@@ -429,6 +580,23 @@ class InFlight:
         finally:
             self.job.cancel()  # no-op when finished; stops the worker when the client went away
         yield "data: [DONE]\n\n"
+
+    def _tool_answer(self, result) -> ToolAnswer:
+        assert self.tools is not None
+        answer = self.tools.read(result.text)
+        if answer.error:
+            log.warning("%s: the answer's tool calls are returned as text: %s", self.rid, answer.error)
+        return answer
+
+    def _tool_end(self, result, held: HeldText) -> str:
+        """The last chunks of a stream with tools: the held text (as content, or the text beside the
+        calls), one chunk per call, then the finish reason (with `tool_call_error` when calls failed)."""
+        answer = self._tool_answer(result)
+        rest = held.rest(answer)
+        out = self.render.piece(self.rid, rest) if rest else ""
+        if answer.calls:
+            out += self.render.calls(self.rid, answer.calls)
+        return out + self.render.end(self.rid, result, self.req, answer)
 
 
 async def _cancel_when_set(event: asyncio.Event, generation: InFlight) -> None:
