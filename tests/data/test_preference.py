@@ -231,7 +231,7 @@ def test_prepare_sample_preferences_through_the_cli_is_deterministic(tmp_path, c
     assert len(train) + len(held) >= 300 and len(held) > 0
     assert not {prompt_text(r) for r in held} & {prompt_text(r) for r in train}
     assert main(["prepare", "--sample", "--sample-preferences", "--out-dir", str(tmp_path / "c")]) == 2
-    assert "one run writes one kind" in capsys.readouterr().err
+    assert "separate data sets; one run writes one of them" in capsys.readouterr().err
 
 
 def test_validate_on_a_bad_pair_file_through_the_cli(tmp_path, capsys):

@@ -194,7 +194,10 @@ def test_a_template_that_renders_tools_gets_them_as_they_are(tokenizer):
     assert renders_tools(native)
     rec = to_chat_record(openai_record(), "t.jsonl:1")
     messages, tools = template_inputs(native, rec["messages"], rec["tools"])
-    assert messages is rec["messages"] and tools == rec["tools"]
+    assert tools == rec["tools"] and [m["content"] for m in messages] == [m["content"] for m in rec["messages"]]
+    # Ids become 9 letters or digits (Mistral's templates take no others), the same for a call and its result.
+    assert messages[1]["tool_calls"][0]["id"] == messages[2]["tool_call_id"] == "call00000"
+    assert rec["messages"][1]["tool_calls"][0]["id"] == "c1"
     ex = encode_record(native, rec, 10_000)
     text = native.decode(ex["input_ids"])
     assert text.startswith("TOOLS:add;user: What is 2 + 3?")
@@ -293,3 +296,34 @@ def test_validate_names_the_line_of_a_bad_call_and_skips_the_length_warning(tmp_
     assert report.errors[0].startswith(f"{path}:2: message 1: tool call 0 the arguments of 'add' do not fit")
     assert "b: 'three' is not of type 'number'" in report.errors[0]
     assert not any("answers average" in w for w in report.warnings)
+
+
+def test_a_ref_that_does_not_resolve_and_a_name_that_is_not_a_string_are_one_line_each():
+    broken = copy.deepcopy(ADD)
+    broken["function"]["parameters"]["properties"]["a"] = {"$ref": "#/$defs/nope"}
+    with pytest.raises(UserError, match=r"t:1: tools\.0\.function\.parameters\.properties\.a\.\$ref: '#/\$defs/nope'"):
+        normalise_tools([broken], "t:1")
+    local = copy.deepcopy(ADD)
+    local["function"]["parameters"]["$defs"] = {"num": {"type": "number"}}
+    local["function"]["parameters"]["properties"]["a"] = {"$ref": "#/$defs/num"}
+    declared = tools_by_name(normalise_tools([local], "t:1"))
+    assert call_error("add", {"a": 1, "b": 2}, declared) is None
+    assert "arguments.a: 'x' is not of type 'number'" in call_error("add", {"a": "x", "b": 2}, declared)
+    assert "function.name must be a string" in call_error(["add"], {}, declared)
+    record = openai_record()
+    record["messages"][1]["tool_calls"][0]["function"]["name"] = ["add"]
+    with pytest.raises(UserError, match="function.name \\(a string\\)"):
+        to_chat_record(record, "t:1")
+    typo = copy.deepcopy(ADD)
+    typo["function"]["parameters"]["properties"]["a"]["type"] = "numbr"
+    with pytest.raises(UserError, match="types: string, number, integer"):
+        normalise_tools([typo], "t:1")
+
+
+def test_a_closing_tag_inside_an_argument_string_does_not_cut_the_call():
+    text = '<tool_call>{"name": "echo", "arguments": {"text": "a </tool_call> b"}}</tool_call> done'
+    parsed = parse_tool_calls(text)
+    assert parsed.calls == [{"name": "echo", "arguments": {"text": "a </tool_call> b"}}]
+    assert parsed.content == "done" and not parsed.errors
+    around = parse_tool_calls('Hi <tool_call>{"name": "f", "arguments": {}}</tool_call> bye')
+    assert around.content == "Hi bye"

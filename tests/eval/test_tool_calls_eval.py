@@ -75,6 +75,10 @@ class ScriptedEngine:
         self.base = False
         self.prompts = []
 
+    @staticmethod
+    def tokenizer(text, add_special_tokens=True):
+        return {"input_ids": text.split()}  # a word a token: the reference call is 9 of them
+
     def encode_chat(self, messages, tools=None):
         self.prompts.append((messages, tools))
         return [len(self.prompts) - 1]
@@ -100,6 +104,7 @@ def test_tool_call_scores_runs_both_sides_and_writes_its_section(tmp_path):
     assert scores["exact_match"] == {"base": 0.25, "tuned": 0.5}
     assert scores["abstention"] == {"base": 0.5, "tuned": 0.5}
     assert (scores["decisions"], scores["need_call"], scores["need_text"]) == (6, 4, 2)
+    assert scores["max_new_tokens"] == 32  # 9 + 16 is under the floor
     assert engine.prompts[0] == ([{"role": "user", "content": "2 + 3?"}], [ADD])
     # Decisions where base and tuned differ come first among the examples.
     assert [ex["prompt"] for ex in scores["examples"]] == ["2 + 3?", "4 + 5?", "6 + 7?", "8 + 9?", "Hi!", "Thanks!"]

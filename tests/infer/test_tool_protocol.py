@@ -41,9 +41,9 @@ class Scripted:
         self.runs: list[tuple[list[int], object]] = []
         self.last: Generation | None = None
 
-    def encode_chat(self, messages, tools=None):
+    def encode_chat(self, messages, tools=None, answer_prefix=""):
         self.rendered.append(([dict(m) for m in messages], tools))
-        return self.encode_chat_with(messages, tools)
+        return self.encode_chat_with(messages, tools, answer_prefix)
 
     def run(self, prompt, params, on_text=None, cancelled=None):
         for piece in self.stream(prompt, params):
@@ -221,7 +221,7 @@ def test_the_prompt_has_the_tools_unless_tool_choice_is_none(run, tokenizer):
     "choice, prefix",
     [
         ("required", f'{CALL_OPEN}\n{{"name": "'),
-        ({"type": "function", "function": {"name": "calculate"}}, f'{CALL_OPEN}\n{{"name": "calculate", "arguments": '),
+        ({"type": "function", "function": {"name": "calculate"}}, f'{CALL_OPEN}\n{{"name": "calculate", "arguments":'),
     ],
 )
 def test_a_required_call_is_forced_by_the_prompt_and_read_with_its_prefix(run, tokenizer, choice, prefix):
@@ -230,6 +230,10 @@ def test_a_required_call_is_forced_by_the_prompt_and_read_with_its_prefix(run, t
     body = complete(run, engine, tools=TOOLS, tool_choice=choice)
     prompt, params = engine.runs[-1]
     assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n" + prefix)
+    # The prompt's ids are those that the same text in training starts with: the prefix is tokenized with
+    # the prompt, and it ends where a token ends in the trained call.
+    trained = tokenizer(tokenizer.decode(prompt) + rest, add_special_tokens=False)["input_ids"]
+    assert trained[: len(prompt)] == list(prompt)
     assert (CALL_CLOSE in params.stop) == isinstance(choice, dict)  # a named call ends where it closes
     choice_ = body["choices"][0]
     assert choice_["finish_reason"] == "tool_calls" and "tool_call_error" not in choice_

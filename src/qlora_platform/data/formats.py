@@ -225,7 +225,7 @@ def answer_of(record: dict) -> str:
     if "text" in record:
         return record["text"]
     return "\n".join(
-        "\n".join([m["content"], *(json.dumps(c, sort_keys=True) for c in calls_of(m))]).strip()
+        "\n".join([m["content"], *(json.dumps(c, sort_keys=True, ensure_ascii=False) for c in calls_of(m))]).strip()
         for m in record["messages"]
         if m["role"] == "assistant"
     )

@@ -49,6 +49,7 @@ TOOLS_PROMPT = (
     'To call one, answer <tool_call>{"name": ..., "arguments": {...}}</tool_call>. '
     "Otherwise answer in plain text."
 )
+JSON_TYPES = ("string", "number", "integer", "boolean", "object", "array", "null")
 # LLaMA-Factory's ShareGPT roles for tool use, beside the usual human/gpt/system.
 SHAREGPT_TOOL_ROLES = {"function_call": "assistant", "observation": "tool"}
 
@@ -117,10 +118,44 @@ def normalise_tools(raw: Any, where: str) -> list[dict]:
         try:
             validator_for(params).check_schema(params)
         except SchemaError as err:
-            raise UserError(f"{where}: {_location(place + '.parameters', err.path)}: {err.message}") from None
+            at = _location(place + ".parameters", err.path)
+            hint = f" (types: {', '.join(JSON_TYPES)})" if err.path and err.path[-1] == "type" else ""
+            raise UserError(f"{where}: {at}: {err.message}{hint}") from None
+        _check_refs(params, params, f"{where}: {place}.parameters")
         out = {"name": name, "description": description, "parameters": params}
         tools.append({"type": "function", "function": out})
     return tools
+
+
+def _check_refs(node: Any, root: dict, where: str, path: str = "") -> None:
+    """Every `$ref` of a schema points inside it (`#/...`) at something that exists: a schema is
+    checked on its own, with nothing fetched."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_refs(item, root, where, f"{path}.{i}")
+        return
+    if not isinstance(node, dict):
+        return
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        target: Any = root
+        parts = ref[1:].lstrip("/").split("/") if ref.startswith("#") else None
+        for part in parts or []:
+            key = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and key in target:
+                target = target[key]
+            elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
+                target = target[int(key)]
+            else:
+                target = None
+                break
+        if parts is None or target is None:
+            raise UserError(
+                f"{where}{path}.$ref: '{ref}' does not resolve inside the schema; inline it or add it under $defs"
+            )
+    for key, value in node.items():
+        if key not in ("enum", "const", "default", "examples"):
+            _check_refs(value, root, where, f"{path}.{key}")
 
 
 def tools_by_name(tools: list[dict]) -> dict[str, dict]:
@@ -129,13 +164,18 @@ def tools_by_name(tools: list[dict]) -> dict[str, dict]:
 
 def call_error(name: Any, arguments: Any, declared: dict[str, dict]) -> str | None:
     """Why a call does not fit the declared tools (unknown name, arguments off the schema), or None."""
+    if not isinstance(name, str):
+        return f"names its function with a {type(name).__name__}; function.name must be a string"
     if name not in declared:
         known = ", ".join(sorted(declared)) or "none"
         return f"calls '{name}', which is not a declared tool (declared: {known})"
     if not isinstance(arguments, dict):
         return f"the arguments of '{name}' must be a JSON object, got {type(arguments).__name__}"
     schema = declared[name]["parameters"]
-    error = best_match(validator_for(schema)(schema).iter_errors(arguments))
+    try:
+        error = best_match(validator_for(schema)(schema).iter_errors(arguments))
+    except Exception as err:  # noqa: BLE001 - a schema jsonschema cannot apply is the tool's fault, said as such
+        return f"the schema of '{name}' cannot be applied ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
     if error is not None:
         return f"the arguments of '{name}' do not fit its schema: {_location('arguments', error.path)}: {error.message}"
     return None
@@ -180,8 +220,8 @@ def _openai_messages(raw: Any, where: str) -> list[dict]:
             msg["tool_calls"] = []
             for k, call in enumerate(calls):
                 fn = call.get("function", call) if isinstance(call, dict) else None
-                if not isinstance(fn, dict) or "name" not in fn:
-                    raise UserError(f"{place}: tool call {k} needs function.name and function.arguments")
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise UserError(f"{place}: tool call {k} needs function.name (a string) and function.arguments")
                 msg["tool_calls"].append(
                     {
                         "id": str(call.get("id") or ""),
@@ -214,7 +254,9 @@ def _sharegpt_messages(raw: Any, where: str, sharegpt_roles: dict[str, str]) -> 
             calls = json.loads(value) if _is_json(value) else None
             if isinstance(calls, dict):
                 calls = [calls]
-            if not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
+            if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls
+            ):
                 raise UserError(
                     f'{place}: a function_call value is JSON {{"name": ..., "arguments": {{...}}}} (or a list of them)'
                 )
@@ -277,7 +319,10 @@ def _link_results(messages: list[dict], declared: dict[str, dict], where: str) -
                 )
         elif role == "tool":
             if not pending:
-                raise UserError(f"{place}: a tool result with no call before it")
+                raise UserError(
+                    f"{place}: a tool result with no call before it; give the assistant turn before it the "
+                    f"tool_calls it answers, or drop the result"
+                )
             wanted = msg["tool_call_id"] or next(c for c in order if c in pending)
             if wanted not in pending:
                 raise UserError(f"{place}: tool_call_id '{wanted}' names no call waiting for its result")
@@ -375,8 +420,25 @@ def template_inputs(tokenizer, messages: list[dict], tools: list[dict] | None) -
     if not tools and not has_tool_turns:
         return messages, None
     if renders_tools(tokenizer):
-        return messages, tools or None
+        return _template_ids(messages), tools or None
     return platform_messages(messages, tools), None
+
+
+def _template_ids(messages: list[dict]) -> list[dict]:
+    """The messages with call ids a template accepts: some (Mistral's) take only 9 letters or digits,
+    so other ids are renamed, consistently between a call and its result."""
+    ids = [c["id"] for m in messages for c in m.get("tool_calls", [])]
+    if all(len(i) == 9 and i.isalnum() for i in ids):
+        return messages
+    rename = {old: f"call{n:05d}" for n, old in enumerate(dict.fromkeys(ids))}
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "id": rename[c["id"]]} for c in m["tool_calls"]]}
+        elif m["role"] == "tool" and m.get("tool_call_id") in rename:
+            m = {**m, "tool_call_id": rename[m["tool_call_id"]]}
+        out.append(m)
+    return out
 
 
 # -- reading calls back --------------------------------------------------------------------------
@@ -426,16 +488,22 @@ def parse_tool_calls(text: str) -> ParsedAnswer:
         while CALL_OPEN in rest:
             before, rest = rest.split(CALL_OPEN, 1)
             content.append(before)
-            body, closed, after = rest.partition(CALL_CLOSE)
-            decoded = _decode_json(body)
-            parsed = _as_calls(decoded[0]) if decoded and not body[decoded[1] :].strip() else None
-            if parsed is None:
-                errors.append(f"a {CALL_OPEN} block is not a JSON call object: {body.strip()[:80]!r}")
-            else:
-                calls += parsed
-            rest = after if closed else ""
+            # The JSON is read first, so a closing tag inside an argument string does not cut the call.
+            decoded = _decode_json(rest)
+            if decoded is not None:
+                after = rest[decoded[1] :].lstrip()
+                if not after or after.startswith(CALL_CLOSE):
+                    rest = after[len(CALL_CLOSE) :]
+                    parsed = _as_calls(decoded[0])
+                    if parsed is None:
+                        errors.append(f"a {CALL_OPEN} block is not a call object: {json.dumps(decoded[0])[:80]}")
+                    else:
+                        calls += parsed
+                    continue
+            body, _, rest = rest.partition(CALL_CLOSE)
+            errors.append(f"a {CALL_OPEN} block is not a JSON call object: {body.strip()[:80]!r}")
         content.append(rest)
-        return ParsedAnswer("".join(content).strip(), calls, errors)
+        return ParsedAnswer(" ".join(part.strip() for part in content if part.strip()), calls, errors)
     stripped = text.strip()
     if stripped.startswith(MISTRAL_CALLS):
         decoded = _decode_json(stripped[len(MISTRAL_CALLS) :])
@@ -449,6 +517,16 @@ def parse_tool_calls(text: str) -> ParsedAnswer:
         if parsed and isinstance(decoded[0], dict) and {"arguments", "parameters"} & set(decoded[0]):  # type: ignore[index]
             return ParsedAnswer("", parsed, [])
     return ParsedAnswer(text.strip())
+
+
+def check_calls(parsed: ParsedAnswer, declared: dict[str, dict]) -> list[str]:
+    """Every problem of a parsed answer's calls: blocks that did not parse, calls off the declared tools."""
+    problems = list(parsed.errors)
+    for k, call in enumerate(parsed.calls):
+        error = call_error(call["name"], call["arguments"], declared)
+        if error:
+            problems.append(f"call {k} {error}")
+    return problems
 
 
 def could_start_call(text: str) -> int:

@@ -3,7 +3,8 @@
     write_report(out_dir, report)     # report: the dict `eval.run.run_eval` builds
 
 `eval.json` keys that scripts rely on: `perplexity.base`, `perplexity.tuned`,
-`keyword_pass_rate.base`, `keyword_pass_rate.tuned`,
+`keyword_pass_rate.base`, `keyword_pass_rate.tuned` (`keyword_pass_rate` is null when the benchmark
+did not run: a tool-use holdout without --prompts; schema version 2),
 `preference.accuracy.base` / `.tuned` and `preference.margin.base` / `.tuned` (a DPO run's report,
 which has these instead of `perplexity`; eval/preference.py defines them),
 `tool_calls.exact_match.base` / `.tuned`, `.right_function`, `.valid_call_rate` and `.abstention` (a holdout
@@ -21,7 +22,7 @@ from .reward import alignment_markdown
 from .rl import rl_markdown
 from .tools import tool_calls_markdown
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _cell(text: str, limit: int = 0) -> str:

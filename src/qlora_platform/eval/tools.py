@@ -6,8 +6,8 @@ and answer without a call when none is needed? Base against tuned, on the holdou
 
 Each tool record gives one decision: its first assistant turn, after the messages before it
 (the tools declared, the user's question). Both models answer greedily, in the format training
-rendered (data/tools.py), with room for twice the longest reference call (at least 32, at most
-256 new tokens), and the calls are parsed back from the text. Over the turns whose
+rendered (data/tools.py), with room for the longest reference turn's calls and 16 tokens more (at
+least 32, at most 256 new tokens), and the calls are parsed back from the text. Over the turns whose
 reference holds calls:
 
 - `valid_call_rate`: the answer holds at least one call, and every call parses, names a declared
@@ -26,11 +26,12 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from ..data.formats import load_records
-from ..data.tools import call_error, call_text, calls_equal, calls_of, parse_tool_calls, tools_by_name
+from ..data.tools import call_text, calls_equal, calls_of, check_calls, parse_tool_calls, tools_by_name
 from ..infer.sampling import SamplingParams
 
 MAX_NEW_TOKENS = 256
 MIN_NEW_TOKENS = 32
+MARGIN_TOKENS = 16  # beyond the longest reference turn: a longer call is not the reference's anyway
 EXAMPLES = 6  # decisions shown in eval.md, those where base and tuned differ first
 METRICS = ("exact_match", "right_function", "valid_call_rate", "abstention")
 DEFINITIONS = {
@@ -63,8 +64,7 @@ def decisions(records: list[dict]) -> list[dict]:
 def judge(text: str, decision: dict) -> dict:
     """The verdicts on one generated answer to one decision."""
     parsed = parse_tool_calls(text)
-    declared = tools_by_name(decision["tools"])
-    errors = parsed.errors + [e for c in parsed.calls if (e := call_error(c["name"], c["arguments"], declared))]
+    errors = check_calls(parsed, tools_by_name(decision["tools"]))
     expected = decision["expected"]
     names = sorted(c["name"] for c in parsed.calls)
     return {
@@ -95,13 +95,21 @@ def summarise(verdicts: list[dict], decisions_: list[dict]) -> dict:
 
 
 def token_budget(tokenizer, todo: list[dict]) -> int:
-    """New tokens per answer: room for the longest reference call and a margin, within [MIN, MAX]. A text
-    answer needs only as many to show whether it starts a call."""
+    """New tokens per answer: room for the longest reference turn's calls (all of them, for parallel
+    calls) and a margin, within [MIN, MAX]. A text answer needs only as many to show whether it calls."""
     longest = max(
-        (len(tokenizer(call_text(c["name"], c["arguments"]))["input_ids"]) for d in todo for c in d["expected"]),
+        (
+            len(
+                tokenizer(
+                    "\n".join(call_text(c["name"], c["arguments"]) for c in d["expected"]), add_special_tokens=False
+                )["input_ids"]
+            )
+            for d in todo
+            if d["expected"]
+        ),
         default=0,
     )
-    return min(MAX_NEW_TOKENS, max(MIN_NEW_TOKENS, longest + 16))
+    return min(MAX_NEW_TOKENS, max(MIN_NEW_TOKENS, longest + MARGIN_TOKENS))
 
 
 def _generate(loaded, prompts: list[list[int]], batch_size: int, max_new_tokens: int, side: str) -> list[str]:

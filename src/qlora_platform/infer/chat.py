@@ -26,7 +26,7 @@ from ..data.tools import normalise_tools
 from ..errors import UserError
 from .generation import single_turn
 from .sampling import SamplingParams
-from .service import HeldText, ToolPlan
+from .tools import HeldText, ToolPlan
 
 HELP = "commands: /reset  /system TEXT  /tools  /exit"
 

@@ -75,14 +75,22 @@ class Engine:
         self.generate([self.encode_text("Hello")], SamplingParams(max_new_tokens=2, ignore_eos=True))
 
     # -- prompts ------------------------------------------------------------------------
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, answer_prefix: str = "") -> list[int]:
         """Messages -> prompt ids through the tokenizer's own (sandboxed Jinja) chat template; with tools
-        (or tool turns), in the template's tool format or the platform's (data/tools.py), as training renders them."""
+        (or tool turns), in the template's tool format or the platform's (data/tools.py), as training renders
+        them. `answer_prefix` is text the answer starts with, tokenized with the prompt as training tokenizes
+        the whole conversation."""
         messages, tools = template_inputs(self.tokenizer, messages, tools)
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
-            )["input_ids"]
+            if answer_prefix:
+                text = self.tokenizer.apply_chat_template(
+                    messages, tools=tools, add_generation_prompt=True, tokenize=False
+                )
+                ids = self.tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tokenizer.apply_chat_template(
+                    messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
+                )["input_ids"]
         except Exception as err:  # noqa: BLE001 - template errors come as several types
             raise UserError(f"the chat template cannot render these messages: {str(err).splitlines()[0]}") from None
         return list(ids)

@@ -38,13 +38,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from ..data.tools import CALL_CLOSE, CALL_OPEN, call_error, could_start_call, parse_tool_calls, renders_tools
+from ..data.tools import CALL_CLOSE
 from ..errors import UserError
 from .auth import ApiKeys
 from .generation import single_turn
 from .metrics import ServerMetrics
 from .protocol import ChatRequest, CompletionRequest, GenerateRequest
 from .scheduler import Job, QueueTimeout, Scheduler
+from .tools import HeldText, ToolAnswer, ToolPlan
 
 if TYPE_CHECKING:
     from .load import Loaded
@@ -309,127 +310,13 @@ class GenerateRender:
         }
 
 
-def _encode_chat(engine, req: ChatRequest) -> list[int]:
+def _encode_chat(engine, req: ChatRequest, answer_prefix: str = "") -> list[int]:
     """The chat prompt; the tool schemas are rendered unless tool_choice is "none" (tool turns in
-    the history are rendered either way)."""
+    the history are rendered either way). `answer_prefix` opens the answer (a forced call)."""
     messages = req.template_messages()
     if req.tool_mode is None:
         return engine.encode_chat(messages)
-    return engine.encode_chat(messages, tools=req.tools)
-
-
-# -- tools ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class ToolAnswer:
-    """A generated answer as the API returns it for a request with tools: `calls` in the OpenAI shape
-    (arguments as a JSON string) when every call parsed and fits its schema, else none, with the raw
-    text as `content` and the reason in `error`."""
-
-    content: str | None
-    calls: list[dict] = field(default_factory=list)
-    error: str | None = None
-
-    def finish_reason(self, result) -> str:
-        return "tool_calls" if self.calls else result.finish_reason
-
-    def extra(self) -> dict:
-        """The choice's non-standard field naming why the answer's calls were not returned."""
-        return {"tool_call_error": self.error} if self.error else {}
-
-
-@dataclass
-class ToolPlan:
-    """How a chat request with tools is prompted and its answer read back. `prefix` is the opening of
-    a call that the prompt ends with (tool_choice "required" or a named function, on a template that
-    does not render tools itself); it is also the start of the answer the model continues."""
-
-    tools: list[dict]
-    mode: str  # auto, required or function
-    function: str | None  # the function tool_choice names
-    parallel: bool
-    prefix: str = ""
-
-    @classmethod
-    def of(cls, req: ChatRequest, engine) -> ToolPlan | None:
-        """The plan of a request whose tools are in use (declared, tool_choice not "none"), else None."""
-        if req.tool_mode is None or not req.tools:
-            return None
-        plan = cls(req.tools, req.tool_mode, req.forced_function, req.parallel_tool_calls)
-        if not renders_tools(engine.tokenizer):
-            if plan.mode == "required":
-                plan.prefix = f'{CALL_OPEN}\n{{"name": "'
-            elif plan.function is not None:
-                plan.prefix = f'{CALL_OPEN}\n{{"name": {json.dumps(plan.function)}, "arguments": '
-        return plan
-
-    @property
-    def one_call(self) -> bool:
-        """The answer is one call: generation may stop where that call closes."""
-        return bool(self.prefix) and (self.function is not None or not self.parallel)
-
-    def prefix_ids(self, tokenizer) -> list[int]:
-        return list(tokenizer(self.prefix, add_special_tokens=False)["input_ids"]) if self.prefix else []
-
-    def read(self, generated: str) -> ToolAnswer:
-        """The answer of `generated` (the text after the prompt, so after the prefix)."""
-        text = self.prefix + generated
-        parsed = parse_tool_calls(text)
-        error = self._error(parsed)
-        if error is not None:
-            return ToolAnswer(text, [], error)
-        if not parsed.calls:
-            return ToolAnswer(text)
-        calls = [
-            {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)},
-            }
-            for c in parsed.calls
-        ]
-        return ToolAnswer(parsed.content or None, calls)
-
-    def _error(self, parsed) -> str | None:
-        if parsed.errors:
-            return parsed.errors[0]
-        declared = {t["function"]["name"]: t["function"] for t in self.tools}
-        for k, call in enumerate(parsed.calls):
-            problem = call_error(call["name"], call["arguments"], declared)
-            if problem:
-                return f"call {k} {problem}"
-            if self.function is not None and call["name"] != self.function:
-                return f"call {k} calls '{call['name']}', but tool_choice names '{self.function}'"
-        if not parsed.calls and self.mode != "auto":
-            wanted = "a call" if self.function is None else f"a call of '{self.function}'"
-            return f"tool_choice needs {wanted}; the answer holds none"
-        if len(parsed.calls) > 1 and not self.parallel:
-            return f"the answer holds {len(parsed.calls)} calls and parallel_tool_calls is false"
-        return None
-
-
-class HeldText:
-    """The streamed text of a request with tools: content goes out until a call may begin
-    (`could_start_call`); from there on it is held until the answer is read whole."""
-
-    def __init__(self, prefix: str):
-        self.text, self.sent = prefix, 0  # the prefix opens a call: held from the start
-
-    def push(self, piece: str) -> str:
-        """What of the text is safe to stream now."""
-        self.text += piece
-        at = could_start_call(self.text)
-        upto = len(self.text) if at < 0 else at
-        if upto <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent : upto], upto
-        return out
-
-    def rest(self, answer: ToolAnswer) -> str:
-        """The held text still to stream as content: the text beside the calls, or all of it."""
-        held = self.text[self.sent :]
-        return parse_tool_calls(held).content if answer.calls else held
+    return engine.encode_chat(messages, tools=req.tools, answer_prefix=answer_prefix)
 
 
 def _encode_completion(engine, req: CompletionRequest) -> list[int]:
@@ -489,9 +376,10 @@ class InFlight:
     def _prepare(self, job: Job) -> None:
         with self.state.encode_lock:
             try:
-                prompt_ids = self.spec.encode(self.engine, self.req)
-                if self.tools is not None:
-                    prompt_ids = prompt_ids + self.tools.prefix_ids(self.engine.tokenizer)
+                if self.tools is not None and self.tools.prefix:
+                    prompt_ids = _encode_chat(self.engine, self.req, self.tools.prefix)
+                else:
+                    prompt_ids = self.spec.encode(self.engine, self.req)
             except UserError as err:
                 raise ApiError(400, str(err), "invalid_messages") from None
         params = _params(self.engine, self.req, prompt_ids, self.state.settings)
