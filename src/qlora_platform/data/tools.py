@@ -251,7 +251,7 @@ def _sharegpt_messages(raw: Any, where: str, sharegpt_roles: dict[str, str]) -> 
             raise UserError(f"{place} is from '{turn['from']}'; expected one of {known}")
         value = turn["value"]
         if sender == "function_call":
-            calls = json.loads(value) if _is_json(value) else None
+            calls = _json_value(value)
             if isinstance(calls, dict):
                 calls = [calls]
             if not isinstance(calls, list) or not all(
@@ -267,7 +267,7 @@ def _sharegpt_messages(raw: Any, where: str, sharegpt_roles: dict[str, str]) -> 
             out.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
         elif sender == "observation":
             pending = len(out[-1].get("tool_calls", [])) if out and out[-1]["role"] == "assistant" else 1
-            results = json.loads(value) if pending > 1 and _is_json(value) else None
+            results = _json_value(value) if pending > 1 else None
             texts = results if isinstance(results, list) and len(results) == pending else [value]
             for text in texts:
                 content = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
@@ -277,20 +277,19 @@ def _sharegpt_messages(raw: Any, where: str, sharegpt_roles: dict[str, str]) -> 
     return out
 
 
-def _is_json(value: Any) -> bool:
+def _json_value(value: Any) -> Any:
+    """The JSON a string holds, or None when it is not a string of JSON."""
     if not isinstance(value, str):
-        return False
+        return None
     try:
-        json.loads(value)
+        return json.loads(value)
     except json.JSONDecodeError:
-        return False
-    return True
+        return None
 
 
 def _link_results(messages: list[dict], declared: dict[str, dict], where: str) -> None:
     """Ids for calls that lack one, each tool result tied to its call, every check of a call."""
-    pending: dict[str, dict] = {}
-    order: list[str] = []
+    pending: dict[str, dict] = {}  # calls waiting for a result, oldest first
     for i, msg in enumerate(messages):
         place = f"{where}: message {i}"
         role = msg["role"]
@@ -312,7 +311,6 @@ def _link_results(messages: list[dict], declared: dict[str, dict], where: str) -
                 if call["id"] in pending:
                     raise UserError(f"{place}: two calls share the id '{call['id']}'")
                 pending[call["id"]] = call
-                order.append(call["id"])
             if not msg.get("tool_calls") and not msg["content"].strip():
                 raise UserError(
                     f"{place}: assistant message is empty; an empty answer teaches the model to say nothing"
@@ -323,7 +321,7 @@ def _link_results(messages: list[dict], declared: dict[str, dict], where: str) -
                     f"{place}: a tool result with no call before it; give the assistant turn before it the "
                     f"tool_calls it answers, or drop the result"
                 )
-            wanted = msg["tool_call_id"] or next(c for c in order if c in pending)
+            wanted = msg["tool_call_id"] or next(iter(pending))
             if wanted not in pending:
                 raise UserError(f"{place}: tool_call_id '{wanted}' names no call waiting for its result")
             call = pending.pop(wanted)
@@ -397,20 +395,22 @@ def platform_messages(messages: list[dict], tools: list[dict] | None) -> list[di
         else:
             out.append({"role": "system", "content": tools_prompt(tools)})
         messages = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    previous = None
     for msg in messages:
         if msg["role"] == "tool":
             block = f"{RESPONSE_OPEN}\n{msg['content']}\n{RESPONSE_CLOSE}"
-            if out and out[-1].get("tool_result"):
+            if previous == "tool":
                 out[-1]["content"] += "\n" + block
             else:
-                out.append({"role": "user", "content": block, "tool_result": True})
+                out.append({"role": "user", "content": block})
         elif msg.get("tool_calls"):
             parts = [msg["content"].strip()] if msg["content"].strip() else []
             parts += [call_text(c["name"], c["arguments"]) for c in calls_of(msg)]
             out.append({"role": "assistant", "content": "\n".join(parts)})
         else:
             out.append({"role": msg["role"], "content": msg["content"]})
-    return [{"role": m["role"], "content": m["content"]} for m in out]
+        previous = msg["role"]
+    return out
 
 
 def template_inputs(tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list[dict] | None]:

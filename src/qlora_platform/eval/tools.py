@@ -127,10 +127,8 @@ def tool_call_scores(loaded, eval_file: str, batch_size: int = 8, log=print) -> 
         return None
     prompts = [loaded.engine.encode_chat(d["history"], tools=d["tools"]) for d in todo]
     budget = token_budget(loaded.engine.tokenizer, todo)
-    log(
-        f"tool calls: {len(todo)} holdout decisions ({sum(bool(d['expected']) for d in todo)} need a call), "
-        f"greedy, at most {budget} new tokens"
-    )
+    need_call = sum(bool(d["expected"]) for d in todo)
+    log(f"tool calls: {len(todo)} holdout decisions ({need_call} need a call), greedy, at most {budget} new tokens")
     with loaded.base_only():
         base = [judge(t, d) for t, d in zip(_generate(loaded, prompts, batch_size, budget, "base"), todo)]
     tuned = [judge(t, d) for t, d in zip(_generate(loaded, prompts, batch_size, budget, "tuned"), todo)]
@@ -155,8 +153,8 @@ def tool_call_scores(loaded, eval_file: str, batch_size: int = 8, log=print) -> 
     scores.update(
         {
             "decisions": len(todo),
-            "need_call": sum(bool(d["expected"]) for d in todo),
-            "need_text": sum(not d["expected"] for d in todo),
+            "need_call": need_call,
+            "need_text": len(todo) - need_call,
             "eval_file": str(eval_file),
             "max_new_tokens": budget,
             "definitions": DEFINITIONS,
