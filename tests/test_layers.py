@@ -1,6 +1,6 @@
 """The package's import boundaries: no import cycle, and every import points down the layers.
 
-    errors <- config <- data <- models <- infer <- train / eval / export <- demo / doctor <- cli
+    errors <- config <- data <- models / rag <- infer <- train / eval / export <- demo / doctor <- cli
 
 Units of one layer do not import each other (train, eval and export are siblings; so are
 data and kernels); kernels import nothing else of the package, and anything above data may
@@ -26,6 +26,7 @@ LAYERS = {
     "data": 2,
     "kernels": 2,
     "models": 3,
+    "rag": 3,
     "infer": 4,
     "train": 5,
     "eval": 5,

@@ -186,8 +186,10 @@ def cmd_eval(args, extra) -> int:
 
     if extra:
         raise UserError(f"unexpected argument(s) for eval: {' '.join(extra)}")
+    grounding = _grounding(args)  # a missing or empty index stops here, before the model loads
     run_eval(
         args.adapter,
+        grounding=grounding,
         prompts=args.prompts,
         out=args.out,
         eval_file=args.eval_file,
@@ -243,6 +245,104 @@ def _engine(args):
     ).engine
 
 
+def _rag_settings(args):
+    from pydantic import ValidationError
+
+    from .rag.settings import RagSettings
+
+    own = args.verb == "rag"  # `qlora rag` names its options plainly; chat, serve... prefix them with --rag-
+    flags = {
+        "collection": "--collection" if own else "--rag-collection",
+        "k": "-k" if own else "--rag-k",
+        "mode": "--mode" if own else "--rag-mode",
+        "prompt_tokens": "--rag-budget",
+    }
+    values = {
+        "collection": args.collection,
+        "k": args.k,
+        "mode": args.mode,
+        "prompt_tokens": getattr(args, "rag_budget", None),
+        "embedding_model": getattr(args, "embedding_model", None),
+        "chunk_tokens": getattr(args, "chunk_tokens", None),
+        "chunk_overlap": getattr(args, "chunk_overlap", None),
+    }
+    try:
+        return RagSettings(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        if not first["loc"]:  # a check across keys words its own message
+            raise UserError(first["msg"].removeprefix("Value error, ")) from None
+        key = str(first["loc"][0])
+        raise UserError(f"{flags.get(key, '--' + key.replace('_', '-'))}: {first['msg']}") from None
+
+
+def _grounding(args):
+    """The retriever and its prompt settings for --rag LOCATION, or None without --rag."""
+    if not getattr(args, "rag", None):
+        return None
+    from .rag.prompt import Grounding
+    from .rag.retrieve import Retriever
+
+    settings = _rag_settings(args)
+    return Grounding(Retriever.open(args.rag, settings), settings)
+
+
+def cmd_rag(args, extra) -> int:
+    # argparse leaves the question's words that follow an option among the unknown arguments;
+    # after `--` every word is the question's, so a question may start with a dash.
+    rest = extra[extra.index("--") + 1 :] if "--" in extra else []
+    extra = extra[: extra.index("--")] if "--" in extra else extra
+    words = [e for e in extra if not e.startswith("-")] + rest if args.action == "query" else []
+    unknown = [e for e in extra if e not in words]
+    if unknown or (args.action == "index" and args.question):
+        raise UserError(f"unexpected argument(s) for rag {args.action}: {' '.join(unknown or args.question)}")
+    args.question = list(args.question) + words
+    location = _rag_location(args)
+    settings = _rag_settings(args)
+    if args.action == "index":
+        from .rag.index import format_index_report, index_documents
+
+        print(format_index_report(index_documents(args.input or [], location, settings, device=args.device)))
+        return 0
+    from .rag.retrieve import Retriever
+
+    if not args.question or not " ".join(args.question).strip():
+        raise UserError('give the question: qlora rag query --db DIR "How do I ...?"')
+    question = " ".join(args.question)
+    retriever = Retriever.open(location, settings, device=args.device, embedding_model=args.embedding_model)
+    passages = retriever.search([question], settings.k, settings.mode)[0]
+    if args.json:
+        import json
+
+        print(json.dumps([p.as_dict(n) for n, p in enumerate(passages, 1)], indent=2, ensure_ascii=False))
+        return 0
+    if not passages:
+        print(f"no passage matches (mode {settings.mode}; try --mode vector)")
+    for n, p in enumerate(passages, 1):
+        similarity = "" if p.similarity is None or settings.mode == "vector" else f", similarity {p.similarity:.3f}"
+        text = " ".join(p.text.split())
+        print(f"[{n}] {p.label()}  ({settings.mode} score {p.score:.4f}{similarity})")
+        print(f"    {text[:400]}{' ...' if len(text) > 400 else ''}")
+    return 0
+
+
+def _rag_location(args) -> str:
+    from .rag.store import is_url
+
+    if args.db and args.chroma_url:
+        raise UserError("give --db DIR or --chroma-url URL, not both")
+    if args.db and is_url(args.db):
+        raise UserError(f"--db takes a folder; for a Chroma server write --chroma-url {args.db}")
+    if args.chroma_url and not is_url(args.chroma_url):
+        raise UserError(f"--chroma-url takes http://HOST:PORT; for a folder write --db {args.chroma_url}")
+    location = args.db or args.chroma_url
+    if not location:
+        raise UserError(
+            f"give the index: --db DIR (a folder) or --chroma-url http://HOST:PORT (qlora rag {args.action})"
+        )
+    return location
+
+
 def cmd_chat(args, extra) -> int:
     from .infer.chat import chat_repl
 
@@ -257,10 +357,11 @@ def cmd_chat(args, extra) -> int:
         if args.gguf:
             raise UserError("--tools needs --adapter or --model: a --gguf engine does not render tool schemas")
         tools = load_tools(args.tools)
+    grounding = _grounding(args)
     engine = _engine(args)
     line_editing(cache_dir() / "chat_history")
     label = f"the adapter {args.adapter}" if args.adapter else args.gguf or args.model
-    return chat_repl(engine, params, system=args.system, label=label, tools=tools)
+    return chat_repl(engine, params, system=args.system, label=label, tools=tools, grounding=grounding)
 
 
 def cmd_generate(args, extra) -> int:
@@ -269,7 +370,10 @@ def cmd_generate(args, extra) -> int:
     if extra:
         raise UserError(f"unexpected argument(s) for generate: {' '.join(extra)}")
     params = _sampling(args)
-    return generate_once(_engine(args), args.prompt, params, system=args.system, raw=args.raw)
+    if args.raw and args.rag:
+        raise UserError("--raw and --rag do not go together: retrieved passages go into a chat prompt")
+    grounding = _grounding(args)
+    return generate_once(_engine(args), args.prompt, params, system=args.system, raw=args.raw, grounding=grounding)
 
 
 def cmd_serve(args, extra) -> int:
@@ -307,6 +411,7 @@ def cmd_serve(args, extra) -> int:
         body_timeout=args.body_timeout,
         default_max_tokens=args.default_max_tokens,
         max_model_len=args.max_model_len,
+        grounding=_grounding(args),  # a missing or empty index stops here, before the server starts
     )
     return serve(
         settings,
@@ -371,12 +476,29 @@ def cmd_demo(args, extra) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .rag.settings import MODES as RAG_MODES
+    from .rag.settings import describe as describe_rag
 
     p = argparse.ArgumentParser(
         prog="qlora", description="QLoRA fine-tuning from raw data to a served model.", allow_abbrev=False
     )
     p.add_argument("--version", action="version", version=f"qlora-platform {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def rag_args(s, prefix="--rag-"):
+        s.add_argument(f"{prefix}collection", dest="collection", **describe_rag("collection"))
+        s.add_argument(f"{prefix}k" if prefix != "--" else "-k", dest="k", type=int, **describe_rag("k"))
+        s.add_argument(f"{prefix}mode", dest="mode", choices=list(RAG_MODES), **describe_rag("mode"))
+        if prefix != "--":
+            s.add_argument("--rag-budget", type=int, **describe_rag("prompt_tokens"))
+
+    def grounding_args(s):
+        s.add_argument(
+            "--rag",
+            metavar="INDEX",
+            help="answer from the documents of this index (a folder from 'qlora rag index', or a Chroma server URL)",
+        )
+        rag_args(s)
 
     s = sub.add_parser("doctor", help="check Python, torch, CUDA, bitsandbytes, llama.cpp, disk, HF token")
     s.add_argument("--config", help="also check what this config needs")
@@ -454,7 +576,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the base model's own Python code run (never taken from the run's config)",
     )
+
+    grounding_args(s)
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("rag", help="rag index / rag query: retrieval over your documents (ChromaDB)")
+    s.add_argument("action", choices=["index", "query"], help="index: build or update; query: search")
+    s.add_argument("question", nargs="*", help="query: the question")
+    s.add_argument("--input", action="append", help="index: PDF/HTML/MD/TXT/RST/JSONL file or folder (repeatable)")
+    s.add_argument("--db", help="the index folder (an embedded ChromaDB)")
+    s.add_argument("--chroma-url", help="a Chroma server instead of a folder, e.g. http://127.0.0.1:8000")
+    rag_args(s, prefix="--")
+    s.add_argument(
+        "--embedding-model",
+        help=f"{describe_rag('embedding_model')['help']} (default: {describe_rag('embedding_model')['default']} "
+        f"to index; the index's own model to query)",
+    )
+    s.add_argument("--chunk-tokens", type=int, **describe_rag("chunk_tokens"))
+    s.add_argument("--chunk-overlap", type=int, **describe_rag("chunk_overlap"))
+    s.add_argument("--device", default="cpu", help="device of the embedding model: cpu or cuda")
+    s.add_argument("--json", action="store_true", help="query: the passages as JSON")
+    s.set_defaults(func=cmd_rag)
 
     s = sub.add_parser("compare", help="one table across run folders (markdown + JSON)")
     s.add_argument("runs", nargs="+", help="run folders (output.dir of each training run)")
@@ -486,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat", help="streaming multi-turn chat in the terminal")
     source_args(s)
     sampling_args(s)
+    grounding_args(s)
     s.add_argument(
         "--tools",
         metavar="FILE",
@@ -498,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(s)
     s.add_argument("--prompt", required=True)
     s.add_argument("--raw", action="store_true", help="plain text continuation, no chat template")
+    grounding_args(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, completions, /generate, metrics)")
@@ -523,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
     s.add_argument("--log-level", default="info")
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    grounding_args(s)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("setup", help="setup llama-cpp: obtain and build the pinned llama.cpp (cached)")

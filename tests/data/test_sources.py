@@ -60,6 +60,7 @@ def test_html_split_by_headings_without_scripts(tmp_path):
     assert "var x" not in sections[0][1] and "menu" not in sections[0][1]
     records = document_records(path, mode="qa")
     assert records[0][1]["instruction"] == "Guide: explain 'Install'." and records[0][1]["output"] == BODY
+    assert records[0][1]["source"] == f"{path.name}#Install"  # the passage, for eval --rag
 
 
 def test_markdown_and_text_sections_and_text_mode(tmp_path):

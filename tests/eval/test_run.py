@@ -159,3 +159,54 @@ def test_train_and_eval_report_the_same_holdout_perplexity(tmp_path, tiny_model_
         log=lambda *a: None,
     )
     assert report["perplexity"]["tuned"] == pytest.approx(summary["eval_perplexity"], rel=1e-3)
+
+
+def test_eval_with_retrieval_reports_hits_and_the_two_by_two_table(trained_run, tmp_path, capsys):
+    from qlora_platform.rag.index import index_documents
+    from qlora_platform.rag.prompt import Grounding
+    from qlora_platform.rag.retrieve import Retriever
+    from qlora_platform.rag.settings import RagSettings
+    from tests.conftest import chat, write_jsonl
+
+    root, prompts = trained_run
+    words = ["alpha", "beta", "gamma", "delta"]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "spelling.md").write_text(
+        "# Spelling\n\n" + "".join(f"## {w}\n\nThe word {w} is spelled {' '.join(w)}, then done.\n\n" for w in words)
+    )
+    held = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [{**chat(f"Spell {w}.", f"{w} {w} {w} done."), "source": f"spelling.md#{w}"} for w in words],
+    )
+    db = str(tmp_path / "db")
+    index_documents([str(docs)], db, RagSettings(), progress=False, log=lambda *a: None)
+    settings = RagSettings(k=2, prompt_tokens=64)
+    report = run_eval(
+        str(root / "run" / "final_adapter"),
+        prompts=str(prompts),
+        eval_file=str(held),
+        out=str(tmp_path / "out"),
+        speed_runs=1,
+        speed_tokens=2,
+        grounding=Grounding(Retriever.open(db, settings), settings),
+        log=lambda *a: None,
+    )
+    r = report["retrieval"]
+    assert r["k"] == 2 and r["mode"] == "hybrid" and r["hits"]["questions"] == 4
+    assert r["hits"]["keyword"] == {"hit_at_1": 1.0, "hit_at_2": 1.0, "mrr": 1.0}
+    assert set(r["hits"]) >= {"hybrid", "vector", "keyword", "misses"}
+    rate = r["keyword_pass_rate"]
+    assert rate["base"]["without"] == report["keyword_pass_rate"]["base"]
+    assert rate["tuned"]["without"] == report["keyword_pass_rate"]["tuned"]
+    assert 0 <= rate["tuned"]["with"] <= 1 and r["prompts"] == 5 and 0 < r["passages_per_prompt"] <= 2
+    assert r["answers"][0]["sources"][0].endswith("spelling.md § alpha")
+    md = (tmp_path / "out" / "eval.md").read_text()
+    assert "## Retrieval" in md and "| hybrid (used) |" in md and "| | without retrieval | with retrieval |" in md
+    assert "### Answers with retrieval" in md and md.count("tuned with retrieval (") == 3
+
+    # An index that is not there stops before the model loads, in one line.
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(root / "run" / "final_adapter"), "--rag", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no index at") and "\n" not in err

@@ -1,6 +1,6 @@
 """`qlora prepare`: raw inputs to `train.jsonl` + `eval.jsonl` in chat form.
 
-    qlora prepare --sample                                # the offline stdlib data set
+    qlora prepare --sample                                # the offline stdlib data set (+ its documents)
     qlora prepare --sample-preferences --out-dir data/pref   # the same questions as preference pairs
     qlora prepare --sample-tools --out-dir data/tools        # tool calls over the sample domain
     qlora prepare --input faq.csv --columns instruction=question,output=answer
@@ -36,7 +36,7 @@ from .formats import (
 )
 from .preference import KIND_NAMES, KindGuard, answer_words, detect_kind, record_key, split_records, to_kind_record
 from .preference_sample import build_sample_preferences
-from .sample import build_sample_records
+from .sample import build_sample_records, sample_entries, write_sample_documents
 from .sources import DOC_SUFFIXES, columns_hint, csv_to_jsonl, document_records, hf_dataset_to_jsonl
 from .tools_sample import build_sample_tool_records
 
@@ -179,8 +179,9 @@ def prepare(
     first_invalid: list[str] = []
     raw_count = 0
     guard = KindGuard()
+    entries = sample_entries() if sample else []  # read once: for the records and for the documents
     if sample:
-        records += build_sample_records()
+        records += build_sample_records(entries=entries)
         guard.check("sft", "the --sample set")
     if sample_tools:
         records += build_sample_tool_records(seed)
@@ -235,6 +236,8 @@ def prepare(
     elif stale:
         stale.unlink()
     words = [n for n in map(answer_words, unique) if n is not None]
+    # The documentation the sample set is made from, for retrieval (`qlora rag index --input <out>/docs`).
+    documents = write_sample_documents(out_dir / "docs", entries) if sample else []
     report = {
         "inputs": (["sample:python-stdlib"] if sample else [])
         + (["sample:python-stdlib-preferences"] if sample_preferences else [])
@@ -256,6 +259,7 @@ def prepare(
         "train_file": str(out_dir / "train.jsonl"),
         "eval_file": str(out_dir / "eval.jsonl") if holdout else None,
         "removed_stale": [str(stale)] if stale else [],
+        "documents": {"folder": str(out_dir / "docs"), "files": len(documents)} if documents else None,
     }
     (out_dir / "prepare_report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -281,6 +285,12 @@ def format_report(report: dict) -> str:
         lines.append(
             f"removed {stale}: an earlier run's holdout; this run has none (--eval-ratio "
             f"{report.get('eval_ratio', 0)}), so no stale file is read as one"
+        )
+    if report.get("documents"):
+        docs = report["documents"]
+        lines.append(
+            f"sample documents: {docs['files']} HTML pages -> {docs['folder']} "
+            f"(for retrieval: qlora rag index --input {docs['folder']})"
         )
     if report.get("tool_records"):
         lines.append(f"tool-use records: {report['tool_records']} (calls checked against their tools' schemas)")

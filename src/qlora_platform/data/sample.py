@@ -15,13 +15,17 @@ to teach anything are left out, and duplicates are removed.
 from __future__ import annotations
 
 import hashlib
+import html
 import importlib
 import inspect
 import re
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 from .formats import normalise_key
 
+TOPICS_FILE = "python-topics.html"
 SYSTEM_PROMPT = "You are a helpful assistant for the Python standard library."
 
 # Widely used, import-safe modules (no GUI, no side effects on import).
@@ -255,7 +259,7 @@ def _signature(obj) -> str:
         return ""
 
 
-def _pair(question: str, answer: str, category: str) -> dict:
+def _pair(question: str, answer: str, category: str, source: str) -> dict:
     return {
         "messages": [
             {"role": "system", "content": SYSTEM_PROMPT},
@@ -263,10 +267,28 @@ def _pair(question: str, answer: str, category: str) -> dict:
             {"role": "assistant", "content": answer},
         ],
         "category": category,
+        "source": source,
     }
 
 
-def _topic_records(min_words: int, max_words: int) -> list[dict]:
+@dataclass(frozen=True)
+class Entry:
+    """One documented object or topic: where the sample documents hold it (file and heading), its
+    question, and its documentation whole (`doc`) with the signature line an answer starts with."""
+
+    file: str
+    heading: str
+    category: str
+    question: str
+    signature: str  # `name(args)` for classes and callables, "" otherwise
+    doc: str
+
+    @property
+    def source(self) -> str:
+        return f"{self.file}#{self.heading}"
+
+
+def _topic_entries() -> list[Entry]:
     from pydoc_data.topics import topics
 
     out = []
@@ -276,14 +298,13 @@ def _topic_records(min_words: int, max_words: int) -> list[dict]:
         lines = text.strip().splitlines()
         title = lines[0].strip() if lines else key
         body = "\n".join(lines[2:]) if len(lines) > 2 and set(lines[1].strip()) <= {"*", "="} else text
-        answer = _trim(inspect.cleandoc(body), max_words)
-        if len(answer.split()) >= min_words:
-            name = title[0].lower() + title[1:] if title[:2] != title[:2].upper() else title
-            out.append(_pair(_pick(TOPIC_QUESTIONS, name), answer, "topic"))
+        name = title[0].lower() + title[1:] if title[:2] != title[:2].upper() else title
+        question = _pick(TOPIC_QUESTIONS, name)
+        out.append(Entry(TOPICS_FILE, " ".join(title.split()), "topic", question, "", inspect.cleandoc(body)))
     return out
 
 
-def _object_records(min_words: int, max_words: int) -> list[dict]:
+def _object_entries() -> list[Entry]:
     out = []
     for modname in MODULES:
         try:
@@ -292,9 +313,8 @@ def _object_records(min_words: int, max_words: int) -> list[dict]:
                 module = importlib.import_module(modname)
         except Exception:  # noqa: BLE001 - a module missing from this build is simply skipped
             continue
-        doc = inspect.getdoc(module) or ""
-        if len(doc.split()) >= min_words:
-            out.append(_pair(_pick(MODULE_QUESTIONS, modname), _trim(doc, max_words), "module"))
+        file = f"{modname}.html"
+        out.append(Entry(file, modname, "module", _pick(MODULE_QUESTIONS, modname), "", inspect.getdoc(module) or ""))
         public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
         for attr in sorted(set(public)):
             obj = getattr(module, attr, None)
@@ -303,35 +323,79 @@ def _object_records(min_words: int, max_words: int) -> list[dict]:
             full = f"{modname}.{attr}"
             if inspect.isclass(obj):
                 doc = inspect.getdoc(obj) or ""
-                if len(doc.split()) >= min_words:
-                    answer = f"`{full}{_signature(obj)}`\n\n{_trim(doc, max_words)}"
-                    out.append(_pair(_pick(CLASS_QUESTIONS, full), answer, "class"))
+                out.append(Entry(file, full, "class", _pick(CLASS_QUESTIONS, full), f"`{full}{_signature(obj)}`", doc))
                 for mname, meth in sorted(vars(obj).items()):
                     if mname.startswith("_") or not callable(meth):
                         continue
+                    name = f"{full}.{mname}"
+                    signature = f"`{name}{_signature(meth)}`"
                     mdoc = inspect.getdoc(meth) or ""
-                    if len(mdoc.split()) >= min_words:
-                        answer = f"`{full}.{mname}{_signature(meth)}`\n\n{_trim(mdoc, max_words)}"
-                        out.append(_pair(_pick(FUNCTION_QUESTIONS, f"{full}.{mname}"), answer, "method"))
+                    out.append(Entry(file, name, "method", _pick(FUNCTION_QUESTIONS, name), signature, mdoc))
             elif callable(obj):
                 doc = inspect.getdoc(obj) or ""
-                if len(doc.split()) >= min_words:
-                    answer = f"`{full}{_signature(obj)}`\n\n{_trim(doc, max_words)}"
-                    out.append(_pair(_pick(FUNCTION_QUESTIONS, full), answer, "function"))
+                signature = f"`{full}{_signature(obj)}`"
+                out.append(Entry(file, full, "function", _pick(FUNCTION_QUESTIONS, full), signature, doc))
     return out
 
 
-def build_sample_records(min_words: int = 30, max_words: int = 160) -> list[dict]:
-    """All pairs, deduplicated on question and on answer, in a stable order."""
+def sample_entries() -> list[Entry]:
+    """Every topic and documented object the sample set draws on, in a stable order."""
+    return _topic_entries() + _object_entries()
+
+
+def build_sample_records(min_words: int = 30, max_words: int = 160, entries: list[Entry] | None = None) -> list[dict]:
+    """All pairs, deduplicated on question and on answer, in a stable order. Each names its
+    `source`: the sample document and heading it was made from (`json.html#json.dumps`).
+    `entries`: those of `sample_entries()`, when the caller has them already."""
     seen_q, seen_a, out = set(), set(), []
-    for rec in _topic_records(min_words, max_words) + _object_records(min_words, max_words):
-        if len(rec["messages"][2]["content"].split()) < min_words:
+    for entry in sample_entries() if entries is None else entries:
+        if len(entry.doc.split()) < min_words:
+            continue
+        body = _trim(entry.doc, max_words)
+        answer = f"{entry.signature}\n\n{body}" if entry.signature else body
+        if len(answer.split()) < min_words:
             continue  # trimming can leave less than the docstring had
-        q = normalise_key(rec["messages"][1]["content"])
-        a = normalise_key(rec["messages"][2]["content"].split("\n\n", 1)[-1])
+        rec = _pair(entry.question, answer, entry.category, entry.source)
+        q = normalise_key(entry.question)
+        a = normalise_key(answer.split("\n\n", 1)[-1])
         if q in seen_q or a in seen_a:
             continue
         seen_q.add(q)
         seen_a.add(a)
         out.append(rec)
     return out
+
+
+def _document(title: str, entries: list[Entry]) -> str:
+    parts = [
+        "<!doctype html>",
+        f'<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title></head><body>',
+    ]
+    for e in entries:
+        tag = "h1" if e.category == "module" else "h2"
+        parts.append(f"<{tag}>{html.escape(e.heading)}</{tag}>")
+        if e.signature:
+            parts.append(f"<p><code>{html.escape(e.signature.strip('`'))}</code></p>")
+        if e.doc.strip():
+            parts.append(f"<pre>{html.escape(e.doc)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_sample_documents(folder: str | Path, entries: list[Entry] | None = None) -> list[Path]:
+    """The documentation the sample set is made from, as HTML pages (one per module, and one of the
+    language topics), whole rather than trimmed: what `qlora rag index` indexes for the sample domain."""
+    by_file: dict[str, list[Entry]] = {}
+    for entry in sample_entries() if entries is None else entries:
+        if entry.doc.strip() or entry.signature:
+            by_file.setdefault(entry.file, []).append(entry)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file, entries in by_file.items():
+        module = file.removesuffix(".html")
+        title = "Python language topics" if file == TOPICS_FILE else f"{module} (Python standard library)"
+        path = folder / file
+        path.write_text(_document(title, entries), encoding="utf-8")
+        written.append(path)
+    return written

@@ -283,9 +283,9 @@ def document_records(path: str | Path, mode: str = "qa", min_words: int = 20) ->
         if mode == "text":
             out.append((where, {"text": f"{heading}\n\n{body}" if heading else body, "source": str(path)}))
         elif heading and heading != title:
-            out.append(
-                (where, {"instruction": f"{title}: explain '{heading}'.", "output": body, "category": Path(path).name})
-            )
+            record = {"instruction": f"{title}: explain '{heading}'.", "output": body, "category": Path(path).name}
+            # The passage the answer comes from, for `qlora eval --rag` over an index of the same document.
+            out.append((where, {**record, "source": f"{Path(path).name}#{heading}"}))
         else:
             out.append(
                 (

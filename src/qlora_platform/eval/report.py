@@ -8,7 +8,9 @@ did not run: a tool-use holdout without --prompts; schema version 2),
 `preference.accuracy.base` / `.tuned` and `preference.margin.base` / `.tuned` (a DPO run's report,
 which has these instead of `perplexity`; eval/preference.py defines them),
 `tool_calls.exact_match.base` / `.tuned`, `.right_function`, `.valid_call_rate` and `.abstention` (a holdout
-with tool records; eval/tools.py defines them), `tokens_per_s` (batch-1 decode
+with tool records; eval/tools.py defines them), `retrieval.hits.<mode>.hit_at_<k>` and
+`retrieval.keyword_pass_rate.<base|tuned>.<without|with>` (`qlora eval --rag`; eval/retrieval.py
+defines them), `tokens_per_s` (batch-1 decode
 of the tuned model), `speed`, `keyword_benchmark`, `prompts`, `train`, `plots`.
 """
 
@@ -18,6 +20,7 @@ import json
 from pathlib import Path
 
 from .preference import preference_markdown
+from .retrieval import retrieval_markdown
 from .reward import alignment_markdown
 from .rl import rl_markdown
 from .tools import tool_calls_markdown
@@ -104,6 +107,23 @@ def _keyword_lines(report: dict) -> list[str]:
     return lines
 
 
+def _retrieval_answers(r: dict, shown: int = 3) -> list[str]:
+    """The first benchmark answers given with retrieved passages, with their sources."""
+    rows = (r.get("answers") or [])[:shown]
+    lines = ["### Answers with retrieval", ""] if rows else []
+    for row in rows:
+        lines += [
+            f"**{_cell(row['id'])}**: {_cell(row['prompt'])}",
+            "",
+            f"sources: {'; '.join(row['sources']) or 'none'}",
+            "",
+        ]
+        for side in ("base", "tuned"):
+            verdict = "pass" if row[side]["passed"] else "fail"
+            lines += [f"{side} with retrieval ({verdict}):", "", _answer_block(row[side]["answer"]), ""]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     rate, speed, bench = report["keyword_pass_rate"], report["speed"], report["keyword_benchmark"]
     lines = [
@@ -129,6 +149,8 @@ def render_markdown(report: dict) -> str:
         *(rl_markdown(report["rl"]) if "rl" in report else []),
         *(tool_calls_markdown(report["tool_calls"]) if "tool_calls" in report else []),
         *alignment_markdown(report),
+        *(retrieval_markdown(report["retrieval"]) if report.get("retrieval") else []),
+        *(_retrieval_answers(report["retrieval"]) if report.get("retrieval") else []),
         "## Speed (tuned model, batch 1)",
         "",
         "| prefill tokens/s | decode tokens/s | time to first token | peak memory | device |",

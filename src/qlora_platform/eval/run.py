@@ -31,6 +31,7 @@ from .keywords import DEFAULT_PROMPTS, label, load_prompt_file, score_answer
 from .plots import write_plots
 from .preference import preference_scores
 from .report import SCHEMA_VERSION, write_report
+from .retrieval import grounded_prompts, retrieval_hits
 from .tools import tool_call_scores
 
 
@@ -97,7 +98,9 @@ def _perplexity(loaded, eval_file: str, n_prompts: int, adapter: str, log) -> di
     }
 
 
-def _keyword_benchmark(loaded, bench, prompt_ids: list[list[int]], batch_size: int, log) -> tuple[list, int, int]:
+def _keyword_benchmark(
+    loaded, bench, prompt_ids: list[list[int]], batch_size: int, log, title: str = "keyword benchmark"
+) -> tuple[list, int, int]:
     """(rows, base passed, tuned passed): each benchmark prompt answered by both sides and scored."""
     with loaded.base_only():
         base_answers = _answers(loaded, bench, prompt_ids, batch_size)
@@ -116,8 +119,42 @@ def _keyword_benchmark(loaded, bench, prompt_ids: list[list[int]], batch_size: i
         )
     base_passed = sum(r["base"]["passed"] for r in rows)
     tuned_passed = sum(r["tuned"]["passed"] for r in rows)
-    log(f"keyword benchmark: base {base_passed}/{len(rows)} -> tuned {tuned_passed}/{len(rows)} passed")
+    log(f"{title}: base {base_passed}/{len(rows)} -> tuned {tuned_passed}/{len(rows)} passed")
     return rows, base_passed, tuned_passed
+
+
+def _retrieval(loaded, bench, grounding, eval_file: str, rows: list, batch_size: int, log) -> dict:
+    """hit@k of the index on the holdout, and the keyword benchmark with retrieved passages (the
+    2 x 2 table's second column) when the benchmark ran without them."""
+    out: dict = {
+        "index": grounding.retriever.describe(),
+        "k": grounding.settings.k,
+        "mode": grounding.settings.mode,
+        "budget": grounding.settings.prompt_tokens,
+        "hits": retrieval_hits(grounding, eval_file, log),
+        "keyword_pass_rate": None,
+    }
+    if not rows:
+        return out
+    grounded = grounded_prompts(
+        grounding, loaded.engine, [p.prompt for p in bench.prompts], bench.system, bench.generation.max_new_tokens
+    )
+    rag_rows, base_rag, tuned_rag = _keyword_benchmark(
+        loaded, bench, [ids for ids, _ in grounded], batch_size, log, "keyword benchmark with retrieval"
+    )
+    for row, (_, used) in zip(rag_rows, grounded):
+        row["sources"] = [p.label() for p in used]
+    n = len(rows)
+    out.update(
+        keyword_pass_rate={
+            "base": {"without": sum(r["base"]["passed"] for r in rows) / n, "with": base_rag / n},
+            "tuned": {"without": sum(r["tuned"]["passed"] for r in rows) / n, "with": tuned_rag / n},
+        },
+        prompts=n,
+        passages_per_prompt=sum(len(used) for _, used in grounded) / n,
+        answers=rag_rows,
+    )
+    return out
 
 
 def run_eval(
@@ -131,8 +168,11 @@ def run_eval(
     samples: int = 6,
     batch_size: int = 8,
     trust_remote_code: bool = False,
+    grounding=None,
     log=print,
 ) -> dict:
+    """`grounding` (rag.prompt.Grounding, from --rag) adds retrieval: hit@k on the holdout questions
+    whose source is known, and the keyword benchmark run again with retrieved passages."""
     start = time.time()
     bench_path = prompts or DEFAULT_PROMPTS
     bench = load_prompt_file(bench_path)
@@ -186,6 +226,8 @@ def run_eval(
     else:
         rows, base_passed, tuned_passed = _keyword_benchmark(loaded, bench, prompt_ids, batch_size, log)
     n = len(rows)
+    if grounding is not None:
+        scored["retrieval"] = _retrieval(loaded, bench, grounding, eval_file, rows, batch_size, log)
     speed = measure_speed(loaded.engine, prompt_ids[0], new_tokens=speed_tokens, runs=speed_runs)
     log(f"speed: prefill {speed['prefill_tokens_per_s']} tokens/s, decode {speed['decode_tokens_per_s']} tokens/s")
 

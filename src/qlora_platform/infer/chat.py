@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..data.tools import normalise_tools
 from ..errors import UserError
+from ..rag.prompt import format_sources, question_of
 from .generation import single_turn
 from .sampling import SamplingParams
 from .tools import HeldText, ToolPlan
@@ -66,12 +67,15 @@ def _stats(result) -> str:
     )
 
 
-def _trim_history(engine, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None) -> list[int]:
+def _trim_history(
+    engine, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None, reserve: int = 0
+) -> list[int]:
     """The prompt of the conversation, dropping the oldest exchanges (a user message and the turns
-    that answer it, calls and tool results included) when it would not fit the context."""
+    that answer it, calls and tool results included) when it would not fit the context with
+    `reserve` tokens to spare (room for retrieved passages)."""
     while True:
         ids = engine.encode_chat(messages, tools=tools) if tools else engine.encode_chat(messages)
-        if len(ids) + params.max_new_tokens <= engine.max_context:
+        if len(ids) + params.max_new_tokens + reserve <= engine.max_context:
             return ids
         first_turn = 1 if messages and messages[0]["role"] == "system" else 0
         next_user = next((i for i in range(first_turn + 1, len(messages)) if messages[i]["role"] == "user"), None)
@@ -119,15 +123,21 @@ def chat_repl(
     err=None,
     label: str | None = None,
     tools: list[dict] | None = None,
+    grounding=None,
 ) -> int:
     """`label` names what is answering (the adapter folder, or the model) in the banner; `tools`
-    (normalised schemas, see `load_tools`) are declared to the model in every prompt."""
+    (normalised schemas, see `load_tools`) are declared to the model in every prompt; `grounding`
+    (rag.prompt.Grounding) puts passages retrieved for each question into its prompt, and the
+    answer is followed by their sources."""
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     err = err or (lambda s: print(s, file=sys.stderr))
     messages = [{"role": "system", "content": system}] if system else []
     if label is None:
         label = engine.model.config.name_or_path if hasattr(engine.model, "config") else "the model"
-    err(f"chat with {label}" + (f" and {len(tools)} tool(s)" if tools else "") + f"; {HELP}")
+    extras = [f"{len(tools)} tool(s)"] if tools else []
+    if grounding is not None:
+        extras.append(f"retrieval from {grounding.retriever.describe()}")
+    err(f"chat with {label}" + (f" and {' and '.join(extras)}" if extras else "") + f"; {HELP}")
     while True:
         try:
             line = read("\n> ")
@@ -159,15 +169,31 @@ def chat_repl(
             continue
         messages.append({"role": "user", "content": text})
         # The model answers; while its answer holds calls, the person gives their results and it answers again.
-        while _answer(engine, messages, params, tools, read, write, err):
+        while _answer(engine, messages, params, tools, read, write, err, grounding):
             pass
 
 
-def _answer(engine, messages: list[dict], params: SamplingParams, tools, read, write, err) -> bool:
+def _grounded_prompt(engine, messages: list[dict], params: SamplingParams, tools, grounding):
+    """(prompt ids, passages used, passages found) with retrieval. Old exchanges go first, so the
+    passages keep their budget in a long conversation; ids are None when no passage fits beside the
+    conversation, which is then trimmed as without retrieval."""
+    with contextlib.suppress(UserError):  # the question alone leaves no room: answered without passages
+        _trim_history(engine, messages, params, tools, reserve=grounding.settings.prompt_tokens)
+    found = grounding.passages([question_of(messages)])[0]
+    kwargs = {"tools": tools} if tools else {}
+    ids, used = grounding.prompt(engine, messages, params.max_new_tokens, passages=found, **kwargs)
+    return (ids if used else None), used, bool(found)
+
+
+def _answer(engine, messages: list[dict], params: SamplingParams, tools, read, write, err, grounding=None) -> bool:
     """One answer of the model, appended to `messages`; True when it held calls whose results are
     now in `messages` too (the model answers again)."""
+    prompt, used, found = None, [], False
     try:
-        prompt = _trim_history(engine, messages, params, tools)
+        if grounding is not None:
+            prompt, used, found = _grounded_prompt(engine, messages, params, tools, grounding)
+        if prompt is None:
+            prompt = _trim_history(engine, messages, params, tools)
     except UserError as error:
         if messages[-1]["role"] == "user":
             messages.pop()
@@ -194,9 +220,14 @@ def _answer(engine, messages: list[dict], params: SamplingParams, tools, read, w
     if held is None:
         messages.append({"role": "assistant", "content": result.text})
         write("\n")
+        again = False
+    else:
+        again = _calls(messages, result, held, tools, read, write, err)
+    if grounding is not None and not again:
+        write(format_sources(used, found) + "\n")
+    if held is None:
         err(_stats(result))
-        return False
-    return _calls(messages, result, held, tools, read, write, err)
+    return again
 
 
 def _calls(messages: list[dict], result, held, tools: list[dict], read, write, err) -> bool:
@@ -242,16 +273,29 @@ def _calls(messages: list[dict], result, held, tools: list[dict], read, write, e
 
 
 def generate_once(
-    engine, prompt: str, params: SamplingParams, system: str | None = None, raw: bool = False, write=None, err=None
+    engine,
+    prompt: str,
+    params: SamplingParams,
+    system: str | None = None,
+    raw: bool = False,
+    write=None,
+    err=None,
+    grounding=None,
 ) -> int:
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     err = err or (lambda s: print(s, file=sys.stderr))
     if not prompt.strip():
         raise UserError("--prompt is empty")
-    ids = engine.encode_text(prompt) if raw else engine.encode_chat(single_turn(prompt, system))
+    used = None
+    if grounding is not None:  # a chat prompt: the command line refuses --raw with --rag
+        ids, used = grounding.prompt(engine, single_turn(prompt, system), params.max_new_tokens)
+    else:
+        ids = engine.encode_text(prompt) if raw else engine.encode_chat(single_turn(prompt, system))
     for piece in engine.stream(ids, params):
         write(piece)
     write("\n")
+    if used is not None:
+        write(format_sources(used, found=True) + "\n")
     err(_stats(engine.last))
     return 0
 

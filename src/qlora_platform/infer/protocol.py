@@ -256,9 +256,13 @@ class _Sampling(BaseModel):
         return bool(self.max_completion_tokens or self.max_tokens)
 
 
+RAG_FIELD = Field(True, description="ground the answer in the server's index (serve --rag); false skips retrieval")
+
+
 class ChatRequest(_Sampling):
     takes_tools: ClassVar[bool] = True
     messages: list[Message] = Field(min_length=1)
+    rag: bool = RAG_FIELD
     tool_choice: Any = None  # 'auto', 'none', 'required' or a named function
     parallel_tool_calls: bool = True
 
@@ -376,6 +380,7 @@ class GenerateRequest(_Sampling):
     prompt: str = Field(min_length=1)
     system: str | None = None
     chat: bool = True
+    rag: bool = RAG_FIELD
     temperature: float = Field(0.7, ge=0, le=2)
 
     @field_validator("prompt")

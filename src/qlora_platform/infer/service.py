@@ -22,6 +22,12 @@ as plain content with the reason in the choice's `tool_call_error` field. With
 tool_choice "required" or a named function and a chat template that does not render
 tools itself, the prompt ends with the opening of a call in the platform's format, so
 the model has to call.
+
+With `serve --rag INDEX` (settings.grounding), a chat request and a chat-shaped /generate
+request are grounded: passages retrieved for the last user message go into its prompt
+within the context, and the answer carries them as `sources` (in the JSON body; in a stream,
+in the first chat chunk or in /generate's closing event), a field OpenAI clients ignore. A
+request with `"rag": false` is answered without retrieval.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..data.tools import CALL_CLOSE
 from ..errors import UserError
+from ..rag.prompt import question_of
 from .auth import ApiKeys
 from .generation import single_turn
 from .metrics import ServerMetrics
@@ -70,6 +77,7 @@ class ServerSettings:
     body_timeout: float = 10.0  # seconds to receive a whole request body
     default_max_tokens: int = 256
     max_model_len: int | None = None  # prompt + max_tokens; None: the model's context
+    grounding: Any = None  # rag.prompt.Grounding: chat and /generate answers grounded in an index
 
 
 class ApiError(Exception):
@@ -193,19 +201,21 @@ class ChatRender:
     def __init__(self, model: str):
         self.model, self.created = model, int(time.time())
 
-    def _chunk(self, rid, delta, finish=None, extra: dict | None = None) -> str:
-        return _sse(
-            {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **(extra or {})}],
-            }
-        )
+    def _chunk(self, rid, delta, finish=None, extra: dict | None = None, sources: list | None = None) -> str:
+        chunk = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **(extra or {})}],
+        }
+        if sources is not None:
+            chunk["sources"] = sources
+        return _sse(chunk)
 
-    def start(self, rid):
-        return self._chunk(rid, {"role": "assistant", "content": ""})
+    def start(self, rid, sources: list | None = None):
+        """The first chunk; with retrieval it carries the sources (a field OpenAI clients ignore)."""
+        return self._chunk(rid, {"role": "assistant", "content": ""}, sources=sources)
 
     def piece(self, rid, text):
         return self._chunk(rid, {"content": text})
@@ -214,7 +224,7 @@ class ChatRender:
         """One chunk per call, each whole: its id, name and arguments (a JSON string)."""
         return "".join(self._chunk(rid, {"tool_calls": [{"index": i, **call}]}) for i, call in enumerate(calls))
 
-    def end(self, rid, result, req, answer: ToolAnswer | None = None):
+    def end(self, rid, result, req, answer: ToolAnswer | None = None, sources: list | None = None):
         if answer is None:
             out = self._chunk(rid, self.final_delta, result.finish_reason)
         else:
@@ -253,7 +263,7 @@ class ChatRender:
 class CompletionRender(ChatRender):
     prefix, chunk_object, final_delta = "cmpl", "text_completion", ""
 
-    def _chunk(self, rid, text, finish=None, extra: dict | None = None) -> str:
+    def _chunk(self, rid, text, finish=None, extra: dict | None = None, sources: list | None = None) -> str:
         return _sse(
             {
                 "id": rid,
@@ -264,7 +274,7 @@ class CompletionRender(ChatRender):
             }
         )
 
-    def start(self, rid):
+    def start(self, rid, sources: list | None = None):
         return ""
 
     def piece(self, rid, text):
@@ -287,14 +297,15 @@ class GenerateRender:
     def __init__(self, model: str = ""):
         pass  # /generate's answers do not name the model
 
-    def start(self, rid):
+    def start(self, rid, sources: list | None = None):
         return ""
 
     def piece(self, rid, text):
         return _sse({"text": text})
 
-    def end(self, rid, result, req):
-        return _sse({"done": True, "finish_reason": result.finish_reason, "usage": _usage(result)})
+    def end(self, rid, result, req, sources: list | None = None):
+        done = {"done": True, "finish_reason": result.finish_reason, "usage": _usage(result)}
+        return _sse(done if sources is None else {**done, "sources": sources})
 
     def full(self, rid, result):
         return {
@@ -355,6 +366,7 @@ class InFlight:
         self.state, self.spec, self.req, self.engine = state, spec, req, engine
         self.render = spec.render(state.name)
         self.tools = ToolPlan.of(req, engine) if isinstance(req, ChatRequest) else None
+        self.sources: list[dict] | None = None  # the passages the prompt was grounded in (serve --rag)
         self.prompt: list[int] = []
         self.params = None
         self.first: float | None = None  # when the first piece of text came
@@ -373,15 +385,53 @@ class InFlight:
         self.events = job.events()
 
     # -- in the job's worker thread -------------------------------------------------------
-    def _prepare(self, job: Job) -> None:
+    def _messages(self) -> list[dict] | None:
+        """The conversation retrieval grounds, or None when this request is not grounded."""
+        grounding, req = self.state.settings.grounding, self.req
+        if grounding is None or not getattr(req, "rag", False):
+            return None
+        if isinstance(req, ChatRequest):
+            return req.template_messages()
+        if isinstance(req, GenerateRequest) and req.chat:
+            return single_turn(req.prompt, req.system)
+        return None
+
+    def _grounded(self, messages: list[dict]) -> list[int]:
+        """The prompt with the passages retrieved for its last user message, within the context."""
+        grounding, settings = self.state.settings.grounding, self.state.settings
+        try:
+            passages = grounding.passages([question_of(messages)])[0]
+        except Exception as err:  # noqa: BLE001 - a Chroma server that went away, among others
+            log.exception("retrieval failed")
+            raise ApiError(
+                503,
+                f"retrieval failed: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}",
+                "retrieval_unavailable",
+                retry_after=5,
+            ) from None
+        limit = min(self.engine.max_context, settings.max_model_len or self.engine.max_context)
+        answer = self.req.max_completion_tokens or self.req.max_tokens or settings.default_max_tokens
+        extra: dict = {}
+        if isinstance(self.req, ChatRequest) and self.req.tool_mode is not None:
+            extra = {"tools": self.req.tools, "answer_prefix": self.tools.prefix if self.tools else ""}
         with self.state.encode_lock:
-            try:
-                if self.tools is not None and self.tools.prefix:
-                    prompt_ids = _encode_chat(self.engine, self.req, self.tools.prefix)
-                else:
-                    prompt_ids = self.spec.encode(self.engine, self.req)
-            except UserError as err:
-                raise ApiError(400, str(err), "invalid_messages") from None
+            ids, used = grounding.prompt(self.engine, messages, answer, context=limit, passages=passages, **extra)
+        self.sources = [p.as_dict(n) for n, p in enumerate(used, 1)]
+        return ids
+
+    def _prepare(self, job: Job) -> None:
+        messages = self._messages()
+        try:
+            if messages is not None:
+                prompt_ids = self._grounded(messages)
+            else:
+                with self.state.encode_lock:
+                    if self.tools is not None and self.tools.prefix:
+                        prompt_ids = _encode_chat(self.engine, self.req, self.tools.prefix)
+                    else:
+                        prompt_ids = self.spec.encode(self.engine, self.req)
+        except UserError as err:
+            raise ApiError(400, str(err), "invalid_messages") from None
         params = _params(self.engine, self.req, prompt_ids, self.state.settings)
         if self.tools is not None and self.tools.one_call:
             params.stop.append(CALL_CLOSE)  # the one call is whole: nothing after it is read
@@ -424,8 +474,12 @@ class InFlight:
             return None
         self._account(result)
         if self.tools is not None:
-            return self.render.full(self.rid, result, self._tool_answer(result))
-        return self.render.full(self.rid, result)
+            body = self.render.full(self.rid, result, self._tool_answer(result))
+        else:
+            body = self.render.full(self.rid, result)
+        if self.sources is not None:
+            body["sources"] = self.sources
+        return body
 
     async def prepared(self) -> bool:
         """Wait until the prompt is tokenized and the settings are checked, raising the request's
@@ -445,7 +499,7 @@ class InFlight:
         result = None
         held = HeldText(self.tools.prefix) if self.tools is not None else None
         try:
-            yield self.render.start(self.rid)
+            yield self.render.start(self.rid, self.sources)
             async for item in self.events:
                 if isinstance(item, str):
                     self.first = self.first or time.perf_counter()
@@ -457,7 +511,7 @@ class InFlight:
             if result is not None:
                 self._account(result)
                 if held is None:
-                    yield self.render.end(self.rid, result, self.req)
+                    yield self.render.end(self.rid, result, self.req, sources=self.sources)
                 else:
                     yield self._tool_end(result, held)
         except QueueTimeout as err:
@@ -522,6 +576,7 @@ class GenerationService:
             "max_active": s.max_active,
             "max_queue": s.max_queue,
             "batch_rows_active": state.batch_rows(),
+            "retrieval": self.settings.grounding.retriever.describe() if self.settings.grounding else None,
         }
 
     def models(self) -> dict:
