@@ -225,6 +225,8 @@ class ChatRender:
         return "".join(self._chunk(rid, {"tool_calls": [{"index": i, **call}]}) for i, call in enumerate(calls))
 
     def end(self, rid, result, req, answer: ToolAnswer | None = None, sources: list | None = None):
+        """The closing chunk(s). `sources` is taken by every renderer's `end`; a chat stream has sent
+        them in its first chunk already, so here they are not repeated."""
         if answer is None:
             out = self._chunk(rid, self.final_delta, result.finish_reason)
         else:
