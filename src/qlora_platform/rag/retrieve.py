@@ -6,10 +6,11 @@
 
 The index's own embedding model embeds the questions (the name is in the index). Three
 modes: `vector` (cosine similarity in Chroma), `keyword` (BM25 over the heading and text of
-every chunk, built in memory when the retriever opens) and `hybrid` (both rankings, the
-top `max(20, 4k)` of each, merged by reciprocal rank fusion). A passage's `score` is the
-mode's own: the fused score, the cosine similarity or the BM25 score; `similarity` is the
-cosine similarity wherever the vector search found the passage.
+every chunk, built in memory when the retriever opens) and `hybrid` (the best `max(k, 5)` of
+each, merged by reciprocal rank fusion: each side proposes its best, and what both propose
+rises; deeper lists let passages that neither ranks high outvote one that one side ranks
+first). A passage's `score` is the mode's own: the fused score, the cosine similarity or the
+BM25 score; `similarity` is the cosine similarity wherever the vector search found the passage.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class Retriever:
         """The `k` best passages of each question, best first."""
         if not questions:
             return []
-        n = max(20, 4 * k) if mode == "hybrid" else k
+        n = max(k, 5) if mode == "hybrid" else k
         with self.lock:
             self._refresh()
             try:
