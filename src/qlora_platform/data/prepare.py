@@ -44,9 +44,9 @@ RECORD_SUFFIXES = {".jsonl", ".json", ".csv"}
 HF_DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
-def folder_inputs(path: Path) -> list[Path]:
-    """The readable files of a folder (records and documents, hidden ones left out), in a stable order."""
-    wanted = RECORD_SUFFIXES | DOC_SUFFIXES
+def folder_inputs(path: Path, wanted: set[str] = RECORD_SUFFIXES | DOC_SUFFIXES) -> list[Path]:
+    """The files of a folder with one of the `wanted` suffixes (records and documents by default),
+    searched recursively, hidden ones left out, in a stable order."""
     return sorted(
         f
         for f in path.rglob("*")

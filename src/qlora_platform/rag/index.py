@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+from ..data.prepare import folder_inputs
 from ..errors import UserError
 from .chunks import SUFFIXES, Chunk, chunk_document, read_document
 from .embed import Embedder, load_embedder
@@ -39,13 +40,7 @@ def input_files(inputs: list[str]) -> list[Path]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(
-                f
-                for f in path.rglob("*")
-                if f.is_file()
-                and f.suffix.lower() in SUFFIXES
-                and not any(p.startswith(".") for p in f.relative_to(path).parts)
-            )
+            found = folder_inputs(path, SUFFIXES)
             if not found:
                 raise UserError(f"'{raw}' holds no document ({', '.join(sorted(SUFFIXES))})")
             files += found

@@ -106,7 +106,7 @@ class Grounding:
         if passages is None:
             passages = self.passages([question_of(messages)])[0]
         return fit_passages(
-            lambda m: engine.encode_chat(m, **encode_kwargs) if encode_kwargs else engine.encode_chat(m),
+            lambda m: engine.encode_chat(m, **encode_kwargs),
             messages,
             passages,
             max_new_tokens,

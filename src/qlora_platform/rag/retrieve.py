@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..errors import UserError
-from .chunks import Chunk
 from .embed import Embedder, load_embedder
 from .keyword import KeywordIndex, fuse
 from .settings import DEFAULT_MODE, Mode, RagSettings
@@ -106,13 +105,10 @@ class Retriever:
         files = m.get("files", "?")
         return f"{self.location} ({self.size} chunks of {files} file(s), {m.get('embedding_model')})"
 
-    def _chunk(self, i: int) -> Chunk:
-        m = self.metadatas[i]
-        return Chunk(str(m["source"]), str(m.get("title", "")), str(m.get("heading", "")), self.documents[i], 0)
-
     def _passage(self, i: int, score: float, similarity: float | None) -> Passage:
-        c = self._chunk(i)
-        return Passage(c.text, c.source, c.heading, c.title, score, similarity)
+        m = self.metadatas[i]
+        heading, title = str(m.get("heading", "")), str(m.get("title", ""))
+        return Passage(self.documents[i], str(m["source"]), heading, title, score, similarity)
 
     def _vector(self, questions: list[str], n: int) -> list[list[tuple[int, float]]]:
         vectors = self.embedder.encode(questions)
@@ -129,14 +125,16 @@ class Retriever:
         if not questions:
             return []
         n = max(k, 5) if mode == "hybrid" else k
+        vector = None
         with self.lock:
             self._refresh()
-            try:
-                vector = self._vector(questions, n) if mode in ("vector", "hybrid") else None
-            except Exception:  # noqa: BLE001 - the generation may be gone: one more try on the newest
-                self._refresh(force=True)
-                with chroma_errors(self.location, "searching"):
-                    vector = self._vector(questions, n) if mode in ("vector", "hybrid") else None
+            if mode in ("vector", "hybrid"):
+                try:
+                    vector = self._vector(questions, n)
+                except Exception:  # noqa: BLE001 - the generation may be gone: one more try on the newest
+                    self._refresh(force=True)
+                    with chroma_errors(self.location, "searching"):
+                        vector = self._vector(questions, n)
             keyword = self.keyword.search(questions, n) if mode in ("keyword", "hybrid") else None
         out = []
         for q in range(len(questions)):
