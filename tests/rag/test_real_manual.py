@@ -42,7 +42,7 @@ def test_questions_find_the_passage_that_answers_them(manual):
         results = retriever.search([q["question"] for q in questions], 5, mode)
         found[mode] = [any(p.heading in q["headings"] for p in ps) for q, ps in zip(questions, results)]
     print({mode: f"{sum(hits)}/{len(hits)}" for mode, hits in found.items()})
-    # Measured: 13 of the 14 questions in the manual's own words and 9 of the 10 paraphrases (hybrid).
+    # The bounds are at, or one below, the counts measured for each mode (docs/retrieval.md).
     assert sum(found["hybrid"][:14]) >= 13 and sum(found["hybrid"]) >= 22
     assert sum(found["vector"]) >= 21 and sum(found["keyword"]) >= 21
     # Private items -> the flag that documents them, first.
