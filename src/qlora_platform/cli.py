@@ -13,6 +13,7 @@
     qlora merge --adapter DIR --out DIR
     qlora export gguf --adapter DIR --quant Q4_K_M [--quant Q8_0] --out DIR
     qlora demo                         the whole pipeline on the bundled model
+    qlora ui [--workspace DIR]         the same in a browser (Gradio)
 
 Every `UserError` becomes one `error: ...` line and a non-zero exit; Ctrl-C
 ends cleanly (training saves a resumable checkpoint first).
@@ -462,6 +463,29 @@ def cmd_export(args, extra) -> int:
     return 0
 
 
+def cmd_ui(args, extra) -> int:
+    from .infer.chat import is_loopback
+    from .ui.login import gather_auth
+    from .ui.workspace import Workspace
+
+    if extra:
+        raise UserError(f"unexpected argument(s) for ui: {' '.join(extra)}")
+    auth = gather_auth(args.auth, args.auth_file)
+    if args.max_upload_mb < 1:
+        raise UserError("--max-upload-mb must be at least 1")
+    workspace = Workspace(Path(args.workspace), max_upload_mb=args.max_upload_mb)
+    if not is_loopback(args.host) and auth is None:
+        print(
+            f"warning: the UI on {args.host} is open to anyone who can reach this machine: it starts jobs and "
+            f"reads the workspace; give --auth USER:PASS (or $QLORA_UI_AUTH)",
+            file=sys.stderr,
+        )
+    from .ui.app import Options, launch
+
+    launch(Options(workspace, args.host, args.port, auth, args.device))
+    return 0
+
+
 def cmd_doctor(args, extra) -> int:
     from .doctor import run_doctor
 
@@ -693,6 +717,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="bf16", help="dtype of the merged model")
     s.add_argument("--no-quality", action="store_true", help="skip the perplexity and speed table")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("ui", help="the pipeline in a browser: Data, Train, Evaluate, Chat, Export tabs (Gradio)")
+    s.add_argument("--workspace", default=".", help="folder the UI reads and writes (data/, runs/, exports/)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--auth", metavar="USER:PASS", help="require this login (visible in ps: prefer $QLORA_UI_AUTH)")
+    s.add_argument("--auth-file", help="file holding USER:PASS")
+    s.add_argument("--max-upload-mb", type=int, default=200, help="largest file the Data tab accepts")
+    s.add_argument("--device", default="auto", help="device of the Chat tab's model: auto, cpu or cuda")
+    s.set_defaults(func=cmd_ui)
 
     s = sub.add_parser("demo", help="prepare -> train -> evaluate on the bundled SmolLM2, on the CPU")
     s.add_argument("--config", help="YAML config (default: configs/demo.yaml)")

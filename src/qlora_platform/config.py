@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -225,7 +225,9 @@ class Config(_Section):
         return self
 
 
-SECTIONS = {name: field.annotation for name, field in Config.model_fields.items()}
+SECTIONS: dict[str, type[BaseModel]] = {
+    name: cast(type[BaseModel], f.annotation) for name, f in Config.model_fields.items()
+}
 
 
 def resume_keys() -> list[tuple[str, str]]:

