@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from qlora_platform.ui.app import App, Options, loss_summary
+from qlora_platform.ui.app import App, Options, chat_messages, loss_summary
 from qlora_platform.ui.workspace import Workspace
 
 
@@ -28,16 +28,30 @@ def test_the_loss_curve_follows_the_newest_training_job(tmp_path):
     assert loss_summary(frame) == "train loss 3.500 at step 1 -> 2.250 at step 5; holdout loss 2.500 at step 5"
 
 
-def test_eval_md_plots_point_at_the_served_workspace_files(tmp_path):
+def test_eval_md_shows_its_plots_inline(tmp_path):
     app = App(Options(Workspace(tmp_path)))
     adapter = tmp_path / "runs" / "a" / "final_adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
     assert "no evaluation yet" in app.eval_report("runs/a/final_adapter")
     (adapter.parent / "eval").mkdir()
+    (adapter.parent / "eval" / "loss.png").write_bytes(b"\x89PNG fake")
     (adapter.parent / "eval" / "eval.md").write_text(
-        "# Evaluation\n\n![loss](loss.png)\n![x](https://example.com/x.png)\n"
+        "# Evaluation\n\n![loss](loss.png)\n![gone](gone.png)\n![x](https://example.com/x.png)\n"
     )
     page = app.eval_report("runs/a/final_adapter")
-    assert f"![loss](/gradio_api/file={tmp_path}/runs/a/eval/loss.png)" in page
-    assert "![x](https://example.com/x.png)" in page  # only the report's own files are rewritten
+    assert "![loss](data:image/png;base64,iVBORyBmYWtl)" in page  # no workspace file needs serving
+    assert "![gone](gone.png)" in page and "![x](https://example.com/x.png)" in page
+
+
+def test_chat_history_parts_become_text():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "json?"}]},
+        {"role": "assistant", "content": {"type": "text", "text": "A format."}},
+        {"role": "user", "content": "And dumps?"},
+    ]
+    assert chat_messages(history) == [
+        {"role": "user", "content": "What is json?"},
+        {"role": "assistant", "content": "A format."},
+        {"role": "user", "content": "And dumps?"},
+    ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qlora_platform.config import SECTIONS
@@ -75,3 +77,22 @@ def test_a_bad_value_is_named_before_anything_runs(preset):
     shown = form(preset) | {"training.learning_rate": 5.0}
     with pytest.raises(UserError, match=r"--training.learning_rate: 'training.learning_rate'"):
         overrides(preset, shown)
+
+
+@pytest.mark.parametrize("preset", sorted(str(p) for p in (Path(__file__).parents[2] / "configs").glob("*.yaml")))
+def test_every_shipped_preset_fills_the_form_and_means_itself(preset):
+    """Each widget value is one its widget accepts (a check-box list only holds its choices), and the
+    untouched form gives the preset back: no override at all."""
+    values = preset_values(preset)
+    shown = {f.key: to_widget(f, values[f.key]) for f in fields()}
+    for f in fields():
+        if f.kind == "list":
+            assert set(shown[f.key]) <= set(f.choices), f.key
+        if f.kind == "choice" or (f.kind == "switch" and f.optional):
+            assert shown[f.key] in (*f.choices, AUTO, "true", "false"), f.key
+    assert overrides(preset, shown) == {}
+
+
+def test_a_free_list_is_typed_comma_separated(preset):
+    shown = form(preset) | {"alignment.reward_functions": "a.py:f, pkg.mod:g"}
+    assert overrides(preset, shown) == {"alignment.reward_functions": "[a.py:f, pkg.mod:g]"}

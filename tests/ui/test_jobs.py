@@ -14,6 +14,7 @@ from qlora_platform.ui.workspace import Workspace
 
 # A stand-in for `qlora`: each step's first word says what to do, so the runner is tested without a model.
 FAKE = r"""
+# a qlora_platform stand-in (the runner adopts only processes whose command line says so)
 import signal, sys, time
 what = sys.argv[1]
 if what == "ok":
@@ -46,6 +47,13 @@ def wait(runner, limit=30):
     return runner.current()
 
 
+def started(runner, limit=30):
+    deadline = time.time() + limit
+    while "running" not in read_log(runner.current().log):
+        assert time.time() < deadline, "the job never started"
+        time.sleep(0.05)
+
+
 def test_steps_run_in_order_and_stop_at_the_first_failure(runner):
     runner.start("data", [["ok", "one"], ["ok", "two"]])
     job = wait(runner)
@@ -62,8 +70,7 @@ def test_one_job_at_a_time_and_stop_is_sigterm(runner):
     released = []
     runner.before_start = lambda: released.append(True)
     runner.start("train", [["long"]], {"run": "runs/x"})
-    while "running" not in read_log(runner.current().log):
-        time.sleep(0.05)
+    started(runner)
     with pytest.raises(UserError, match="a train job is running .*qlora long.*stop it first"):
         runner.start("eval", [["ok"]])
     runner.stop(timeout=10)
@@ -92,3 +99,25 @@ def test_progress_bars_are_read_at_their_latest_state(runner):
     assert progress(text) == ("training", 4, 4)
     assert text.count("training:") == 1  # the carriage-return rewrites collapse to the last one
     assert progress("no bar here") is None
+
+
+def test_a_job_left_running_by_a_dead_ui_is_adopted_not_forgotten(runner, tmp_path):
+    runner.start("train", [["long"], ["ok", "after"]], {"run": "runs/x"})
+    started(runner)
+    next_ui = JobRunner(Workspace(tmp_path), program=runner.program)  # as after a crash of the first UI
+    job = next_ui.current()
+    assert job.status == "running" and job.pid == runner.current().pid
+    with pytest.raises(UserError, match="a train job is running"):
+        next_ui.start("eval", [["ok"]])
+    next_ui.stop(timeout=10)
+    assert job.status == "stopped" and "after" not in read_log(job.log)
+
+
+def test_a_job_that_cannot_start_leaves_the_runner_usable(tmp_path):
+    broken = JobRunner(Workspace(tmp_path), program=[str(tmp_path / "no-such-python")])
+    with pytest.raises(UserError, match="^cannot start the data job: "):
+        broken.start("data", [["ok"]])
+    assert broken.current() is None
+    broken.program = [sys.executable, "-c", FAKE]
+    broken.start("data", [["ok"]])
+    assert wait(broken).status == "done"

@@ -35,3 +35,13 @@ def test_an_empty_login_is_an_error_not_no_login(value, monkeypatch, tmp_path):
     file.write_text(value)
     with pytest.raises(UserError, match="--auth-file"):
         gather_auth(None, str(file))
+
+
+def test_an_unreadable_login_file_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    binary = tmp_path / "login"
+    binary.write_bytes(b"\xff\xfe ann:pw")
+    with pytest.raises(UserError, match=r"^--auth-file: cannot read .* \(not UTF-8 text\)"):
+        gather_auth(None, str(binary))
+    with pytest.raises(UserError, match=r"^--auth-file: cannot read"):
+        gather_auth(None, str(tmp_path))  # a folder

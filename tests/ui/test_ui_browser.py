@@ -206,6 +206,16 @@ def test_the_pipeline_in_a_browser(chromium, workspace, tmp_path, start_ui):
     assert page.inner_text("#chat-tuned [data-testid='user']").strip() == "What does json.dumps do?"
     assert page.inner_text("#chat-tuned [data-testid='bot']").strip()
     page.screenshot(path=str(shots / "ui-chat.png"), full_page=True)
+    # a second turn (the conversation goes back to the model as text), the tuned model alone
+    page.get_by_label("base model side by side").uncheck()
+    page.fill("#chat-message textarea", "And json.loads?")
+    page.click("#chat-send")
+    page.wait_for_function(
+        "() => document.querySelectorAll(\"#chat-tuned [data-testid='bot']\").length == 2", timeout=5 * MINUTES
+    )
+    settled(page, "#chat-tuned")
+    assert page.locator("#chat-tuned [data-testid='bot']").nth(1).inner_text().strip()
+    assert page.locator("#chat-base [data-testid='bot']").count() == 1
 
     # Export: a Q8_0 GGUF, then offered for download.
     page.get_by_role("tab", name="Export").click()
@@ -218,8 +228,14 @@ def test_the_pipeline_in_a_browser(chromium, workspace, tmp_path, start_ui):
     page.wait_for_function("() => document.querySelector('#export-report').innerText.includes('Q8_0')", timeout=30_000)
     ggufs = sorted(p.name for p in (workspace / "exports" / "ui").glob("*.gguf"))
     assert any("Q8_0" in name for name in ggufs), ggufs
+    offered = "".join(page.locator("#export-files").inner_text().split())  # names wrap at the dot
+    assert all(name in offered for name in ggufs), offered
+    link = page.locator("#export-files a").first.get_attribute("href")
+    assert link and page.request.get(link).ok  # the download is served (from exports/, no copy)
     page.screenshot(path=str(shots / "ui-export.png"), full_page=True)
 
     # A reload finds the last job, its log and the run's loss curve where they were.
     page.reload()
     status_reads(page, "export: done", 30_000)
+    page.get_by_role("tab", name="Train").click()
+    assert "at step 6" in page.inner_text("#loss-summary .prose")

@@ -65,9 +65,28 @@ def test_lists_read_the_folder(ws):
     (run / "checkpoint-3").mkdir()
     (run / "checkpoint-3" / "adapter_config.json").write_text("{}")
     (run / "config.yaml").write_text("{}")
-    (ws.root / "data").mkdir()
-    (ws.root / "data" / "train.jsonl").write_text("")
+    (run / "final_adapter" / "config.yaml").write_text("{}")  # a copy beside the adapter is not a run
+    nested = ws.root / "runs" / "sweep" / "r-8" / "final_adapter"
+    nested.mkdir(parents=True)
+    (nested / "adapter_config.json").write_text("{}")
+    (nested.parent / "config.yaml").write_text("{}")
     assert ws.presets() == ["configs/a.yaml"]
-    assert ws.runs() == ["runs/r1"]
-    assert sorted(ws.adapters()) == ["runs/r1/checkpoint-3", "runs/r1/final_adapter"]
-    assert ws.data_files() == ["data/train.jsonl"]
+    assert ws.runs() == ["runs/r1", "runs/sweep/r-8"]
+    assert sorted(ws.adapters()) == ["runs/r1/checkpoint-3", "runs/r1/final_adapter", "runs/sweep/r-8/final_adapter"]
+
+
+def test_symlinks_out_of_the_workspace_are_left_out_of_the_lists(ws, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "r" / "final_adapter").mkdir(parents=True)
+    (outside / "r" / "final_adapter" / "adapter_config.json").write_text("{}")
+    (outside / "r" / "config.yaml").write_text("{}")
+    (outside / "p.yaml").write_text("{}")
+    (ws.root / "runs").symlink_to(outside)
+    (ws.root / "configs").symlink_to(outside)
+    (ws.root / "uploads").symlink_to(outside)
+    assert ws.runs() == [] and ws.adapters() == [] and ws.presets() == []
+    upload = tmp_path / "x.jsonl"
+    upload.write_text("{}")
+    with pytest.raises(UserError, match="^upload: .*outside the workspace"):
+        ws.save_upload(upload)
+    assert not (outside / "x.jsonl").exists()

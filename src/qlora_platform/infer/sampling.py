@@ -23,6 +23,8 @@ from ..errors import UserError
 MIN_TEMPERATURE = 1e-5  # below: greedy
 MIN_REPETITION_PENALTY = 0.01  # below, penalised logits overflow float32
 SEED_RANGE = (-(2**63), 2**63 - 1)
+# What an interactive chat samples with (qlora chat, generate, the UI's Chat tab) unless told otherwise.
+CHAT_DEFAULTS = {"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1}
 
 
 @dataclass

@@ -14,29 +14,34 @@ serves and reads files only inside the workspace, and caps uploads (--max-upload
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hmac
 import html
 import json
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
+from ..config import PATH_KEYS, load_config
 from ..errors import UserError
+from ..infer.sampling import CHAT_DEFAULTS
 from .chat import ChatModels
 from .forms import AUTO, COMMON, command_line, fields, overrides, preset_values, to_widget, train_argv
 from .jobs import JobRunner, last_error, progress, read_log
-from .workspace import STATE_DIR, Workspace
+from .workspace import Workspace
 
 QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+EXPORTS = "exports"  # the folder exports are written to, and the only one whose files the UI serves
 DEFAULTS = "(schema defaults)"  # the preset choice for no file
 SAMPLE, UPLOAD, IN_WORKSPACE = "the sample set", "a file I upload", "a file or folder in the workspace"
-# The workspace-relative keys a form value may name; each must stay inside the workspace.
-PATH_FIELDS = ("data.train_file", "data.eval_file", "output.dir", "alignment.reward_adapter")
+# The config keys that name files or folders; each must stay inside the workspace.
+PATH_FIELDS = tuple(f"{section}.{key}" for section, key in PATH_KEYS)
+NO_FIT = "GiB free: does NOT fit"  # the estimate's verdict for the GPU present (train/dry_run.py)
 
 
 @dataclass
@@ -86,6 +91,7 @@ class App:
     # -- Data -----------------------------------------------------------------------------
     def prepare(self, source: str, upload: str | None, path: str, doc_mode: str, eval_ratio: float, out_dir: str):
         out = self.ws.rel(self.ws.path(out_dir or "data", "output folder"))
+        eval_ratio = 0.1 if eval_ratio is None else eval_ratio
         argv = ["prepare", "--out-dir", out, "--eval-ratio", str(eval_ratio)]
         if source == SAMPLE:
             argv.append("--sample")
@@ -98,7 +104,7 @@ class App:
             if not target.exists():
                 raise UserError(f"input: '{path}' does not exist in the workspace {self.ws.root}")
             argv += ["--input", self.ws.rel(target), "--doc-mode", doc_mode]
-        validate = ["validate", f"{out}/train.jsonl", "--eval", f"{out}/eval.jsonl"]
+        validate = ["validate", f"{out}/train.jsonl"] + (["--eval", f"{out}/eval.jsonl"] if eval_ratio else [])
         return self.jobs.start("data", [argv, validate], {"out": out})
 
     def data_report(self) -> str:
@@ -123,8 +129,6 @@ class App:
 
     def train_plan(self, preset: str | None, values: list[Any], resume=False, overwrite=False):
         """(the `qlora train` arguments, the config they give) for the form; paths must stay in the workspace."""
-        from ..config import load_config
-
         path = self.preset_path(preset)
         changed = overrides(path, {f.key: v for f, v in zip(self.fields, values)})
         for key in PATH_FIELDS:
@@ -136,6 +140,9 @@ class App:
             value = getattr(getattr(cfg, section), leaf)
             if value:
                 self.ws.path(value, key)
+        name = cfg.model.name  # a hub id or bundled:NAME, or a local folder or .gguf, which must be in the workspace
+        if name.startswith(("/", ".", "~")) or name.endswith(".gguf") or (self.ws.root / name).exists():
+            self.ws.path(name, "model.name")
         return train_argv(path, changed, resume, overwrite), cfg
 
     def preflight(self, preset: str | None, values: list[Any]) -> str:
@@ -143,7 +150,13 @@ class App:
 
         return preflight(self.train_plan(preset, values)[1])
 
-    def start_train(self, preset: str | None, values: list[Any], resume: bool, overwrite: bool):
+    def start_train(self, preset: str | None, values: list[Any], resume: bool, overwrite: bool, estimate: str = ""):
+        """Start the run; refused when the memory estimate says it does not fit the GPU's free memory."""
+        if NO_FIT in estimate:
+            raise UserError(
+                "the memory estimate says this run does NOT fit the GPU's free memory (see the pre-flight); lower "
+                "training.batch_size or data.max_seq_len, or tick 'start even if it does not fit'"
+            )
         argv, cfg = self.train_plan(preset, values, resume, overwrite and not resume)
         return self.jobs.start("train", [argv], {"run": self.ws.rel(self.ws.path(cfg.output.dir, "output.dir"))})
 
@@ -171,7 +184,7 @@ class App:
     # -- Evaluate -------------------------------------------------------------------------
     def start_eval(self, adapter: str | None, eval_file: str, prompts: str = "", speed_runs: float = 3):
         adapter = self.adapter(adapter)
-        argv = ["eval", "--adapter", adapter, "--speed-runs", str(int(speed_runs))]
+        argv = ["eval", "--adapter", adapter, "--speed-runs", str(int(speed_runs or 3))]
         if eval_file.strip():
             argv += ["--eval-file", self.ws.rel(self.ws.path(eval_file, "holdout file"))]
         if prompts.strip():
@@ -179,7 +192,7 @@ class App:
         return self.jobs.start("eval", [argv], {"report": self.ws.rel(self.run_of(adapter) / "eval")})
 
     def eval_report(self, adapter: str | None) -> str:
-        """The run's eval.md, its plots pointed at the server's file route (workspace files only)."""
+        """The run's eval.md with its plots inline (no file of the workspace needs serving for them)."""
         if not adapter:
             return "Pick an adapter; its run's report shows here once evaluated."
         folder = self.run_of(self.adapter(adapter)) / "eval"
@@ -187,10 +200,13 @@ class App:
         if not page.is_file():
             return f"`{self.ws.rel(folder.parent)}` has no evaluation yet: press **Run evaluation**."
 
-        def served(link: re.Match) -> str:
-            return f"![{link[1]}](/gradio_api/file={quote(str(folder / link[2]))})"
+        def inline(link: re.Match) -> str:
+            image = folder / link[2]
+            if not image.is_file():
+                return link[0]
+            return f"![{link[1]}](data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()})"
 
-        return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", served, page.read_text(encoding="utf-8"))
+        return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", inline, page.read_text(encoding="utf-8"))
 
     def compare(self, runs: list[str]) -> str:
         from ..eval.compare import compare_runs
@@ -205,7 +221,10 @@ class App:
         adapter = self.adapter(adapter)
         if not quants:
             raise UserError("pick at least one quantization (Q4_K_M is the usual choice)")
-        folder = self.ws.rel(self.ws.path(out or f"exports/{self.run_of(adapter).name}", "output folder"))
+        folder_path = self.ws.path(out or f"{EXPORTS}/{self.run_of(adapter).name}", "output folder")
+        if not folder_path.is_relative_to(self.ws.root / EXPORTS) or folder_path == self.ws.root / EXPORTS:
+            raise UserError(f"output folder: '{out}' is not a folder under {EXPORTS}/ (exports are served from there)")
+        folder = self.ws.rel(folder_path)
         argv = ["export", "gguf", "--adapter", adapter, "--out", folder]
         for quant in quants:
             argv += ["--quant", quant]
@@ -336,7 +355,9 @@ def build(options: Options):
                             by_key[f.key] = widget(f, values[app.fields.index(f)])
                 inputs = [by_key[f.key] for f in app.fields]
                 with gr.Row():
-                    overwrite = gr.Checkbox(False, label="start again if output.dir holds a run (deletes it)")
+                    with gr.Column(scale=1, min_width=200):
+                        overwrite = gr.Checkbox(False, label="start again if output.dir holds a run (deletes it)")
+                        force = gr.Checkbox(False, label="start even if the estimate says it does not fit")
                     check_btn = gr.Button("Check memory", elem_id="check-memory")
                     start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
                     resume_btn = gr.Button("Resume", elem_id="train-resume")
@@ -351,7 +372,9 @@ def build(options: Options):
             with gr.Tab("Evaluate", id="evaluate"):
                 gr.Markdown("Base against tuned on the holdout (`qlora eval`): perplexity, keyword benchmark, speed.")
                 with gr.Row():
-                    eval_adapter = gr.Dropdown(ws.adapters(), label="adapter", elem_id="eval-adapter")
+                    eval_adapter = gr.Dropdown(
+                        ws.adapters(), label="adapter", elem_id="eval-adapter", allow_custom_value=True
+                    )
                     eval_file = gr.Textbox("", label="holdout file (blank: the run's)", elem_id="eval-file")
                     eval_prompts = gr.Textbox(
                         "", label="benchmark prompts (blank: the sample domain's)", elem_id="eval-prompts"
@@ -367,9 +390,11 @@ def build(options: Options):
             # -- Chat -----------------------------------------------------------------------
             with gr.Tab("Chat", id="chat"):
                 with gr.Row():
-                    chat_adapter = gr.Dropdown(ws.adapters(), label="adapter", elem_id="chat-adapter")
+                    chat_adapter = gr.Dropdown(
+                        ws.adapters(), label="adapter", elem_id="chat-adapter", allow_custom_value=True
+                    )
                     side = gr.Checkbox(True, label="base model side by side")
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature")
+                    temperature = gr.Slider(0, 2, value=CHAT_DEFAULTS["temperature"], step=0.05, label="temperature")
                     max_tokens = gr.Slider(16, 1024, value=192, step=16, label="max tokens")
                 with gr.Row():
                     tuned_box = gr.Chatbot(label="tuned", elem_id="chat-tuned", height=380)
@@ -383,14 +408,18 @@ def build(options: Options):
             with gr.Tab("Export", id="export"):
                 gr.Markdown("Merge the adapter and write GGUF files for llama.cpp / Ollama (`qlora export gguf`).")
                 with gr.Row():
-                    export_adapter = gr.Dropdown(ws.adapters(), label="adapter", elem_id="export-adapter")
+                    export_adapter = gr.Dropdown(
+                        ws.adapters(), label="adapter", elem_id="export-adapter", allow_custom_value=True
+                    )
                     quants = gr.CheckboxGroup(list(QUANTS), value=["Q4_K_M"], label="quantization", elem_id="quants")
                 with gr.Row():
                     export_out = gr.Textbox("", label="output folder (blank: exports/<run>)")
                     quality = gr.Checkbox(True, label="perplexity and speed table (slower)", elem_id="export-quality")
                 export_btn = gr.Button("Export", variant="primary", elem_id="export-start")
                 export_md = gr.Markdown(elem_id="export-report")
-                export_files = gr.File(label="download", file_count="multiple", interactive=False)
+                export_files = gr.File(
+                    label="download", file_count="multiple", interactive=False, elem_id="export-files"
+                )
 
         # -- the job panel, under every tab -------------------------------------------------
         with gr.Group():
@@ -462,17 +491,16 @@ def build(options: Options):
         demo.load(lambda p, *v: _quiet(show_command, p, *v), [preset, *inputs], command, show_progress="hidden")
         check_btn.click(guarded(lambda p, *v: app.preflight(p, list(v))), [preset, *inputs], preflight_box)
 
-        def start(p, o, *v, resume=False):
+        def start(p, o, force, *v, resume=False):
             text = app.preflight(p, list(v))
-            return text, started(app.start_train(p, list(v), resume, o))
+            try:
+                return text, started(app.start_train(p, list(v), resume, o, "" if force else text))
+            except UserError as err:
+                return text, _error_box(err)  # the estimate stays on screen beside the reason
 
-        start_btn.click(
-            guarded(lambda p, o, *v: start(p, o, *v)), [preset, overwrite, *inputs], [preflight_box, job_md]
-        )
+        start_btn.click(guarded(lambda *a: start(*a)), [preset, overwrite, force, *inputs], [preflight_box, job_md])
         resume_btn.click(
-            guarded(lambda p, o, *v: start(p, o, *v, resume=True)),
-            [preset, overwrite, *inputs],
-            [preflight_box, job_md],
+            guarded(lambda *a: start(*a, resume=True)), [preset, overwrite, force, *inputs], [preflight_box, job_md]
         )
 
         def stop() -> str:
@@ -497,18 +525,18 @@ def build(options: Options):
             adapter = app.adapter(adapter)
             if not text.strip():
                 raise UserError("type a message first")
+            running = app.jobs.current()
+            if running is not None and running.active:
+                raise UserError(f"a {running.kind} job is running and needs the memory; chat when it is done")
             panes = [("tuned", [*(tuned or []), {"role": "user", "content": text}])]
             if with_base:
                 panes.append(("base", [*(base or []), {"role": "user", "content": text}]))
             shown = {"tuned": panes[0][1], "base": base or []}
             for which, history in panes:
-                messages = [{"role": m["role"], "content": m["content"]} for m in history]
+                messages = chat_messages(history)
                 history.append({"role": "assistant", "content": ""})
                 shown[which] = history
-                # the sampling defaults of `qlora chat`
-                params = SamplingParams(
-                    max_new_tokens=int(tokens), temperature=float(temp), top_p=0.9, repetition_penalty=1.1
-                )
+                params = SamplingParams(**{**CHAT_DEFAULTS, "max_new_tokens": int(tokens), "temperature": float(temp)})
                 for partial in app.chat.stream(adapter, messages, params, base=which == "base"):
                     history[-1] = {"role": "assistant", "content": partial}
                     yield "", shown["tuned"], shown["base"]
@@ -528,6 +556,20 @@ def build(options: Options):
             job_md,
         )
     return demo, app
+
+
+def chat_messages(history: list[dict]) -> list[dict]:
+    """A Chatbot's history as chat messages: Gradio hands earlier turns back with their content as a list
+    of parts ([{"type": "text", "text": ...}]); chat templates want the text."""
+    out = []
+    for message in history:
+        content = message["content"]
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        elif isinstance(content, dict):
+            content = content.get("text", "")
+        out.append({"role": message["role"], "content": str(content)})
+    return out
 
 
 def loss_summary(frame) -> str:
@@ -569,8 +611,13 @@ def launch(options: Options) -> None:
     """Start the server and block until Ctrl-C; a running job is stopped (checkpointed) on the way out."""
     ws = options.workspace
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    os.environ["GRADIO_TEMP_DIR"] = str(ws.state / "tmp")  # uploads land inside the workspace
+    # Uploads land inside the workspace; Gradio serves its own upload cache only as downloads.
+    os.environ["GRADIO_TEMP_DIR"] = str(ws.state / "tmp")
     gr = _gr()
+    (ws.root / EXPORTS).mkdir(exist_ok=True)
+    # Exported GGUF files are offered for download from where they are (no copy of several GB into
+    # Gradio's cache); no other workspace file is served.
+    gr.set_static_paths([str(ws.root / EXPORTS)])
     lock = claim_workspace(ws)
     os.chdir(ws.root)  # the CLI's relative paths (configs/, data/, runs/) mean the workspace's
     demo, app = build(options)
@@ -583,13 +630,18 @@ def launch(options: Options) -> None:
 
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     print(f"qlora ui: http://{options.host}:{options.port}  (workspace {ws.root})", file=sys.stderr, flush=True)
+
+    def stop_gracefully(signum, frame):  # SIGTERM (docker stop, systemd) and SIGHUP end the UI as Ctrl-C does
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop_gracefully)
     try:
         demo.queue(default_concurrency_limit=4).launch(
             server_name=options.host,
             server_port=options.port,
             auth=auth,
-            allowed_paths=[str(ws.root)],
-            blocked_paths=[str(ws.root / STATE_DIR / "ui.lock")],
+            allowed_paths=[],
             max_file_size=f"{ws.max_upload_mb}mb",
             theme=theme,
             ssr_mode=False,
@@ -597,6 +649,11 @@ def launch(options: Options) -> None:
             show_error=True,
             footer_links=[],
         )
+    except OSError:
+        raise UserError(
+            f"cannot listen on {options.host}:{options.port} (the port is taken, or the address is not this "
+            f"machine's); pick another --port or --host"
+        ) from None
     finally:
         app.jobs.stop(timeout=120)  # a training run saves its checkpoint; Resume continues it
         lock.close()

@@ -4,7 +4,7 @@ The model loads on the first message for an adapter and stays until another adap
 picked or a job starts (a training or export run needs the memory). Answers stream
 through the same engine as `qlora chat`; the base model's answer is the same weights with
 the LoRA layers switched off (`Loaded.base_only`), so side by side costs no second copy.
-One answer is generated at a time.
+One answer is generated at a time; a job starting stops it.
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ class ChatModels:
         self.device = device
         self._loaded: Loaded | None = None
         self._lock = threading.Lock()
+        self._cancel = threading.Event()
 
     def release(self) -> None:
-        """Drop the loaded model (before a job that needs the memory)."""
+        """Drop the loaded model (before a job that needs the memory); an answer being written stops first."""
+        self._cancel.set()
         with self._lock:
             self._drop()
+            self._cancel.clear()
 
     def _drop(self) -> None:
         if self._loaded is None:
@@ -54,6 +57,6 @@ class ChatModels:
             params.validate(loaded.engine.max_context, len(prompt))
             text = ""
             with loaded.base_only() if base else contextlib.nullcontext():
-                for piece in loaded.engine.stream(prompt, params):
+                for piece in loaded.engine.stream(prompt, params, cancelled=self._cancel.is_set):
                     text += piece
                     yield text

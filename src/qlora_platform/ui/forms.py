@@ -30,7 +30,8 @@ COMMON = (
     "data.max_seq_len",
     "data.packing",
 )
-Kind = Literal["choice", "switch", "int", "float", "text", "list"]
+# list: some of fixed choices (check boxes); words: a free list, typed comma-separated.
+Kind = Literal["choice", "switch", "int", "float", "text", "list", "words"]
 AUTO = "auto"  # what a choice shows for a key whose null means "decided for the device"
 
 
@@ -60,7 +61,10 @@ def _kind(annotation) -> tuple[Kind, tuple[str, ...], bool]:
     if get_origin(annotation) is Literal:
         return "choice", tuple(str(c) for c in get_args(annotation)), optional
     if get_origin(annotation) is list:
-        return "list", tuple(str(c) for c in get_args(get_args(annotation)[0])), optional
+        item = get_args(annotation)[0]
+        if get_origin(item) is Literal:
+            return "list", tuple(str(c) for c in get_args(item)), optional
+        return "words", (), optional
     kinds: dict[type, Kind] = {bool: "switch", int: "int", float: "float"}
     return kinds.get(annotation, "text"), (), optional
 
@@ -92,7 +96,7 @@ def to_widget(f: Field, value: Any) -> Any:
         return AUTO if value is None else str(bool(value)).lower()
     if f.kind == "list":
         return list(value or [])
-    if f.kind == "text" and isinstance(value, list):
+    if f.kind in ("text", "words") and isinstance(value, list):
         return ", ".join(value)
     if f.kind == "text":
         return "" if value is None else str(value)
@@ -103,6 +107,8 @@ def from_widget(f: Field, value: Any) -> Any:
     """What the widget holds as a config value (blank -> null where the key allows it)."""
     if f.kind == "switch" and f.optional:
         return None if value in (None, AUTO) else value == "true"
+    if f.kind == "words":
+        return [word.strip() for word in str(value or "").split(",") if word.strip()]
     if f.kind in ("int", "float"):
         if value is None or value == "":
             return None if f.optional else f.default

@@ -5,7 +5,8 @@ workspace folder; the next starts only when the one before exits 0. Output goes 
 `.qlora-ui/jobs/<id>.log` and the job's state to `<id>.json` beside it, so the page
 shows the same job and log after a reload, and the last job after a restart of the UI.
 Stop sends SIGTERM to the command's process group: `qlora train` saves a checkpoint
-first, which Resume continues.
+first, which Resume continues. Jobs run with the UI's login removed from their
+environment and without the workspace on their import path.
 
     runner = JobRunner(workspace)
     job = runner.start("train", [["train", "--config", "configs/demo.yaml"]])
@@ -45,6 +46,7 @@ class Job:
     meta: dict = field(default_factory=dict)  # what the tab needs afterwards (run folder, report folder)
     status: str = "running"
     step: int = 0
+    pid: int | None = None  # process group of the running step
     returncode: int | None = None
     started: float = field(default_factory=time.time)
     ended: float | None = None
@@ -91,8 +93,25 @@ def last_error(log_text: str) -> str | None:
     return errors[-1] if errors else None
 
 
+def _alive(pgid: int | None) -> bool:
+    """Whether the process group a job record names still runs a `qlora` command (a reused id does not count)."""
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
+    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        return False
+    return b"qlora_platform" in cmdline
+
+
 class JobRunner:
-    """Starts, watches and stops the workspace's jobs; safe to call from Gradio's worker threads."""
+    """Starts, watches and stops the workspace's jobs; safe to call from Gradio's worker threads.
+
+    A job whose UI went away (a crash, SIGKILL) while it ran is found running again by the next
+    UI on the workspace: it is adopted (followed until its process group ends, and stoppable), so
+    one job at a time holds across restarts too.
+    """
 
     def __init__(
         self,
@@ -101,13 +120,15 @@ class JobRunner:
         program: list[str] | None = None,
     ):
         self.ws = workspace
-        self.program = program or [sys.executable, "-m", "qlora_platform.cli"]  # what `qlora` means here
+        # `-I`: the workspace (the jobs' current folder) is not put on sys.path, so a json.py there
+        # cannot stand in for the standard library; `-u` streams output to the log as it is written.
+        self.program = program or [sys.executable, "-I", "-u", "-m", "qlora_platform.cli"]
         self.folder = workspace.state / "jobs"
         self.folder.mkdir(exist_ok=True)
         self.before_start = before_start  # frees what the UI holds (the chat model) before a job needs memory
         self._lock = threading.Lock()
-        self._job: Job | None = self._last_job()
         self._proc: subprocess.Popen | None = None
+        self._job: Job | None = self._last_job()
 
     def _records(self):
         for path in sorted(self.folder.glob("*.json"), reverse=True):
@@ -117,10 +138,13 @@ class JobRunner:
                 continue
 
     def _last_job(self) -> Job | None:
-        """The newest job on record; one that was running when its UI went away is marked so."""
+        """The newest job on record; one still running is adopted, one that died with its UI is marked stopped."""
         for path, job in self._records():
-            if job.active:
+            if job.active and _alive(job.pid):
+                threading.Thread(target=self._watch, args=(job,), daemon=True, name=f"qlora-ui-{job.id}").start()
+            elif job.active:
                 job.status, job.ended = "stopped", job.ended or path.stat().st_mtime
+                self._save(job)
             return job
         return None
 
@@ -146,61 +170,85 @@ class JobRunner:
                 self.before_start()
             job_id = time.strftime("%Y%m%d-%H%M%S") + f"-{kind}"
             job = Job(id=job_id, kind=kind, steps=steps, log=str(self.folder / f"{job_id}.log"), meta=meta or {})
+            try:
+                self._spawn(job)
+                self._save(job)
+            except OSError as err:
+                if self._proc is not None and self._proc.poll() is None:
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc = None
+                raise UserError(f"cannot start the {kind} job: {err.strerror or err}") from None
             self._job = job
-            self._save(job)
-            self._proc = self._spawn(job)
         threading.Thread(target=self._watch, args=(job,), daemon=True, name=f"qlora-ui-{job_id}").start()
         return job
 
-    def _spawn(self, job: Job) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(job.log, "a", encoding="utf-8") as log:
-            log.write(f"$ {job.commands[job.step]}\n")
-        return subprocess.Popen(
-            [*self.program, *job.steps[job.step]],
-            cwd=self.ws.root,
-            stdin=subprocess.DEVNULL,
-            stdout=open(job.log, "ab"),  # noqa: SIM115 - the child owns it; closed below after it exits
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # its own process group: Stop reaches every process it starts
-        )
+    def _spawn(self, job: Job) -> None:
+        # The UI's login stays out of the jobs' environment (model code and reward functions run there).
+        env = {k: v for k, v in os.environ.items() if k != "QLORA_UI_AUTH"}
+        with open(job.log, "ab") as log:
+            log.write(f"$ {job.commands[job.step]}\n".encode())
+            self._proc = subprocess.Popen(
+                [*self.program, *job.steps[job.step]],
+                cwd=self.ws.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,  # the child has its own copy of the handle; ours closes here
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group: Stop reaches every process it starts
+            )
+        job.pid = self._proc.pid
+
+    def _wait(self, job: Job) -> int | None:
+        """The current step's exit code (None for an adopted process, whose code is not ours to read)."""
+        proc = self._proc
+        if proc is not None and proc.pid == job.pid:
+            return proc.wait()
+        while _alive(job.pid):
+            time.sleep(1.0)
+        return None
 
     def _watch(self, job: Job) -> None:
         while True:
-            proc = self._proc
-            assert proc is not None
-            code = proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+            code = self._wait(job)
             with self._lock:
                 stopping = job.status == "stopping"
-                if code == 0 and not stopping and job.step + 1 < len(job.steps):
-                    job.step += 1
-                    self._save(job)
-                    self._proc = self._spawn(job)
-                    continue
+                ok = code == 0 or (code is None and last_error(read_log(job.log)) is None)
+                try:
+                    if ok and not stopping and job.step + 1 < len(job.steps):
+                        job.step += 1
+                        self._spawn(job)
+                        self._save(job)
+                        continue
+                except OSError as err:
+                    ok = False
+                    with open(job.log, "a", encoding="utf-8") as log:
+                        log.write(f"error: cannot start the next step: {err.strerror or err}\n")
                 job.returncode = code
-                job.status = "stopped" if stopping else ("done" if code == 0 else "failed")
+                job.status = "stopped" if stopping else ("done" if ok else "failed")
                 job.ended = time.time()
-                self._save(job)
+                self._proc = None
+                with contextlib.suppress(OSError):  # a full disk must not leave the job "running" for ever
+                    self._save(job)
                 return
 
     def stop(self, timeout: float | None = None) -> Job | None:
         """SIGTERM to the running command's process group (training saves a checkpoint and exits)."""
         with self._lock:
-            job, proc = self._job, self._proc
-            if job is None or not job.active or proc is None:
+            job = self._job
+            if job is None or not job.active or not job.pid:
                 return job
             job.status = "stopping"
-            self._save(job)
+            with contextlib.suppress(OSError):
+                self._save(job)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                os.killpg(job.pid, signal.SIGTERM)
         if timeout is not None:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            deadline = time.time() + timeout
+            while job.active and time.time() < deadline:
+                time.sleep(0.2)
+            if job.active:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(job.pid, signal.SIGKILL)
         return job
 
     def _save(self, job: Job) -> None:

@@ -33,9 +33,16 @@ def gather_auth(cli_value: str | None, auth_file: str | None) -> tuple[str, str]
     ]
     if auth_file is not None:
         path = Path(auth_file)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"--auth-file: '{auth_file}' does not exist; give a file holding USER:PASSWORD")
-        given.append((path.read_text(encoding="utf-8").strip(), f"--auth-file {auth_file}"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise UserError(
+                f"--auth-file: cannot read '{auth_file}' ({reason}); give a file holding USER:PASSWORD"
+            ) from None
+        given.append((text.strip(), f"--auth-file {auth_file}"))
     if len(given) > 1:
         raise UserError(f"the login is given twice ({' and '.join(s for _, s in given)}); keep one")
     return parse_auth(*given[0]) if given else None

@@ -18,10 +18,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.prepare import RECORD_SUFFIXES
+from ..data.sources import DOC_SUFFIXES
 from ..errors import UserError
 
 STATE_DIR = ".qlora-ui"  # the UI's own files: job logs and state, Gradio's upload cache
-DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".pdf", ".html", ".htm", ".txt", ".md", ".rst"}
+UPLOAD_SUFFIXES = RECORD_SUFFIXES | DOC_SUFFIXES  # what `qlora prepare` reads from a folder
 
 
 @dataclass(frozen=True)
@@ -67,32 +69,32 @@ class Workspace:
                 f"copy it into the workspace instead, or start the UI with a larger --max-upload-mb"
             )
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", src.name).lstrip(".") or "upload"
-        if Path(name).suffix.lower() not in DATA_SUFFIXES:
+        if Path(name).suffix.lower() not in UPLOAD_SUFFIXES:
             raise UserError(
-                f"upload '{src.name}': not a file qlora prepare reads; give one of {', '.join(sorted(DATA_SUFFIXES))}"
+                f"upload '{src.name}': not a file qlora prepare reads; give one of {', '.join(sorted(UPLOAD_SUFFIXES))}"
             )
-        dest = self.root / "uploads" / name
+        dest = self.path(f"uploads/{name}", "upload")  # uploads/ itself may not lead out of the workspace
         dest.parent.mkdir(exist_ok=True)
         shutil.copyfile(src, dest)
         return dest
 
     # -- what the tabs offer ------------------------------------------------------------
+    def _inside(self, paths) -> list[Path]:
+        """The paths that resolve inside the workspace (a symlink out of it is left out of every list)."""
+        return [p for p in paths if p.resolve().is_relative_to(self.root)]
+
     def presets(self) -> list[str]:
         """configs/*.yaml of the workspace (the repository's presets when it is a clone)."""
-        return sorted(self.rel(p) for p in (self.root / "configs").glob("*.yaml"))
-
-    def data_files(self) -> list[str]:
-        """Prepared chat JSONL files: data/**/*.jsonl and uploads/*.jsonl."""
-        found = [*(self.root / "data").rglob("*.jsonl"), *(self.root / "uploads").glob("*.jsonl")]
-        return sorted(self.rel(p) for p in found if p.is_file())
+        return sorted(self.rel(p) for p in self._inside((self.root / "configs").glob("*.yaml")))
 
     def runs(self) -> list[str]:
-        """Run folders under runs/ that hold a training run (a config.yaml the trainer wrote)."""
-        return sorted(self.rel(p.parent) for p in (self.root / "runs").glob("*/config.yaml"))
+        """Folders under runs/ (at any depth) that hold a training run: a config.yaml the trainer wrote."""
+        found = self._inside((self.root / "runs").rglob("config.yaml"))
+        return sorted(self.rel(p.parent) for p in found if not (p.parent / "adapter_config.json").is_file())
 
     def adapters(self) -> list[str]:
-        """Every final_adapter and checkpoint of the workspace's runs, newest run first."""
-        found = [p.parent for p in (self.root / "runs").glob("*/*/adapter_config.json")]
+        """Every final_adapter and checkpoint under runs/, newest run first."""
+        found = [p.parent for p in self._inside((self.root / "runs").rglob("adapter_config.json"))]
         found.sort(key=lambda p: (p.parent.stat().st_mtime, p.name), reverse=True)
         return [self.rel(p) for p in found]
 
