@@ -117,6 +117,23 @@ def tiny_run_config(model_dir: Path, train: Path, held: Path, out: Path, **overr
     )
 
 
+def run_cli(capsys, *argv):
+    """`qlora ARGV` in-process: (exit code, stdout, stderr)."""
+    from qlora_platform.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(err: str) -> str:
+    """The one `error: ...` line a failed command printed (and nothing else, no traceback)."""
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
 @pytest.fixture
 def small_data(tmp_path) -> tuple[Path, Path]:
     return toy_task(tmp_path)

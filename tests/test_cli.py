@@ -6,19 +6,11 @@ import pytest
 
 from qlora_platform.cli import main, parse_overrides
 from qlora_platform.errors import UserError
+from tests.conftest import one_error_line, run_cli
 
 
 def run(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    return lines[0]
+    return run_cli(capsys, *argv)
 
 
 def test_malformed_jsonl(tmp_path, capsys):

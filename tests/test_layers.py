@@ -1,6 +1,6 @@
 """The package's import boundaries: no import cycle, and every import points down the layers.
 
-    errors <- config <- data <- models / rag <- infer <- train / eval / export <- demo / doctor / ui <- cli
+    errors <- config <- data <- models / rag <- infer <- train / eval / export <- demo / doctor / ui / sweep <- cli
 
 Units of one layer do not import each other (train, eval and export are siblings; so are
 data and kernels); kernels import nothing else of the package, and anything above data may
@@ -34,6 +34,7 @@ LAYERS = {
     "demo": 6,
     "doctor": 6,
     "ui": 6,
+    "sweep": 6,
     "cli": 7,
 }
 ISOLATED = {"kernels"}  # import nothing else of the package

@@ -12,6 +12,7 @@
     qlora setup llama-cpp              obtain and build the pinned llama.cpp once
     qlora merge --adapter DIR --out DIR
     qlora export gguf --adapter DIR --quant Q4_K_M [--quant Q8_0] --out DIR
+    qlora push --adapter DIR --repo USER/NAME [--private] [--dry-run] [--gguf DIR]   publish to the Hub
     qlora demo                         the whole pipeline on the bundled model
     qlora ui [--workspace DIR]         the same in a browser (Gradio)
 
@@ -463,6 +464,23 @@ def cmd_export(args, extra) -> int:
     return 0
 
 
+def cmd_push(args, extra) -> int:
+    from .export.push import push_adapter
+
+    if extra:
+        raise UserError(f"unexpected argument(s) for push: {' '.join(extra)}")
+    push_adapter(
+        args.adapter,
+        args.repo,
+        private=args.private,
+        dry_run=args.dry_run,
+        overwrite=args.overwrite,
+        gguf=args.gguf,
+        domain=args.domain,
+    )
+    return 0
+
+
 def cmd_ui(args, extra) -> int:
     from .infer.chat import is_loopback
     from .ui.login import gather_auth
@@ -492,6 +510,30 @@ def cmd_doctor(args, extra) -> int:
     return run_doctor(_load_cfg(args, extra) if (args.config or extra) else None)
 
 
+def cmd_sweep(args, extra) -> int:
+    from .sweep import SweepPlan, check_points, grid_points, parse_grid, run_sweep
+
+    overrides = parse_overrides(extra)
+    if "output.dir" in overrides or "dir" in overrides:
+        raise UserError("the sweep sets output.dir for each point; give the sweep folder with --out")
+    config = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    points = grid_points(parse_grid(args.grid or []))
+    check_points(config, overrides, points)
+    eval_args = ["--speed-runs", str(args.speed_runs)]
+    eval_args += ["--eval-file", args.eval_file] if args.eval_file else []
+    eval_args += ["--prompts", args.prompts] if args.prompts else []
+    plan = SweepPlan(config, overrides, points, Path(args.out), eval_args)
+    if args.dry_run:
+        for point in points:
+            print(
+                f"{point.label}:\n  qlora {' '.join(plan.train_argv(point))}\n  qlora {' '.join(plan.eval_argv(point))}"
+            )
+        print(f"{len(points)} points; nothing run (--dry-run)")
+        return 0
+    run_sweep(plan)
+    return 0
+
+
 def cmd_demo(args, extra) -> int:
     from .demo import run_demo
 
@@ -500,6 +542,7 @@ def cmd_demo(args, extra) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .infer.sampling import CHAT_DEFAULTS
     from .rag.settings import MODES as RAG_MODES
     from .rag.settings import describe as describe_rag
 
@@ -639,12 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="let the model's own Python code run (never taken from an adapter's config)",
             )
 
-    def sampling_args(s, max_tokens=256):
+    def sampling_args(s, max_tokens=CHAT_DEFAULTS["max_new_tokens"]):
         s.add_argument("--max-tokens", type=int, default=max_tokens)
-        s.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-        s.add_argument("--top-p", type=float, default=0.9)
-        s.add_argument("--top-k", type=int, default=0)
-        s.add_argument("--repetition-penalty", type=float, default=1.1)
+        s.add_argument("--temperature", type=float, default=CHAT_DEFAULTS["temperature"], help="0 = greedy")
+        s.add_argument("--top-p", type=float, default=CHAT_DEFAULTS["top_p"])
+        s.add_argument("--top-k", type=int, default=CHAT_DEFAULTS["top_k"])
+        s.add_argument("--repetition-penalty", type=float, default=CHAT_DEFAULTS["repetition_penalty"])
         s.add_argument("--stop", action="append", help="stop string (repeatable)")
         s.add_argument("--seed", type=int)
         s.add_argument("--system", help="system prompt")
@@ -717,6 +760,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="bf16", help="dtype of the merged model")
     s.add_argument("--no-quality", action="store_true", help="skip the perplexity and speed table")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("sweep", help="one run per point of a grid of config values, each evaluated, then one table")
+    s.add_argument("--config", help=f"base YAML config (default {DEFAULT_CONFIG}); --section.key VALUE applies to all")
+    s.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="a config key and its values, e.g. lora.r=8,16,32 (repeatable: the points are every combination)",
+    )
+    s.add_argument("--out", default="runs/sweep", help="sweep folder: one run folder per point, sweep.md, plots")
+    s.add_argument("--eval-file", help="holdout JSONL of every eval (default: each run's data.eval_file)")
+    s.add_argument("--prompts", help="benchmark prompt file of every eval (default: the sample domain's)")
+    s.add_argument("--speed-runs", type=int, default=3, help="timed generations of every eval")
+    s.add_argument("--dry-run", action="store_true", help="check the grid and print each point's commands")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("push", help="publish an adapter to the Hugging Face Hub: files, model card, eval metrics")
+    s.add_argument("--adapter", required=True, help="<run>, <run>/final_adapter or <run>/checkpoint-N")
+    s.add_argument(
+        "--repo", required=True, metavar="USER/NAME", help="hub repository to publish to (created if absent)"
+    )
+    s.add_argument("--private", action="store_true", help="create the repository private")
+    s.add_argument("--dry-run", action="store_true", help="print the files and the model card; send nothing")
+    s.add_argument(
+        "--overwrite", action="store_true", help="push to a repository that exists (a new commit replaces its files)"
+    )
+    s.add_argument(
+        "--gguf", metavar="DIR", help="also send DIR/*.gguf and DIR/Modelfile (qlora export gguf's --out) under gguf/"
+    )
+    s.add_argument(
+        "--domain", metavar="TEXT", help="what the adapter is for, in the card and as a tag (e.g. 'Python stdlib')"
+    )
+    s.set_defaults(func=cmd_push)
 
     s = sub.add_parser("ui", help="the pipeline in a browser: Data, Train, Evaluate, Chat, Export tabs (Gradio)")
     s.add_argument("--workspace", default=".", help="folder the UI reads and writes (data/, runs/, exports/)")

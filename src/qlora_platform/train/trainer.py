@@ -43,13 +43,13 @@ from ..data.tokenize import IGNORE, encode_records
 from ..errors import UserError
 from ..models.loader import device_label, load_tokenizer, pick_device
 from ..models.memory import memory_advice, peak_memory_gib
+from ..models.model_card import write_model_card
 from ..models.scoring import holdout_perplexity
 from .batching import collate, plan_epoch
 from .checkpoint import latest_checkpoint, load_adapter_weights, newest_loadable, replace_folder
 from .distributed import pick_strategy
 from .flat_params import FlatParams
 from .model import build_training_model
-from .model_card import write_model_card
 from .preference import check_record_kind
 from .tracking import LOG_FILE, NullTracker, Tracker, truncate_log
 
