@@ -128,7 +128,9 @@ class JobRunner:
         self.before_start = before_start  # frees what the UI holds (the chat model) before a job needs memory
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
-        self._job: Job | None = self._last_job()
+        records = list(self._records())  # newest first; read once: this UI alone starts the workspace's jobs
+        self._newest = {job.kind: job for _, job in reversed(records)}  # each tab's newest job
+        self._job: Job | None = self._resume_watch(*records[0]) if records else None
 
     def _records(self):
         for path in sorted(self.folder.glob("*.json"), reverse=True):
@@ -137,16 +139,14 @@ class JobRunner:
             except (ValueError, TypeError):
                 continue
 
-    def _last_job(self) -> Job | None:
-        """The newest job on record; one still running is adopted, one that died with its UI is marked stopped."""
-        for path, job in self._records():
-            if job.active and _alive(job.pid):
-                threading.Thread(target=self._watch, args=(job,), daemon=True, name=f"qlora-ui-{job.id}").start()
-            elif job.active:
-                job.status, job.ended = "stopped", job.ended or path.stat().st_mtime
-                self._save(job)
-            return job
-        return None
+    def _resume_watch(self, path: Path, job: Job) -> Job:
+        """The newest job on record: one still running is adopted, one that died with its UI is marked stopped."""
+        if job.active and _alive(job.pid):
+            threading.Thread(target=self._watch, args=(job,), daemon=True, name=f"qlora-ui-{job.id}").start()
+        elif job.active:
+            job.status, job.ended = "stopped", job.ended or path.stat().st_mtime
+            self._save(job)
+        return job
 
     def current(self) -> Job | None:
         """The running job, else the last one."""
@@ -154,10 +154,7 @@ class JobRunner:
 
     def latest(self, kind: str) -> Job | None:
         """The newest job a tab started (the current one when it is of that kind)."""
-        job = self._job
-        if job is not None and job.kind == kind:
-            return job
-        return next((job for _, job in self._records() if job.kind == kind), None)
+        return self._newest.get(kind)
 
     def start(self, kind: str, steps: list[list[str]], meta: dict | None = None) -> Job:
         with self._lock:
@@ -178,7 +175,7 @@ class JobRunner:
                     os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc = None
                 raise UserError(f"cannot start the {kind} job: {err.strerror or err}") from None
-            self._job = job
+            self._job = self._newest[kind] = job
         threading.Thread(target=self._watch, args=(job,), daemon=True, name=f"qlora-ui-{job_id}").start()
         return job
 
