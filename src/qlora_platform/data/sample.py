@@ -252,6 +252,58 @@ def _trim(text: str, max_words: int) -> str:
     return "\n\n".join(out)
 
 
+# Paragraphs an answer leaves out: grammar productions, "See also" pointers, version notes.
+_DROP_PARAGRAPH = re.compile(r"::=|^\s*(See also|Added in version|Changed in version|New in version|Deprecated since)", re.I)
+_CODE_LINE = re.compile(r"^(>>>|\.\.\.(\s|$)|\s{2,}\S|\$ )")
+_LIST_LINE = re.compile(r"^\s*([-*+]\s|\d+[.)]\s|\w+\s+--\s)")
+_HEADING_RULE = re.compile(r"^\s*([=\-~^*#])\1{2,}\s*$")
+
+
+def _is_code(paragraph: str) -> bool:
+    lines = paragraph.splitlines()
+    return sum(bool(_CODE_LINE.match(line)) for line in lines) * 2 >= len(lines)
+
+
+def _inline(text: str) -> str:
+    """Markup a reader does not see on the rendered page: reST roles and double back-quotes,
+    footnote marks, and "(see ...)" cross-references."""
+    text = re.sub(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`", r"`\1`", text)
+    text = re.sub(r"``([^`]+)``", r"`\1`", text)
+    text = re.sub(r"\s*\[\d+\]", "", text)
+    return re.sub(r"\s*\((?:see|See) [^()]*\)", "", text)
+
+
+def clean_doc(text: str, max_example_lines: int = 4) -> str:
+    """Documentation as an answer reads: prose paragraphs unwrapped to one line each, lists kept
+    as lists, one short code example (at most `max_example_lines` lines) kept and the longer
+    listings dropped, headings with their underline, grammar productions ("::="), "See also"
+    pointers and version notes dropped. Raw docstrings and pydoc topics are wrapped at 70-79
+    columns and carry reference-manual furniture; a small model trained on them copies the
+    line breaks and the grammar instead of answering."""
+    out: list[str] = []
+    example_kept = False
+    for paragraph in re.split(r"\n\s*\n", text.strip()):
+        lines = [line.rstrip() for line in paragraph.splitlines() if not _HEADING_RULE.match(line)]
+        if len(lines) < len(paragraph.splitlines()):
+            lines = lines[1:]  # a title above its underline goes with it
+        dropped = not lines or bool(_DROP_PARAGRAPH.search("\n".join(lines)))
+        if not dropped and _is_code("\n".join(lines)):
+            dropped = example_kept or len(lines) > max_example_lines
+            if not dropped:
+                example_kept = True
+                out.append("\n".join(re.sub(r"^\s+(>>>|\.\.\.)", r"\1", line) for line in lines))
+                continue
+        if dropped:
+            if out and out[-1].endswith(":"):
+                out[-1] = out[-1][:-1] + "."  # it introduced what was dropped
+            continue
+        if any(_LIST_LINE.match(line) for line in lines[1:]):
+            out.append("\n".join(_inline(line.strip()) for line in lines))
+        else:
+            out.append(_inline(re.sub(r"(?<=[.!?])\s{2,}", " ", " ".join(line.strip() for line in lines))))
+    return "\n\n".join(p for p in out if p.strip())
+
+
 def _signature(obj) -> str:
     try:
         return str(inspect.signature(obj))
@@ -351,7 +403,7 @@ def build_sample_records(min_words: int = 30, max_words: int = 160, entries: lis
     for entry in sample_entries() if entries is None else entries:
         if len(entry.doc.split()) < min_words:
             continue
-        body = _trim(entry.doc, max_words)
+        body = _trim(clean_doc(entry.doc), max_words)
         answer = f"{entry.signature}\n\n{body}" if entry.signature else body
         if len(answer.split()) < min_words:
             continue  # trimming can leave less than the docstring had
