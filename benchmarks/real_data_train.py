@@ -3,6 +3,8 @@ SFTTrainer for one epoch on the sample data set, with its host memory sampled, a
 
     python benchmarks/real_data_train.py qlora packed MODEL_DIR DATA_DIR WORK_DIR --results R.jsonl
     python benchmarks/real_data_train.py unsloth-sft padded MODEL_DIR DATA_DIR WORK_DIR --results R.jsonl
+    python benchmarks/real_data_train.py qlora packed MODEL_DIR DATA_DIR WORK_DIR --results R.jsonl \
+        --preset configs/phi3-mini.yaml --max-seq-len 2048 --max-steps 40
 
 The run is a child process: the real CLI for qlora; for Unsloth this script again with
 --child, which trains with Unsloth's SFTTrainer as a user would set it up (`unsloth_sft`) and
@@ -61,14 +63,16 @@ def watch(proc, step_log: Path, state: dict) -> None:
         time.sleep(0.2)
 
 
-def qlora_command(layout: str, model: str, data: str, work: Path) -> list[str]:
+def qlora_command(
+    layout: str, model: str, data: str, work: Path, preset: Path = MISTRAL_PRESET, extra: list[str] | None = None
+) -> list[str]:
     return [
         sys.executable,
         "-m",
         "qlora_platform.cli",
         "train",
         "--config",
-        str(MISTRAL_PRESET),
+        str(preset),
         "--model.name",
         model,
         "--train_file",
@@ -84,6 +88,7 @@ def qlora_command(layout: str, model: str, data: str, work: Path) -> list[str]:
         "--output.dir",
         str(work),
         "--overwrite",
+        *(extra or []),
     ]
 
 
@@ -186,6 +191,9 @@ def main() -> None:
     ap.add_argument("work", type=Path)
     ap.add_argument("--results", type=Path, help="the JSON-lines file the run's line is appended to")
     ap.add_argument("--child", action="store_true", help="unsloth-sft: train in this process (the measured child)")
+    ap.add_argument("--preset", type=Path, default=MISTRAL_PRESET, help="qlora: the config preset trained")
+    ap.add_argument("--max-seq-len", type=int, help="qlora: data.max_seq_len (default: the preset's)")
+    ap.add_argument("--max-steps", type=int, help="qlora: stop after this many optimizer steps (default: 1 epoch)")
     add_run_args(ap, commit_env="COMMIT")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -199,8 +207,12 @@ def main() -> None:
     if args.results is None:
         ap.error("--results is required")
     step_log.unlink(missing_ok=True)
+    extra = [*(["--max_seq_len", str(args.max_seq_len)] if args.max_seq_len else [])]
+    extra += ["--max_steps", str(args.max_steps)] if args.max_steps else []
     if args.variant == "qlora":
-        cmd = qlora_command(args.layout, args.model, args.data, args.work)
+        cmd = qlora_command(args.layout, args.model, args.data, args.work, args.preset, extra)
+    elif extra or args.preset != MISTRAL_PRESET:
+        ap.error("--preset, --max-seq-len and --max-steps apply to the qlora variant")
     else:
         cmd = [sys.executable, __file__, args.variant, args.layout, args.model, args.data, str(args.work), "--child"]
     start = time.time()
@@ -227,6 +239,7 @@ def main() -> None:
         {
             "variant": args.variant,
             "layout": args.layout,
+            **({"preset": args.preset.name, "max_seq_len": args.max_seq_len} if args.variant == "qlora" else {}),
             **result,
             "host_rss_gib_step10": round(state["rss_step10"] / 2**30, 2) if state.get("rss_step10") else None,
             "host_rss_gib_max": round(peak / 2**30, 2),

@@ -253,7 +253,9 @@ def _trim(text: str, max_words: int) -> str:
 
 
 # Paragraphs an answer leaves out: grammar productions, "See also" pointers, version notes.
-_DROP_PARAGRAPH = re.compile(r"::=|^\s*(See also|Added in version|Changed in version|New in version|Deprecated since)", re.I)
+_DROP_PARAGRAPH = re.compile(
+    r"::=|^\s*(See also|Added in version|Changed in version|New in version|Deprecated since)", re.I
+)
 _CODE_LINE = re.compile(r"^(>>>|\.\.\.(\s|$)|\s{2,}\S|\$ )")
 _LIST_LINE = re.compile(r"^\s*([-*+]\s|\d+[.)]\s|\w+\s+--\s)")
 _HEADING_RULE = re.compile(r"^\s*([=\-~^*#])\1{2,}\s*$")

@@ -50,6 +50,22 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
+# Layouts other than Mistral's: the transformers model class a shape is built with.
+PHI3_SHAPES = {
+    # Phi-3-mini-4k-instruct (3.8B): fused qkv_proj and gate_up_proj, no grouped-query attention.
+    "phi3-mini": dict(
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+}
 # The chat template a tokenizer without one gets.
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
@@ -59,21 +75,22 @@ MISTRAL_TEMPLATE = (
 
 
 def make_checkpoint(shape: str, out: Path, tokenizer: Path | None = None, vocab_size: int | None = None) -> dict:
-    """A random-weight checkpoint of `shape` (a key of SHAPES) in `out`, bf16, seed 0; with
+    """A random-weight checkpoint of `shape` (a key of SHAPES or PHI3_SHAPES) in `out`, bf16, seed 0; with
     `tokenizer`, that tokenizer's files beside it (`add_tokenizer`); `vocab_size` overrides the
     shape's. Returns what was built: shape, path, billions of parameters, seconds taken."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM
 
     start = time.time()
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    phi3 = shape in PHI3_SHAPES
+    config_cls, model_cls = (Phi3Config, Phi3ForCausalLM) if phi3 else (MistralConfig, MistralForCausalLM)
+    dims = {**SHAPES, **PHI3_SHAPES}[shape]
     with torch.device(device):
         torch.set_default_dtype(torch.bfloat16)
         try:
-            model = MistralForCausalLM(
-                MistralConfig(**{**SHAPES[shape], **({"vocab_size": vocab_size} if vocab_size else {})})
-            )
+            model = model_cls(config_cls(**{**dims, **({"vocab_size": vocab_size} if vocab_size else {})}))
         finally:
             torch.set_default_dtype(torch.float32)
     model.save_pretrained(out, max_shard_size="20GB")
