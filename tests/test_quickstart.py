@@ -1,7 +1,8 @@
 """notebooks/quickstart.ipynb runs end to end (nbclient, this environment's kernel), so it cannot rot.
 
-Its knobs keep the run short: 4 training steps on 128-token rows, 2 benchmark prompts; the
-steps are the notebook's own (prepare, validate, train, eval, generate, export a GGUF).
+Its knobs keep the run short: 4 training steps on 128-token rows, 2 benchmark prompts, a holdout
+of 8 sample pairs; the steps are the notebook's own (prepare, validate, train, eval, generate,
+export a GGUF).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from qlora_platform.data.sample import build_sample_records
 from qlora_platform.eval.keywords import DEFAULT_PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -27,13 +29,16 @@ def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_QUICKSTART_STEPS", "4")
     monkeypatch.setenv("QLORA_QUICKSTART_SEQ_LEN", "128")
     monkeypatch.setenv("QLORA_QUICKSTART_PROMPTS", str(tmp_path / "bench.json"))
+    holdout = tmp_path / "holdout.jsonl"
+    holdout.write_text("".join(json.dumps(r) + "\n" for r in build_sample_records()[:8]))
+    monkeypatch.setenv("QLORA_QUICKSTART_HOLDOUT", str(holdout))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it clean"
     nbclient.NotebookClient(
         notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     assert json.loads((tmp_path / "runs/quickstart/train_summary.json").read_text())["steps"] == 4
-    assert (tmp_path / "runs/quickstart/eval/eval.json").is_file()
+    assert json.loads((tmp_path / "runs/quickstart/eval/eval.json").read_text())["perplexity"]["examples"] == 8
     assert any((tmp_path / "exports/quickstart").glob("*Q8_0*.gguf"))
     shown = "".join(
         out.get("text", "") + json.dumps(out.get("data", {}))

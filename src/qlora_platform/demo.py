@@ -2,8 +2,9 @@
 
 prepare --sample -> QLoRA on SmolLM2-135M-Instruct -> `qlora eval` of the adapter
 (holdout perplexity, keyword benchmark and speed, base against tuned, with plots).
-Prints a summary table and where everything was written; the same summary is
-saved as `<output_dir>/demo_summary.json` and `demo.md`.
+Prints a summary table, where everything was written, and a side by side of base and tuned
+answers with their keyword hits for SIDE_BY_SIDE benchmark prompts chosen by a fixed rule
+(`side_by_side`); the same is saved as `<output_dir>/demo_summary.json` and `demo.md`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,42 @@ from .config import Config
 from .data.prepare import format_report, prepare
 from .eval.run import run_eval
 from .train.trainer import Trainer
+
+SIDE_BY_SIDE = 4  # benchmark prompts the demo prints with both answers
+
+
+def side_by_side(rows: list[dict], k: int = SIDE_BY_SIDE) -> list[dict]:
+    """`k` of the keyword benchmark's rows, evenly spaced in the prompt file's order (the first,
+    then every len/k-th). The rule is fixed before any answer exists, so the prompts shown are
+    not picked for how either side answered them."""
+    n, k = len(rows), min(k, len(rows))
+    return [rows[i * n // k] for i in range(k)]
+
+
+def _verdict(side: dict, keywords: int) -> str:
+    found = ", ".join(side["hits"]) or "none"
+    result = "pass" if side["passed"] else "fail"
+    return f"{side['hit_count']} of {keywords} keywords ({side['needed']} needed): {result}; found: {found}"
+
+
+def format_side_by_side(shown: list[dict], total: int) -> str:
+    positions = ", ".join(str(r["position"]) for r in shown)
+    lines = [
+        f"Side by side: {len(shown)} of the {total} benchmark prompts, evenly spaced in the prompt file's order "
+        f"(prompts {positions}; a fixed rule, not a choice made after reading the answers).",
+    ]
+    for i, row in enumerate(shown, 1):
+        n = len(row["keywords"])
+        lines += [
+            "",
+            f"[{i}/{len(shown)}] Q: {row['prompt']}",
+            f"    keywords: {'; '.join(row['keywords'])}",
+            f"--- base model: {_verdict(row['base'], n)}",
+            row["base"]["answer"].strip(),
+            f"--- tuned model: {_verdict(row['tuned'], n)}",
+            row["tuned"]["answer"].strip(),
+        ]
+    return "\n".join(lines)
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -42,16 +79,17 @@ def run_demo(cfg: Config, data_dir: str = "data") -> int:
     print("\n== 3/3 evaluate: base against tuned")
     ev = run_eval(str(out / "final_adapter"))
     ppl, rate, bench = ev["perplexity"], ev["keyword_pass_rate"], ev["keyword_benchmark"]
-    sample = next(p for p in ev["prompts"])
+    answers = [{**row, "position": i + 1} for i, row in enumerate(ev["prompts"])]
+    shown = side_by_side(answers)
     result = {
         "base_perplexity": ppl["base"],
         "tuned_perplexity": ppl["tuned"],
         "perplexity_reduction_pct": ppl["reduction_pct"],
         "keyword_pass_rate": rate,
         "decode_tokens_per_s": ev["tokens_per_s"],
-        "question": sample["prompt"],
-        "base_answer": sample["base"]["answer"],
-        "tuned_answer": sample["tuned"]["answer"],
+        "side_by_side": [
+            {k: row[k] for k in ("position", "id", "prompt", "keywords", "needed", "base", "tuned")} for row in shown
+        ],
         "total_seconds": round(time.time() - start, 1),
         "train": summary,
         "eval_report": str(out / "eval" / "eval.md"),
@@ -84,10 +122,7 @@ def run_demo(cfg: Config, data_dir: str = "data") -> int:
         ("logs", f"{out / 'train_log.jsonl'}, TensorBoard: tensorboard --logdir {out / 'logs'}"),
         ("total time", f"{time.time() - start:.0f} s"),
     ]
-    text = (
-        f"\n{_table(rows)}\n\nQ: {sample['prompt']}\n\n--- base model ---\n{sample['base']['answer']}\n\n"
-        f"--- tuned model ---\n{sample['tuned']['answer']}\n"
-    )
+    text = f"\n{_table(rows)}\n\n{format_side_by_side(shown, len(answers))}\n"
     (out / "demo.md").write_text("# qlora demo\n\n```\n" + text + "```\n")
     print(text)
     return 0

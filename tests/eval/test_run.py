@@ -102,10 +102,46 @@ def test_compare_tabulates_runs_and_tolerates_missing_pieces(trained_run, tmp_pa
     (untrained / "config.yaml").write_text((root / "run" / "config.yaml").read_text())
     markdown, rows = compare_runs([str(root / "run"), str(untrained)], out=str(tmp_path / "cmp"))
     assert rows[0]["lora_r"] == 8 and rows[0]["steps"] == 6 and rows[1]["steps"] is None
-    assert markdown.count("\n| ") == 2 and "| - |" in markdown
+    runs_table = markdown.split("\n## ")[0]
+    assert runs_table.count("\n| ") == 2 and "| - |" in runs_table
     assert json.loads((tmp_path / "cmp.json").read_text())[0]["run"] == str(root / "run")
     with pytest.raises(UserError, match="is it a 'qlora train' output folder"):
         compare_runs([str(tmp_path)])
+
+
+def _eval_with(folder, verdicts: dict) -> None:
+    """A run folder whose eval.json holds only keyword benchmark rows: id -> (base hits, tuned hits)."""
+    (folder / "eval").mkdir(parents=True)
+    rows = [
+        {
+            "id": pid,
+            "prompt": f"{pid}?",
+            "keywords": ["a", "b", "c"],
+            "needed": 2,
+            "base": {"hit_count": b, "passed": b >= 2},
+            "tuned": {"hit_count": t, "passed": t >= 2},
+        }
+        for pid, (b, t) in verdicts.items()
+    ]
+    (folder / "eval" / "eval.json").write_text(json.dumps({"prompts": rows}))
+
+
+def test_compare_lists_the_benchmark_prompt_by_prompt(tmp_path):
+    _eval_with(tmp_path / "r-8", {"json": (1, 2), "glob": (2, 1)})
+    _eval_with(tmp_path / "r-16", {"json": (1, 3), "glob": (2, 2)})
+    markdown, _ = compare_runs([str(tmp_path / "r-8"), str(tmp_path / "r-16")], out=str(tmp_path / "cmp"))
+    section = markdown.split("## The keyword benchmark, prompt by prompt\n\n")[1]
+    assert "| prompt | needed | base | r-8 | r-16 | tuned passed |" in section
+    assert "| `json` | 2 of 3 | 1 fail | 2 pass | 3 pass | 2 of 2 |" in section
+    assert "| `glob` | 2 of 3 | 2 pass | 1 fail | 2 pass | 1 of 2 |" in section
+    assert "Base passes: 1/2; tuned passes: r-8 1/2, r-16 2/2." in section
+    saved = json.loads((tmp_path / "cmp_prompts.json").read_text())
+    assert saved[0]["runs"]["r-16"] == {"base": {"hits": 1, "passed": False}, "tuned": {"hits": 3, "passed": True}}
+    # Bases that differ (another base model, another machine) get a column each.
+    _eval_with(tmp_path / "other", {"json": (2, 2)})
+    markdown, _ = compare_runs([str(tmp_path / "r-8"), str(tmp_path / "other")])
+    assert "| prompt | needed | base r-8 | base other | r-8 | other | tuned passed |" in markdown
+    assert "| `glob` | 2 of 3 | 2 pass | - | 1 fail | - | 0 of 1 |" in markdown
 
 
 def test_eval_cli_errors_are_one_line(tmp_path, capsys):

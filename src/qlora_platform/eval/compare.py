@@ -1,4 +1,5 @@
-"""`qlora compare RUN_DIR...`: one table across training runs, in markdown and JSON.
+"""`qlora compare RUN_DIR...`: one table across training runs, in markdown and JSON, and the
+keyword benchmark prompt by prompt (base against each run's tuned answer).
 
     qlora compare runs/mistral-r8 runs/mistral-r16 runs/phi3 [--out comparison]
 
@@ -111,14 +112,89 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join([head, rule, *body]) + "\n" + note
 
 
+def prompt_rows(runs: list[str]) -> list[dict]:
+    """The keyword benchmark prompt by prompt across the runs' evals, in the prompt file's order:
+    each run's base and tuned keyword hits and verdicts (None where a run's eval lacks the prompt)."""
+    evals = {Path(r).name or str(r): _find_eval(Path(r)) or {} for r in runs}
+    order: dict[str, dict] = {}
+    for ev in evals.values():
+        for row in ev.get("prompts") or []:
+            order.setdefault(row["id"], {"id": row["id"], "prompt": row["prompt"], "keywords": len(row["keywords"])})
+    out = []
+    for pid, head in order.items():
+        found = {name: next((r for r in ev.get("prompts") or [] if r["id"] == pid), None) for name, ev in evals.items()}
+        out.append(
+            {
+                **head,
+                "needed": next((r["needed"] for r in found.values() if r), None),
+                "runs": {
+                    name: {side: _verdict(r[side]) for side in ("base", "tuned")} if r else None
+                    for name, r in found.items()
+                },
+            }
+        )
+    return out
+
+
+def _verdict(side: dict) -> dict:
+    return {"hits": side["hit_count"], "passed": bool(side["passed"])}
+
+
+def prompts_markdown(rows: list[dict]) -> str:
+    """One line per prompt: keywords needed, the base answer's hits (one column when every run's base
+    agrees, as it does for one base model answering greedily), each run's tuned hits, and the count
+    of runs whose tuned answer passed."""
+    if not rows:
+        return ""
+    names = list(rows[0]["runs"])
+
+    def cell(v: dict | None) -> str:
+        return "-" if v is None else f"{v['hits']} {'pass' if v['passed'] else 'fail'}"
+
+    bases = [[cell(r["runs"][n] and r["runs"][n]["base"]) for n in names] for r in rows]
+    one_base = all(len({b for b in row if b != "-"}) <= 1 for row in bases)
+    base_heads = ["base"] if one_base else [f"base {n}" for n in names]
+    head = ["prompt", "needed", *base_heads, *names, "tuned passed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, base in zip(rows, bases):
+        tuned = [row["runs"][n] and row["runs"][n]["tuned"] for n in names]
+        ran = [t for t in tuned if t is not None]
+        base_cells = [next((b for b in base if b != "-"), "-")] if one_base else base
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{row['id']}`",
+                    f"{row['needed']} of {row['keywords']}",
+                    *base_cells,
+                    *(cell(t) for t in tuned),
+                    f"{sum(t['passed'] for t in ran)} of {len(ran)}",
+                ]
+            )
+            + " |"
+        )
+    passed = [sum(bool(r["runs"][n] and r["runs"][n]["tuned"]["passed"]) for r in rows) for n in names]
+    totals = ", ".join(f"{n} {p}/{len(rows)}" for n, p in zip(names, passed))
+    base_passed = [sum(b.endswith(" pass") for b in row) for row in zip(*bases)]
+    base_totals = f"{base_passed[0]}/{len(rows)}" if one_base else ", ".join(map(str, base_passed))
+    return (
+        "\n".join(lines) + f"\n\nCells: keywords found, pass or fail. Base passes: {base_totals}; "
+        f"tuned passes: {totals}.\n"
+    )
+
+
 def compare_runs(runs: list[str], out: str | None = None) -> tuple[str, list[dict]]:
     if not runs:
         raise UserError("give one or more run folders: qlora compare runs/a runs/b")
     rows = [run_row(Path(r)) for r in runs]
+    prompts = prompt_rows(runs)
     markdown = to_markdown(rows)
+    if prompts:
+        markdown += "\n## The keyword benchmark, prompt by prompt\n\n" + prompts_markdown(prompts)
     if out:
         base = Path(out)
         base.parent.mkdir(parents=True, exist_ok=True)
         base.with_suffix(".md").write_text("# Run comparison\n\n" + markdown)
         base.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+        base.with_name(base.name + "_prompts.json").write_text(json.dumps(prompts, indent=2))
     return markdown, rows

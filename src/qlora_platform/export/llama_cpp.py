@@ -33,7 +33,10 @@ PINNED_SDIST = "llama-cpp-python==0.3.36"
 # The llama.cpp commit vendored by that sdist (its .git/modules/vendor/llama.cpp/HEAD; CHANGELOG 0.3.36:
 # "update llama.cpp to ggml-org/llama.cpp@0c1e57098"). Change both together.
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
-TARGETS = ["llama-quantize", "llama-cli", "llama-server", "llama-perplexity", "llama-completion", "llama-bench"]
+# The tools the platform runs: quantize (export), perplexity and bench (the export's quality table),
+# completion (generation from a GGUF). llama-cli and llama-server are not built: nothing here runs
+# them, and leaving them out shortens the one-time build on a small CPU.
+TARGETS = ["llama-quantize", "llama-perplexity", "llama-completion", "llama-bench"]
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=OFF",
