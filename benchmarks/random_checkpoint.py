@@ -4,7 +4,7 @@
 
 QLoRA's speed and memory do not depend on the weights' values, so a random Mistral-7B-shaped
 checkpoint stands in for the real one where no hub is reachable. The shapes and the builder
-are `qlora_platform.train.synthetic` (SHAPES, make_checkpoint); `--tokenizer` copies a
+are `qlora_platform.train.synthetic` (SHAPES, PHI3_SHAPES, make_checkpoint); `--tokenizer` copies a
 tokenizer folder beside the weights (`assets/tok32k`, the 32k-word one, or
 `assets/smollm2-tokenizer`, a real BPE one); a tokenizer without a chat template gets a
 Mistral-style one. Prints one JSON line: shape, path, billions of parameters, seconds taken.

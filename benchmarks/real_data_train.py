@@ -182,6 +182,13 @@ def unsloth_sft(model_dir: str, train_file: str, packing: bool, work: Path, step
     }
 
 
+def seq_len(args) -> int:
+    """The max_seq_len the run trained with: --max-seq-len, else the preset's."""
+    import yaml
+
+    return args.max_seq_len or yaml.safe_load(args.preset.read_text())["data"]["max_seq_len"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("variant", choices=["qlora", "unsloth-sft"])
@@ -239,7 +246,7 @@ def main() -> None:
         {
             "variant": args.variant,
             "layout": args.layout,
-            **({"preset": args.preset.name, "max_seq_len": args.max_seq_len} if args.variant == "qlora" else {}),
+            **({"preset": args.preset.name, "max_seq_len": seq_len(args)} if args.variant == "qlora" else {}),
             **result,
             "host_rss_gib_step10": round(state["rss_step10"] / 2**30, 2) if state.get("rss_step10") else None,
             "host_rss_gib_max": round(peak / 2**30, 2),

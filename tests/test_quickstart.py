@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from qlora_platform.data.sample import build_sample_records
+from qlora_platform.data.split import split_holdout
 from qlora_platform.eval.keywords import DEFAULT_PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,8 @@ def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_QUICKSTART_SEQ_LEN", "128")
     monkeypatch.setenv("QLORA_QUICKSTART_PROMPTS", str(tmp_path / "bench.json"))
     holdout = tmp_path / "holdout.jsonl"
-    holdout.write_text("".join(json.dumps(r) + "\n" for r in build_sample_records()[:8]))
+    _, held = split_holdout(build_sample_records(), 0.1, 42)  # the split `qlora prepare --sample` makes
+    holdout.write_text("".join(json.dumps(r) + "\n" for r in held[:8]))
     monkeypatch.setenv("QLORA_QUICKSTART_HOLDOUT", str(holdout))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it clean"

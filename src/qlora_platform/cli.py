@@ -206,14 +206,15 @@ def cmd_eval(args, extra) -> int:
 
 
 def cmd_compare(args, extra) -> int:
-    from .eval.compare import compare_runs
+    from .eval.compare import compare_runs, prompts_file
 
     if extra:
         raise UserError(f"unexpected argument(s) for compare: {' '.join(extra)}")
     markdown, _ = compare_runs(args.runs, args.out)
     print(markdown)
     if args.out:
-        print(f"written: {args.out}.md, {args.out}.json")
+        base = Path(args.out).with_suffix("")
+        print(f"written: {base}.md, {base}.json, {prompts_file(args.out)}")
     return 0
 
 

@@ -30,7 +30,7 @@ def side_by_side(rows: list[dict], k: int = SIDE_BY_SIDE) -> list[dict]:
     return [rows[i * n // k] for i in range(k)]
 
 
-def _verdict(side: dict, keywords: int) -> str:
+def _hits_line(side: dict, keywords: int) -> str:
     found = ", ".join(side["hits"]) or "none"
     result = "pass" if side["passed"] else "fail"
     return f"{side['hit_count']} of {keywords} keywords ({side['needed']} needed): {result}; found: {found}"
@@ -48,9 +48,9 @@ def format_side_by_side(shown: list[dict], total: int) -> str:
             "",
             f"[{i}/{len(shown)}] Q: {row['prompt']}",
             f"    keywords: {'; '.join(row['keywords'])}",
-            f"--- base model: {_verdict(row['base'], n)}",
+            f"--- base model: {_hits_line(row['base'], n)}",
             row["base"]["answer"].strip(),
-            f"--- tuned model: {_verdict(row['tuned'], n)}",
+            f"--- tuned model: {_hits_line(row['tuned'], n)}",
             row["tuned"]["answer"].strip(),
         ]
     return "\n".join(lines)
@@ -122,7 +122,7 @@ def run_demo(cfg: Config, data_dir: str = "data") -> int:
         ("logs", f"{out / 'train_log.jsonl'}, TensorBoard: tensorboard --logdir {out / 'logs'}"),
         ("total time", f"{time.time() - start:.0f} s"),
     ]
-    text = f"\n{_table(rows)}\n\n{format_side_by_side(shown, len(answers))}\n"
+    text = f"\n{_table(rows)}\n" + (f"\n{format_side_by_side(shown, len(answers))}\n" if shown else "")
     (out / "demo.md").write_text("# qlora demo\n\n```\n" + text + "```\n")
     print(text)
     return 0

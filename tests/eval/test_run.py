@@ -142,6 +142,12 @@ def test_compare_lists_the_benchmark_prompt_by_prompt(tmp_path):
     markdown, _ = compare_runs([str(tmp_path / "r-8"), str(tmp_path / "other")])
     assert "| prompt | needed | base r-8 | base other | r-8 | other | tuned passed |" in markdown
     assert "| `glob` | 2 of 3 | 2 pass | - | 1 fail | - | 0 of 1 |" in markdown
+    assert "Base passes: r-8 1/2, other 1/1; tuned passes: r-8 1/2, other 1/1." in markdown
+    # Runs of one folder name in different places keep a column each.
+    _eval_with(tmp_path / "b" / "r-8", {"json": (1, 1)})
+    markdown, _ = compare_runs([str(tmp_path / "r-8"), str(tmp_path / "b" / "r-8")], out=str(tmp_path / "two.md"))
+    assert f"| {tmp_path / 'r-8'} | {tmp_path / 'b' / 'r-8'} |" in markdown
+    assert (tmp_path / "two_prompts.json").is_file() and (tmp_path / "two.json").is_file()
 
 
 def test_eval_cli_errors_are_one_line(tmp_path, capsys):

@@ -19,6 +19,7 @@ import html
 import importlib
 import inspect
 import re
+import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,53 +257,112 @@ def _trim(text: str, max_words: int) -> str:
 _DROP_PARAGRAPH = re.compile(
     r"::=|^\s*(See also|Added in version|Changed in version|New in version|Deprecated since)", re.I
 )
-_CODE_LINE = re.compile(r"^(>>>|\.\.\.(\s|$)|\s{2,}\S|\$ )")
-_LIST_LINE = re.compile(r"^\s*([-*+]\s|\d+[.)]\s|\w+\s+--\s)")
+_BULLET = re.compile(r"^\s*([-*+]|\d+[.)])\s")
 _HEADING_RULE = re.compile(r"^\s*([=\-~^*#])\1{2,}\s*$")
+# A line laid out in columns: two or more spaces inside it (not after a full stop), an arrow, a comment.
+_ALIGNED = re.compile(r"[^\s.!?:;] {2,}\S|-->|\s#\s")
+_INTRO_WORDS = 8  # an intro sentence this short goes with the example it introduced
 
 
-def _is_code(paragraph: str) -> bool:
-    lines = paragraph.splitlines()
-    return sum(bool(_CODE_LINE.match(line)) for line in lines) * 2 >= len(lines)
+def _is_code(lines: list[str]) -> bool:
+    """A doctest, or a block indented as a whole (how docstrings and the pydoc topics set code)."""
+    return lines[0].lstrip().startswith(">>>") or all(line[:1].isspace() for line in lines)
+
+
+def _is_aligned(lines: list[str]) -> bool:
+    return len(lines) > 1 and any(_ALIGNED.search(line.strip()) for line in lines)
 
 
 def _inline(text: str) -> str:
     """Markup a reader does not see on the rendered page: reST roles and double back-quotes,
-    footnote marks, and "(see ...)" cross-references."""
+    footnote marks (`[1]` after a space or punctuation, not an index like `a[0]`), and "(see ...)"
+    cross-references."""
     text = re.sub(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`", r"`\1`", text)
     text = re.sub(r"``([^`]+)``", r"`\1`", text)
-    text = re.sub(r"\s*\[\d+\]", "", text)
+    text = re.sub(r"(?<![\w)\]'\"`])\s*\[\d+\]", "", text)
     return re.sub(r"\s*\((?:see|See) [^()]*\)", "", text)
 
 
-def clean_doc(text: str, max_example_lines: int = 4) -> str:
-    """Documentation as an answer reads: prose paragraphs unwrapped to one line each, lists kept
-    as lists, one short code example (at most `max_example_lines` lines) kept and the longer
-    listings dropped, headings with their underline, grammar productions ("::="), "See also"
-    pointers and version notes dropped. Raw docstrings and pydoc topics are wrapped at 70-79
-    columns and carry reference-manual furniture; a small model trained on them copies the
-    line breaks and the grammar instead of answering."""
-    out: list[str] = []
-    example_kept = False
-    for paragraph in re.split(r"\n\s*\n", text.strip()):
-        lines = [line.rstrip() for line in paragraph.splitlines() if not _HEADING_RULE.match(line)]
-        if len(lines) < len(paragraph.splitlines()):
-            lines = lines[1:]  # a title above its underline goes with it
-        dropped = not lines or bool(_DROP_PARAGRAPH.search("\n".join(lines)))
-        if not dropped and _is_code("\n".join(lines)):
-            dropped = example_kept or len(lines) > max_example_lines
-            if not dropped:
-                example_kept = True
-                out.append("\n".join(re.sub(r"^\s+(>>>|\.\.\.)", r"\1", line) for line in lines))
-                continue
-        if dropped:
-            if out and out[-1].endswith(":"):
-                out[-1] = out[-1][:-1] + "."  # it introduced what was dropped
-            continue
-        if any(_LIST_LINE.match(line) for line in lines[1:]):
-            out.append("\n".join(_inline(line.strip()) for line in lines))
+def _prose(lines: list[str]) -> str:
+    return re.sub(r"(?<=[.!?:;])\s{2,}", " ", _inline(" ".join(line.strip() for line in lines)))
+
+
+def _items(lines: list[str]) -> list[str]:
+    """A list as one line per item: an item starts at a bullet or at an unindented line, and its
+    indented continuation lines join it (`name` over an indented description reads `name: ...`)."""
+    items: list[list[str]] = []
+    for line in lines:
+        if _BULLET.match(line) or not line[:1].isspace() or not items:
+            items.append([line.strip()])
         else:
-            out.append(_inline(re.sub(r"(?<=[.!?])\s{2,}", " ", " ".join(line.strip() for line in lines))))
+            items[-1].append(line.strip())
+    out = []
+    for head, *rest in items:
+        term = len(head.split()) <= 3 and not _BULLET.match(head) and not head.endswith((".", ":"))
+        out.append(_prose([f"{head}:" if term and rest else head, *rest]))
+    return out
+
+
+def _drop_intro(out: list[str]) -> None:
+    """The paragraph before a dropped example ends by introducing it ("... is equivalent to:"): it
+    loses that last sentence; a paragraph of one short sentence goes whole, a longer one ends with
+    a full stop instead."""
+    if not out or not out[-1].endswith(":"):
+        return
+    sentences = re.split(r"(?<=[.!?])\s+", out[-1])
+    if len(sentences) > 1:
+        out[-1] = " ".join(sentences[:-1])
+    elif len(out[-1].split()) <= _INTRO_WORDS:
+        out.pop()
+    else:
+        out[-1] = out[-1][:-1] + "."
+
+
+def _example(lines: list[str], max_lines: int) -> str | None:
+    """A code block as an answer shows it: dedented, whole when it has at most `max_lines` lines; a
+    longer doctest is cut before the statement (`>>>` line) that would pass the limit; any other
+    long block is left out."""
+    lines = [re.sub(r"^\s+(?=>>>)", "", line) for line in textwrap.dedent("\n".join(lines)).splitlines()]
+    if len(lines) > max_lines:
+        starts = [i for i, line in enumerate(lines) if line.startswith(">>>") and 0 < i <= max_lines]
+        if not lines[0].startswith(">>>") or not starts:
+            return None
+        lines = lines[: starts[-1]]
+    return "\n".join(lines)
+
+
+def clean_doc(text: str, max_example_lines: int = 4) -> str:
+    """Documentation as an answer reads: prose paragraphs unwrapped to one line each; lists one
+    item a line; tables and other column layouts kept line by line; the first code example kept
+    (dedented, a long doctest cut to its first statements within `max_example_lines` lines),
+    every other listing dropped with the short sentence that introduced it; headings (a title
+    over a rule of =, -, ~ ...), grammar productions ("::="), "See also" pointers and version
+    notes dropped. Raw docstrings and pydoc topics are wrapped at 70-79 columns and carry
+    reference-manual furniture; a small model trained on them copies the line breaks and the
+    grammar instead of answering."""
+    out: list[str] = []
+    example_seen = False
+    for paragraph in re.split(r"\n\s*\n", text.strip("\n")):
+        raw = [line.rstrip() for line in paragraph.splitlines()]
+        rules = {i for i, line in enumerate(raw) if _HEADING_RULE.match(line)}
+        lines = [line for i, line in enumerate(raw) if i not in rules and i + 1 not in rules and line.strip()]
+        if not lines or _DROP_PARAGRAPH.search("\n".join(lines)):
+            _drop_intro(out)
+            continue
+        if _is_code(lines):
+            example = None if example_seen else _example(lines, max_example_lines)
+            example_seen = True
+            if example:
+                out.append(example)
+            else:
+                _drop_intro(out)
+            continue
+        if _is_aligned(lines):
+            out.append(textwrap.dedent("\n".join(lines)))
+        elif any(_BULLET.match(line) or line[:1].isspace() for line in lines[1:]):
+            out.append("\n".join(_items(lines)))
+        else:
+            out.append(_prose(lines))
     return "\n\n".join(p for p in out if p.strip())
 
 

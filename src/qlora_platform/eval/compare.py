@@ -115,7 +115,10 @@ def to_markdown(rows: list[dict]) -> str:
 def prompt_rows(runs: list[str]) -> list[dict]:
     """The keyword benchmark prompt by prompt across the runs' evals, in the prompt file's order:
     each run's base and tuned keyword hits and verdicts (None where a run's eval lacks the prompt)."""
-    evals = {Path(r).name or str(r): _find_eval(Path(r)) or {} for r in runs}
+    names = [Path(r).name or str(r) for r in runs]
+    if len(set(names)) < len(names):  # two runs of the same folder name in different places
+        names = [str(r) for r in runs]
+    evals = {name: _find_eval(Path(r)) or {} for name, r in zip(names, runs)}
     order: dict[str, dict] = {}
     for ev in evals.values():
         for row in ev.get("prompts") or []:
@@ -173,14 +176,27 @@ def prompts_markdown(rows: list[dict]) -> str:
             )
             + " |"
         )
-    passed = [sum(bool(r["runs"][n] and r["runs"][n]["tuned"]["passed"]) for r in rows) for n in names]
-    totals = ", ".join(f"{n} {p}/{len(rows)}" for n, p in zip(names, passed))
-    base_passed = [sum(b.endswith(" pass") for b in row) for row in zip(*bases)]
-    base_totals = f"{base_passed[0]}/{len(rows)}" if one_base else ", ".join(map(str, base_passed))
+
+    def total(side: str, name: str) -> str:
+        had = [r["runs"][name] for r in rows if r["runs"][name] is not None]
+        return f"{sum(v[side]['passed'] for v in had)}/{len(had)}"
+
+    if one_base:
+        first = [next((b for b in base if b != "-"), "-") for base in bases]
+        base_totals = f"{sum(b.endswith(' pass') for b in first)}/{len(rows)}"
+    else:
+        base_totals = ", ".join(f"{n} {total('base', n)}" for n in names)
+    tuned_totals = ", ".join(f"{n} {total('tuned', n)}" for n in names)
     return (
         "\n".join(lines) + f"\n\nCells: keywords found, pass or fail. Base passes: {base_totals}; "
-        f"tuned passes: {totals}.\n"
+        f"tuned passes: {tuned_totals}.\n"
     )
+
+
+def prompts_file(out: str | Path) -> Path:
+    """Where `--out NAME` puts the prompt rows: NAME_prompts.json beside NAME.md and NAME.json."""
+    base = Path(out).with_suffix("")
+    return base.with_name(base.name + "_prompts.json")
 
 
 def compare_runs(runs: list[str], out: str | None = None) -> tuple[str, list[dict]]:
@@ -196,5 +212,5 @@ def compare_runs(runs: list[str], out: str | None = None) -> tuple[str, list[dic
         base.parent.mkdir(parents=True, exist_ok=True)
         base.with_suffix(".md").write_text("# Run comparison\n\n" + markdown)
         base.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-        base.with_name(base.name + "_prompts.json").write_text(json.dumps(prompts, indent=2))
+        prompts_file(base).write_text(json.dumps(prompts, indent=2))
     return markdown, rows

@@ -50,7 +50,9 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
-# Layouts other than Mistral's: the transformers model class a shape is built with.
+# Phi-3's layout, built with Phi3ForCausalLM: checkpoints for `qlora train` with configs/phi3-mini.yaml
+# (its fused qkv_proj and gate_up_proj). build_reference and build_qlora_platform target Mistral's
+# seven projections (TARGETS) and take SHAPES only.
 PHI3_SHAPES = {
     # Phi-3-mini-4k-instruct (3.8B): fused qkv_proj and gate_up_proj, no grouped-query attention.
     "phi3-mini": dict(
