@@ -1,6 +1,7 @@
 """Real QLoRA steps (NF4 through bitsandbytes on the CPU) on a tiny random Llama."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,15 @@ def test_packing_trains_too(tiny_cfg):
     trainer.train()
     losses = [h["loss"] for h in trainer.history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_the_final_evaluation_can_be_left_to_qlora_eval(tiny_cfg):
+    tiny_cfg.training.max_steps = 2
+    summary = Trainer(tiny_cfg, log=lambda *_: None, final_eval=False).train()
+    assert summary["steps"] == 2 and summary["eval_perplexity"] is None
+    run = Path(tiny_cfg.output.dir)
+    assert (run / "final_adapter" / "adapter_model.safetensors").is_file()
+    assert "eval_loss" not in (run / "train_log.jsonl").read_text()
 
 
 def test_missing_data_file_is_clear(tiny_cfg):

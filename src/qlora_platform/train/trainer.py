@@ -262,8 +262,11 @@ class Trainer:
     other methods' trainers (reward, DPO, ORPO, KTO, PPO, GRPO) change the data, the loss and the
     evaluation (`train.methods.make_trainer` picks the one of training.method)."""
 
-    def __init__(self, cfg: Config, resume: bool = False, log=print, overwrite: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, log=print, overwrite: bool = False, final_eval: bool = True):
+        """`final_eval=False` skips the holdout evaluation after the last step (for a caller that
+        runs `qlora eval` next, which scores the same holdout the same way)."""
         self.cfg, self.log = cfg, guard_log(log)
+        self.final_eval = final_eval
         self.out = Path(cfg.output.dir)
         claim_output_dir(self.out, resume, overwrite, self.log, clear=int(os.environ.get("RANK", "0")) == 0)
         self.device = pick_device(cfg.training.device)
@@ -742,7 +745,7 @@ class Trainer:
         self._save_final_adapter()
         if self._stop_agreed(stop):
             raise _Stopped(stop.signum or signal.SIGTERM)
-        if not self.eval_examples:
+        if not self.eval_examples or not self.final_eval:
             return None
         with stop.interruptible():
             return self._log_eval(tracker)
