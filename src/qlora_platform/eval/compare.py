@@ -55,13 +55,14 @@ def _find_eval(run: Path) -> dict | None:
     return None
 
 
-def run_row(run: Path) -> dict:
+def run_row(run: Path, ev: dict | None = None) -> dict:
+    """`ev`: the run's eval.json when the caller has read it already."""
     if not run.is_dir():
         raise UserError(f"run folder '{run}' does not exist")
     cfg_path = run / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else None
     summary = _json(run / "train_summary.json")
-    ev = _find_eval(run)
+    ev = _find_eval(run) if ev is None else ev
     if cfg is None and summary is None and ev is None:
         raise UserError(
             f"'{run}' has no config.yaml, train_summary.json or eval/eval.json: is it a 'qlora train' output folder?"
@@ -112,13 +113,14 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join([head, rule, *body]) + "\n" + note
 
 
-def prompt_rows(runs: list[str]) -> list[dict]:
-    """The keyword benchmark prompt by prompt across the runs' evals, in the prompt file's order:
-    each run's base and tuned keyword hits and verdicts (None where a run's eval lacks the prompt)."""
+def prompt_rows(runs: list[str], evals_read: list[dict | None]) -> list[dict]:
+    """The keyword benchmark prompt by prompt across the runs' evals (`evals_read`, one per run, None
+    where a run has none), in the prompt file's order: each run's base and tuned keyword hits and
+    verdicts (None where a run's eval lacks the prompt)."""
     names = [Path(r).name or str(r) for r in runs]
     if len(set(names)) < len(names):  # two runs of the same folder name in different places
         names = [str(r) for r in runs]
-    evals = {name: _find_eval(Path(r)) or {} for name, r in zip(names, runs)}
+    evals = {name: ev or {} for name, ev in zip(names, evals_read)}
     order: dict[str, dict] = {}
     for ev in evals.values():
         for row in ev.get("prompts") or []:
@@ -156,13 +158,14 @@ def prompts_markdown(rows: list[dict]) -> str:
 
     bases = [[cell(r["runs"][n] and r["runs"][n]["base"]) for n in names] for r in rows]
     one_base = all(len({b for b in row if b != "-"}) <= 1 for row in bases)
+    shared_base = [next((b for b in base if b != "-"), "-") for base in bases]  # used when one_base
     base_heads = ["base"] if one_base else [f"base {n}" for n in names]
     head = ["prompt", "needed", *base_heads, *names, "tuned passed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row, base in zip(rows, bases):
+    for row, base, shared in zip(rows, bases, shared_base):
         tuned = [row["runs"][n] and row["runs"][n]["tuned"] for n in names]
         ran = [t for t in tuned if t is not None]
-        base_cells = [next((b for b in base if b != "-"), "-")] if one_base else base
+        base_cells = [shared] if one_base else base
         lines.append(
             "| "
             + " | ".join(
@@ -182,8 +185,7 @@ def prompts_markdown(rows: list[dict]) -> str:
         return f"{sum(v[side]['passed'] for v in had)}/{len(had)}"
 
     if one_base:
-        first = [next((b for b in base if b != "-"), "-") for base in bases]
-        base_totals = f"{sum(b.endswith(' pass') for b in first)}/{len(rows)}"
+        base_totals = f"{sum(b.endswith(' pass') for b in shared_base)}/{len(rows)}"
     else:
         base_totals = ", ".join(f"{n} {total('base', n)}" for n in names)
     tuned_totals = ", ".join(f"{n} {total('tuned', n)}" for n in names)
@@ -202,8 +204,9 @@ def prompts_file(out: str | Path) -> Path:
 def compare_runs(runs: list[str], out: str | None = None) -> tuple[str, list[dict]]:
     if not runs:
         raise UserError("give one or more run folders: qlora compare runs/a runs/b")
-    rows = [run_row(Path(r)) for r in runs]
-    prompts = prompt_rows(runs)
+    evals = [_find_eval(Path(r)) for r in runs]  # read once: for the table and for the prompt rows
+    rows = [run_row(Path(r), ev) for r, ev in zip(runs, evals)]
+    prompts = prompt_rows(runs, evals)
     markdown = to_markdown(rows)
     if prompts:
         markdown += "\n## The keyword benchmark, prompt by prompt\n\n" + prompts_markdown(prompts)
