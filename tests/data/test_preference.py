@@ -211,7 +211,7 @@ def test_sample_preferences_are_many_distinct_and_seeded():
     assert build_sample_preferences(seed=7) != (train, held)
     # An object's wrong answer names the asked object and documents another one of its module.
     loads = next(p for p in pairs if "`json.loads`" in p["prompt"][-1]["content"])
-    assert loads["rejected"].startswith("`json.loads(") and loads["rejected"] != loads["chosen"]
+    assert "\n\nSignature: `json.loads(" in loads["rejected"] and loads["rejected"] != loads["chosen"]
     assert len(held) > 100 and not {prompt_text(r) for r in held} & {prompt_text(r) for r in train}
     # No holdout answer, right or wrong, is an answer of a training pair: nothing teaches against it.
     train_answers = {normalise_key(a) for r in train for a in (r["chosen"], r["rejected"])}

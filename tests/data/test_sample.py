@@ -1,4 +1,4 @@
-from qlora_platform.data.sample import build_sample_records, clean_doc
+from qlora_platform.data.sample import build_sample_records, clean_doc, split_signature
 
 
 def test_prose_is_unwrapped_and_reference_furniture_dropped():
@@ -54,3 +54,11 @@ def test_the_sample_set_keeps_its_size_and_no_answer_carries_grammar_or_wrapped_
         assert source in answers
     dumps = answers["json.html#json.dumps"]
     assert "Serialize `obj` to a JSON formatted `str`." in dumps and "\nfor container" not in dumps
+    # Prose first, the signature last: the answer opens with what the object does.
+    assert dumps.startswith("Serialize `obj`") and split_signature(dumps)[1].startswith("json.dumps(obj, *, skipkeys")
+    with_signature = [r for r in records if split_signature(r["messages"][-1]["content"])[1]]
+    assert {r["category"] for r in with_signature} == {"function", "method", "class"}
+    assert not any(
+        r["messages"][-1]["content"].startswith(f"`{split_signature(r['messages'][-1]['content'])[1]}")
+        for r in with_signature
+    )

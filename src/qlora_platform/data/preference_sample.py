@@ -8,7 +8,7 @@ any function, method or class of `json`, else any method; for a module another m
 package, else any module; for a topic any other topic. Neighbours that share half or more of the
 words of the two answers (shared words over all their words) are passed over: they would be
 near-right. The choice is drawn from a generator seeded with the seed and the question, so the set
-is the same on every run of one Python version. A function, method or class answer opens with its
+is the same on every run of one Python version. A function, method or class answer ends with its
 signature line; the wrong answer keeps the asked object's name on it with the neighbour's
 parameters and documentation, so it reads as an answer to the question.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import re
 
-from .sample import build_sample_records
+from .sample import SIGNATURE, build_sample_records, split_signature
 from .split import split_holdout
 
 OBJECT_CATEGORIES = ("function", "method", "class")
@@ -44,11 +44,11 @@ def _scopes(name: str) -> list[str]:
 
 
 def _split_answer(answer: str, name: str, category: str) -> tuple[str | None, str]:
-    """(parameters, documentation) of an object's answer, whose first line is `name(parameters)`;
+    """(parameters, documentation) of an object's answer, whose last line is SIGNATURE `name(parameters)`;
     (None, answer) for a module or topic answer, or one without that line."""
-    header, _, body = answer.partition("\n\n")
-    if category in OBJECT_CATEGORIES and header.startswith(f"`{name}") and header.endswith("`") and body:
-        return header[len(name) + 1 : -1], body
+    body, signature = split_signature(answer)
+    if category in OBJECT_CATEGORIES and signature.startswith(name):
+        return signature[len(name) :], body
     return None, answer
 
 
@@ -96,7 +96,7 @@ def _wrong_answer(item: dict, other: dict) -> str:
     """The neighbour's answer; an object's signature line names the asked object with the neighbour's parameters."""
     if other["params"] is None:
         return other["body"]
-    return f"`{item['name']}{other['params']}`\n\n{other['body']}"
+    return f"{other['body']}\n\n{SIGNATURE}`{item['name']}{other['params']}`"
 
 
 def build_sample_preferences(seed: int = 42, eval_ratio: float = 0.1) -> tuple[list[dict], list[dict]]:

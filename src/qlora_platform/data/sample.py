@@ -3,9 +3,11 @@
 Built from the running interpreter's own documentation, so it needs no network:
 the pydoc topic texts (`pydoc_data.topics`), and the docstrings of the modules,
 classes, functions and methods of a fixed list of widely used standard library
-modules. Each pair asks about one object and answers with its signature and
-documentation (trimmed at paragraph boundaries); pairs whose answer is too short
-to teach anything are left out, and duplicates are removed.
+modules. Each pair asks about one object and answers with its documentation
+(trimmed at paragraph boundaries), then its call signature (`SIGNATURE`): the
+answer opens with what the object does, in prose, which is what a short answer
+has room for. Pairs whose answer is too short to teach anything are left out, and
+duplicates are removed.
 
     records = build_sample_records()    # [{"messages": [...], "category": ...}, ...]
 
@@ -25,6 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import normalise_key
+
+# The last paragraph of a function, method or class answer: `SIGNATURE` + `name(parameters)` in backticks.
+# The answer leads with the documentation: a model trained on a few hundred pairs imitates how an
+# answer opens, and an opening signature line of invented parameters drifts into invented code.
+SIGNATURE = "Signature: "
 
 TOPICS_FILE = "python-topics.html"
 SYSTEM_PROMPT = "You are a helpful assistant for the Python standard library."
@@ -373,6 +380,15 @@ def _signature(obj) -> str:
         return ""
 
 
+def split_signature(answer: str) -> tuple[str, str]:
+    """(documentation, `name(parameters)` without backticks) of a sample answer; (answer, "") when it has
+    no signature line."""
+    body, _, footer = answer.rpartition("\n\n")
+    if body and footer.startswith(f"{SIGNATURE}`") and footer.endswith("`"):
+        return body, footer[len(SIGNATURE) + 1 : -1]
+    return answer, ""
+
+
 def _pair(question: str, answer: str, category: str, source: str) -> dict:
     return {
         "messages": [
@@ -388,7 +404,7 @@ def _pair(question: str, answer: str, category: str, source: str) -> dict:
 @dataclass(frozen=True)
 class Entry:
     """One documented object or topic: where the sample documents hold it (file and heading), its
-    question, and its documentation whole (`doc`) with the signature line an answer starts with."""
+    question, and its documentation whole (`doc`) with the signature line an answer ends with."""
 
     file: str
     heading: str
@@ -441,6 +457,8 @@ def _object_entries() -> list[Entry]:
                 for mname, meth in sorted(vars(obj).items()):
                     if mname.startswith("_") or not callable(meth):
                         continue
+                    if isinstance(getattr(meth, "__module__", None), str) and meth.__module__ != obj.__module__:
+                        continue  # set on the class by another package (transformers adds logging.Logger.warning_once)
                     name = f"{full}.{mname}"
                     signature = f"`{name}{_signature(meth)}`"
                     mdoc = inspect.getdoc(meth) or ""
@@ -466,12 +484,12 @@ def build_sample_records(min_words: int = 30, max_words: int = 160, entries: lis
         if len(entry.doc.split()) < min_words:
             continue
         body = _trim(clean_doc(entry.doc), max_words)
-        answer = f"{entry.signature}\n\n{body}" if entry.signature else body
+        answer = f"{body}\n\n{SIGNATURE}{entry.signature}" if entry.signature else body
         if len(answer.split()) < min_words:
             continue  # trimming can leave less than the docstring had
         rec = _pair(entry.question, answer, entry.category, entry.source)
         q = normalise_key(entry.question)
-        a = normalise_key(answer.split("\n\n", 1)[-1])
+        a = normalise_key(body)
         if q in seen_q or a in seen_a:
             continue
         seen_q.add(q)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import re
 
-from .sample import build_sample_records
+from .sample import build_sample_records, split_signature
 
 TOOLS = [
     {
@@ -285,9 +285,9 @@ def _doc_entries() -> list[tuple[str, str]]:
         if rec["category"] not in ("function", "class"):
             continue
         answer = rec["messages"][2]["content"]
-        header, _, body = answer.partition("\n\n")
-        name = re.match(r"`([\w.]+)", header)
-        if name and body:
+        body, signature = split_signature(answer)
+        name = re.match(r"([\w.]+)", signature)
+        if name:
             first = re.split(r"(?<=[.!?])\s+", body.strip().replace("\n", " "), maxsplit=1)[0]
             if len(first.split()) <= MAX_DOC_WORDS:
                 out.append((name.group(1), first))

@@ -35,7 +35,10 @@ from .retrieval import grounded_prompts, retrieval_hits
 from .tools import tool_call_scores
 
 
-def _answers(loaded, bench, prompts: list[list[int]], batch_size: int) -> list:
+def _answers(loaded, bench, prompts: list[list[int]], batch_size: int, side: str) -> list:
+    """Each prompt's answer, `batch_size` prompts a batch, with a progress bar of decode steps."""
+    from tqdm import tqdm
+
     gen = bench.generation
     params = SamplingParams(
         max_new_tokens=gen.max_new_tokens,
@@ -43,9 +46,12 @@ def _answers(loaded, bench, prompts: list[list[int]], batch_size: int) -> list:
         temperature=gen.temperature,
         seed=0,
     )
+    batches = [prompts[k : k + batch_size] for k in range(0, len(prompts), batch_size)]
     results = []
-    for k in range(0, len(prompts), batch_size):
-        results += loaded.engine.generate(prompts[k : k + batch_size], params)
+    with tqdm(total=len(batches) * gen.max_new_tokens, desc=f"answers ({side})", unit="step", leave=False) as bar:
+        for i, batch in enumerate(batches):
+            results += loaded.engine.generate(batch, params, on_step=lambda: bar.update())
+            bar.update((i + 1) * gen.max_new_tokens - bar.n)  # a batch that stops early
     return results
 
 
@@ -103,8 +109,8 @@ def _keyword_benchmark(
 ) -> tuple[list, int, int]:
     """(rows, base passed, tuned passed): each benchmark prompt answered by both sides and scored."""
     with loaded.base_only():
-        base_answers = _answers(loaded, bench, prompt_ids, batch_size)
-    tuned_answers = _answers(loaded, bench, prompt_ids, batch_size)
+        base_answers = _answers(loaded, bench, prompt_ids, batch_size, "base")
+    tuned_answers = _answers(loaded, bench, prompt_ids, batch_size, "tuned")
     rows = []
     for p, b, t in zip(bench.prompts, base_answers, tuned_answers):
         rows.append(
@@ -166,7 +172,7 @@ def run_eval(
     speed_runs: int = 3,
     speed_tokens: int = 64,
     samples: int = 6,
-    batch_size: int = 8,
+    batch_size: int = 32,
     trust_remote_code: bool = False,
     grounding=None,
     log=print,

@@ -100,12 +100,18 @@ class Engine:
 
     # -- generation -----------------------------------------------------------------------
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, cancelled: Callable[[], bool] | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        cancelled: Callable[[], bool] | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> list[Generation]:
-        """Run prompts together to the end (greedy results equal one-at-a-time runs up to float noise)."""
+        """Run prompts together to the end (greedy results equal one-at-a-time runs up to float noise);
+        `on_step()` is called after each decode step (a progress bar)."""
         results: list[Generation] = []
         for _ in self._steps(prompts, params, cancelled, results):
-            pass
+            if on_step is not None:
+                on_step()
         return results
 
     def enable_batching(self, slots: int, max_len: int | None = None) -> None:
