@@ -99,6 +99,9 @@ def test_progress_bars_are_read_at_their_latest_state(runner):
     assert progress(text) == ("training", 4, 4)
     assert text.count("training:") == 1  # the carriage-return rewrites collapse to the last one
     assert progress("no bar here") is None
+    # `qlora eval`'s bars, as its log holds them: the last one is the one shown.
+    log = "perplexity: 100%|###| 32/32 [00:56<00:00]\rtuned answers:  45%|####  | 57/128 [00:23<00:30]"
+    assert progress(log) == ("tuned answers", 57, 128)
 
 
 def test_a_job_left_running_by_a_dead_ui_is_adopted_not_forgotten(runner, tmp_path):

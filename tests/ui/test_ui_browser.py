@@ -129,7 +129,7 @@ def test_the_pipeline_in_a_browser(chromium, workspace, tmp_path, start_ui):
         "() => document.querySelector('#data-report').innerText.includes('Validation report')",
         timeout=5 * MINUTES,
     )
-    assert "1123 records" in page.inner_text("#data-report")
+    assert "1124 records" in page.inner_text("#data-report")
     assert (workspace / "data" / "train.jsonl").is_file()
     # a small holdout and benchmark keep the Evaluate step to a minute on 2 cores
     lines = (workspace / "data" / "eval.jsonl").read_text().splitlines()[:8]

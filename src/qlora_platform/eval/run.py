@@ -48,7 +48,7 @@ def _answers(loaded, bench, prompts: list[list[int]], batch_size: int, side: str
     )
     batches = [prompts[k : k + batch_size] for k in range(0, len(prompts), batch_size)]
     results = []
-    with tqdm(total=len(batches) * gen.max_new_tokens, desc=f"answers ({side})", unit="step", leave=False) as bar:
+    with tqdm(total=len(batches) * gen.max_new_tokens, desc=f"{side} answers", unit="step", leave=False) as bar:
         for i, batch in enumerate(batches):
             results += loaded.engine.generate(batch, params, on_step=lambda: bar.update())
             bar.update((i + 1) * gen.max_new_tokens - bar.n)  # a batch that stops early
