@@ -642,8 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=32,
-        help="benchmark prompts generated together (the default file's 26 in one batch a side: on a CPU "
-        "a step costs about the same for 8 rows as for 26; lower it when memory is short)",
+        help="benchmark prompts generated together (the default file's 26 in one batch a side, which on a CPU "
+        "takes about half the time of batches of 8; lower it when memory is short)",
     )
     s.add_argument(
         "--trust-remote-code",

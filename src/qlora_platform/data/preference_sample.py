@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import re
 
-from .sample import SIGNATURE, build_sample_records, split_signature
+from .sample import build_sample_records, split_signature, with_signature
 from .split import split_holdout
 
 OBJECT_CATEGORIES = ("function", "method", "class")
@@ -44,7 +44,7 @@ def _scopes(name: str) -> list[str]:
 
 
 def _split_answer(answer: str, name: str, category: str) -> tuple[str | None, str]:
-    """(parameters, documentation) of an object's answer, whose last line is SIGNATURE `name(parameters)`;
+    """(parameters, documentation) of an object's answer, whose last line is its signature (`with_signature`);
     (None, answer) for a module or topic answer, or one without that line."""
     body, signature = split_signature(answer)
     if category in OBJECT_CATEGORIES and signature.startswith(name):
@@ -96,7 +96,7 @@ def _wrong_answer(item: dict, other: dict) -> str:
     """The neighbour's answer; an object's signature line names the asked object with the neighbour's parameters."""
     if other["params"] is None:
         return other["body"]
-    return f"{other['body']}\n\n{SIGNATURE}`{item['name']}{other['params']}`"
+    return with_signature(other["body"], f"{item['name']}{other['params']}")
 
 
 def build_sample_preferences(seed: int = 42, eval_ratio: float = 0.1) -> tuple[list[dict], list[dict]]:

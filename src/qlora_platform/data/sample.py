@@ -380,6 +380,12 @@ def _signature(obj) -> str:
         return ""
 
 
+def with_signature(body: str, call: str) -> str:
+    """`body`, then the signature line of `call` (`name(parameters)`, no backticks): the layout
+    `split_signature` reads back."""
+    return f"{body}\n\n{SIGNATURE}`{call}`"
+
+
 def split_signature(answer: str) -> tuple[str, str]:
     """(documentation, `name(parameters)` without backticks) of a sample answer; (answer, "") when it has
     no signature line."""
@@ -484,7 +490,7 @@ def build_sample_records(min_words: int = 30, max_words: int = 160, entries: lis
         if len(entry.doc.split()) < min_words:
             continue
         body = _trim(clean_doc(entry.doc), max_words)
-        answer = f"{body}\n\n{SIGNATURE}{entry.signature}" if entry.signature else body
+        answer = with_signature(body, entry.signature.strip("`")) if entry.signature else body
         if len(answer.split()) < min_words:
             continue  # trimming can leave less than the docstring had
         rec = _pair(entry.question, answer, entry.category, entry.source)

@@ -50,7 +50,7 @@ def _answers(loaded, bench, prompts: list[list[int]], batch_size: int, side: str
     results = []
     with tqdm(total=len(batches) * gen.max_new_tokens, desc=f"{side} answers", unit="step", leave=False) as bar:
         for i, batch in enumerate(batches):
-            results += loaded.engine.generate(batch, params, on_step=lambda: bar.update())
+            results += loaded.engine.generate(batch, params, on_step=bar.update)
             bar.update((i + 1) * gen.max_new_tokens - bar.n)  # a batch that stops early
     return results
 
