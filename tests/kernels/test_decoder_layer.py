@@ -6,9 +6,10 @@ to the stock layer."""
 import pytest
 import torch
 
-from qlora_platform.kernels import apply_fast_kernels, decoder_layer, fused_loss_parts, lora
+from qlora_platform.kernels import apply_fast_kernels, decoder_layer, lora
 from qlora_platform.kernels.offload import LayerReplay, Offloader, replay_of, use_offloader
 from qlora_platform.models.loader import attach_lora, load_base_model
+from qlora_platform.models.scoring import output_head_parts
 from qlora_platform.train.model import summed_nll
 
 
@@ -27,7 +28,7 @@ def _model(cfg, fast=True):
 
 def _step(model, ids):
     model.zero_grad(set_to_none=True)
-    loss = summed_nll(model, fused_loss_parts(model), ids, input_ids=ids) / ids.numel()
+    loss = summed_nll(model, output_head_parts(model), ids, input_ids=ids) / ids.numel()
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -103,9 +104,9 @@ def test_packed_rows_with_restarting_positions_match_peft(tiny_cfg):
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(4))
     pos = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
     loss_ref = summed_nll(ref, None, ids, input_ids=ids, position_ids=pos)
-    loss_fast = summed_nll(fast, fused_loss_parts(fast), ids, input_ids=ids, position_ids=pos)
+    loss_fast = summed_nll(fast, output_head_parts(fast), ids, input_ids=ids, position_ids=pos)
     torch.testing.assert_close(loss_fast, loss_ref, atol=1e-4, rtol=1e-5)
-    unpacked = summed_nll(fast, fused_loss_parts(fast), ids, input_ids=ids)
+    unpacked = summed_nll(fast, output_head_parts(fast), ids, input_ids=ids)
     assert abs(unpacked.item() - loss_fast.item()) > 1e-3  # the positions did matter
 
 

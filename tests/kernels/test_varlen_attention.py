@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from qlora_platform.data.tokenize import IGNORE
-from qlora_platform.kernels import apply_fast_kernels, fused_loss_parts
+from qlora_platform.kernels import apply_fast_kernels
 from qlora_platform.kernels.decoder_layer import varlen_attention_reference
 from qlora_platform.kernels.offload import Offloader, use_offloader
 from qlora_platform.models.loader import attach_lora, load_base_model
+from qlora_platform.models.scoring import output_head_parts
 from qlora_platform.train.batching import collate
 from qlora_platform.train.model import summed_nll
 
@@ -67,7 +68,7 @@ def test_packed_loss_and_gradients_equal_each_example_alone(tiny_cfg, offload):
     if offload:  # the checkpoint's recompute path (on the CPU the offloader keeps tensors in place)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         use_offloader(model, Offloader(torch.device("cpu")))
-    fused = fused_loss_parts(model)
+    fused = output_head_parts(model)
     rows = [[_ex(9, 1), _ex(14, 2)], [_ex(20, 3)]]
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -136,7 +137,7 @@ def test_only_a_batch_without_mask_or_packing_lets_the_layers_drop_the_mask(tiny
     from qlora_platform.kernels import decoder_layer
 
     model = _model(tiny_cfg)
-    fused = fused_loss_parts(model)
+    fused = output_head_parts(model)
     seen = []
     real = decoder_layer.attention_core
 

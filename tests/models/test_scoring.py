@@ -38,3 +38,41 @@ def test_perplexity_equals_a_hand_computed_value(tiny_model_dir):
         assert got["tokens"] == count == 5
         assert math.isclose(got["perplexity"], expected, rel_tol=1e-5)
         assert math.isclose(got["loss"], total / count, rel_tol=1e-5)
+
+
+def test_answer_nll_runs_the_head_only_where_a_label_is_predicted(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_platform.models.scoring import answer_nll, output_head_parts, summed_answer_nll
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.randint(3, 200, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE
+    labels[1, :6] = IGNORE
+    padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids).index_fill_(1, torch.tensor([8]), 0)}
+    packed = {"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]] * 2)}
+    seen = []
+    head = output_head_parts(model)[1]
+    head.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].shape[0]))
+    for inputs in (padded, packed):
+        for p in model.parameters():
+            p.grad = None
+        want = summed_answer_nll(model(**inputs).logits, labels)
+        want.backward()
+        want_grads = [p.grad.clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None
+        seen.clear()
+        got = answer_nll(model, labels, **inputs)
+        got.backward()
+        assert seen == [(5 + 3)]  # rows 0 and 1 predict 5 and 3 labelled tokens
+        assert torch.allclose(got, want, rtol=1e-5)
+        for p, g in zip(model.parameters(), want_grads, strict=True):
+            assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+
+    # A head that is more than a linear map gets the full logits.
+    model.config.final_logit_softcapping = 30.0
+    assert output_head_parts(model) is None
+    assert torch.allclose(answer_nll(model, labels, **packed), summed_answer_nll(model(**packed).logits, labels))

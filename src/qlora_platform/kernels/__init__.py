@@ -20,13 +20,12 @@ GPU-marked loss-parity test. Figures: docs/benchmarks.md.
 
 from .cross_entropy import linear_cross_entropy, shift_labels
 from .offload import enable_offloaded_checkpointing
-from .patch import FastKernelReport, apply_fast_kernels, fused_loss_parts
+from .patch import FastKernelReport, apply_fast_kernels
 
 __all__ = [
     "FastKernelReport",
     "apply_fast_kernels",
     "enable_offloaded_checkpointing",
-    "fused_loss_parts",
     "linear_cross_entropy",
     "shift_labels",
 ]

@@ -1,7 +1,6 @@
 """The one place where the platform swaps its fast kernels into a Hugging Face model.
 
     report = apply_fast_kernels(peft_model)       # after models.loader.attach_lora
-    parts = fused_loss_parts(peft_model)          # (decoder, head) for linear_cross_entropy, or None
 
 Monkeypatching lives here and nowhere else. It replaces the `forward` of single
 module instances (never of classes, so other models in the process are untouched):
@@ -246,21 +245,3 @@ def apply_fast_kernels(model, fp8: Fp8Plan | None = None) -> FastKernelReport:
                 module.forward = functools.partial(_fast_rms_forward, module)
                 report.rms_norm += 1
     return report
-
-
-def fused_loss_parts(model):
-    """(decoder, head) when the loss can skip the logits (plain frozen linear head, no logit
-    softcapping or scaling); None otherwise. `model` is the PEFT-wrapped causal LM."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = lm.get_output_embeddings()
-    config = lm.config
-    if (
-        type(head) is not nn.Linear
-        or head.bias is not None
-        or head.weight.requires_grad
-        or getattr(config, "final_logit_softcapping", None)
-        or getattr(config, "logit_scale", None)
-        or getattr(config, "logits_scaling", None)
-    ):
-        return None
-    return lm.get_decoder(), head

@@ -3,8 +3,9 @@
     result = holdout_perplexity(model, examples, batch_size=4)
     result["perplexity"], result["loss"], result["tokens"]
 
-Training reads `summed_answer_nll` for its loss and the holdout perplexity for its
-evaluation, `qlora eval` the perplexity of the base and the tuned model.
+Training reads `answer_nll` for its loss and the holdout perplexity for its evaluation,
+`qlora eval` the perplexity of the base and the tuned model; both run the output head only
+at the positions that predict a label (`answer_nll`).
 
 `examples` are encoded records (`data.tokenize.encode_record`): only tokens with
 a label (the assistant answers and their EOS) count, and every token weighs the
@@ -18,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.collate import answer_token_count, collate, next_token_labels
 from ..data.tokenize import IGNORE
@@ -32,6 +34,43 @@ def summed_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
         ignore_index=IGNORE,
         reduction="sum",
     )
+
+
+def output_head_parts(model):
+    """(decoder, head) when the logits are `head(decoder(...).last_hidden_state)` position by
+    position: a plain linear head, no logit softcapping or scaling. None otherwise. `model` is the
+    causal LM, PEFT-wrapped or not."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    config = lm.config
+    if (
+        type(head) is not nn.Linear
+        or head.bias is not None
+        or decoder is None
+        or decoder is lm
+        or getattr(config, "final_logit_softcapping", None)
+        or getattr(config, "logit_scale", None)
+        or getattr(config, "logits_scaling", None)
+    ):
+        return None
+    return decoder, head
+
+
+def answer_nll(model, labels: torch.Tensor, **inputs) -> torch.Tensor:
+    """`summed_answer_nll(model(**inputs).logits, labels)`, with the output head run only at the
+    positions that predict a label: the prompt's positions need no logits. With a vocabulary of
+    49k words the head and its softmax over every position are a tenth of a CPU training step, and
+    the full logits of a batch are its largest tensor. A head that is more than a linear map
+    (`output_head_parts` is None) gets the full logits."""
+    parts = output_head_parts(model)
+    if parts is None:
+        return summed_answer_nll(model(**inputs).logits, labels)
+    decoder, head = parts
+    hidden = decoder(**inputs).last_hidden_state[:, :-1]
+    targets = next_token_labels(labels)
+    keep = targets != IGNORE
+    return F.cross_entropy(head(hidden[keep]).float(), targets[keep], reduction="sum")
 
 
 @torch.no_grad()
@@ -50,11 +89,9 @@ def holdout_perplexity(
         batches = tqdm(batches, desc="perplexity", leave=False)
     for idx in batches:
         batch = collate([[examples[i]] for i in idx], pad_id, packing=False)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits
         labels = batch["labels"].to(device)
-        total_nll += summed_answer_nll(logits, labels).item()
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        total_nll += answer_nll(model, labels, use_cache=False, **inputs).item()
         total_tokens += answer_token_count(labels)
     if was_training:
         model.train()

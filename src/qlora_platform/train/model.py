@@ -16,7 +16,7 @@ import torch
 
 from ..config import Config
 from ..models.loader import attach_lora, fast_kernels_on, fp8_plan, load_base_model, offload_on
-from ..models.scoring import summed_answer_nll
+from ..models.scoring import answer_nll, output_head_parts
 
 # Batch inputs that make attention more than causal: a padding mask, or packed sequences.
 PLAIN_CAUSAL_UNLESS = frozenset({"attention_mask", "position_ids", "cu_seq_lens"})
@@ -33,10 +33,10 @@ def build_training_model(cfg: Config, device: str, log=print, distributed: bool 
             log("several processes: the single-GPU fast path (fast kernels, offloaded checkpoints) is off")
         return model, None
     if fast_kernels_on(cfg, device):
-        from ..kernels import apply_fast_kernels, fused_loss_parts
+        from ..kernels import apply_fast_kernels
 
         log(apply_fast_kernels(model, fp8_plan(cfg, device)).summary())
-        fused = fused_loss_parts(model)
+        fused = output_head_parts(model)
         if fused is None:
             log("fast kernels: this model's output head needs full logits; the loss materialises them")
     if offload_on(cfg, device):
@@ -57,7 +57,7 @@ def summed_nll(model, fused, labels: torch.Tensor, **inputs) -> torch.Tensor:
         # attention kernels. Derived from this batch alone, so no other batch can inherit it.
         inputs["causal_only"] = True
     if fused is None:
-        return summed_answer_nll(model(**inputs).logits, labels)
+        return answer_nll(model, labels, **inputs)
     from ..kernels import linear_cross_entropy, shift_labels
 
     decoder, head = fused
