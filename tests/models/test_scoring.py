@@ -72,6 +72,22 @@ def test_answer_nll_runs_the_head_only_where_a_label_is_predicted(tiny_model_dir
         for p, g in zip(model.parameters(), want_grads, strict=True):
             assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
 
+    # A model an engine wraps runs whole, even where the wrapper hands out the model's attributes
+    # (FSDP does): its forward gathers shards and syncs gradients.
+    class Forwarding(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+    assert Forwarding(model).get_output_embeddings() is head
+    assert output_head_parts(Forwarding(model)) is None
+
     # A head that is more than a linear map gets the full logits.
     model.config.final_logit_softcapping = 30.0
     assert output_head_parts(model) is None

@@ -38,9 +38,15 @@ def summed_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 def output_head_parts(model):
     """(decoder, head) when the logits are `head(decoder(...).last_hidden_state)` position by
-    position: a plain linear head, no logit softcapping or scaling. None otherwise. `model` is the
-    causal LM, PEFT-wrapped or not."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    position: a plain linear head, no logit softcapping or scaling. None otherwise, and for a
+    model an engine wraps (DDP, FSDP, DeepSpeed): its forward is what gathers shards and syncs
+    gradients, so the model is run whole. `model` is the causal LM, PEFT-wrapped or not."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PeftModel | PreTrainedModel):
+        return None
+    lm = model.get_base_model() if isinstance(model, PeftModel) else model
     head = lm.get_output_embeddings()
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
     config = lm.config
