@@ -88,7 +88,8 @@ def test_answer_nll_runs_the_head_only_where_a_label_is_predicted(tiny_model_dir
     assert Forwarding(model).get_output_embeddings() is head
     assert output_head_parts(Forwarding(model)) is None
 
-    # A head that is more than a linear map gets the full logits.
-    model.config.final_logit_softcapping = 30.0
+    # A model type not known to compute its logits as the head of the last hidden state (Gemma 2
+    # softcaps them) runs whole.
+    model.config.model_type = "gemma2"
     assert output_head_parts(model) is None
     assert torch.allclose(answer_nll(model, labels, **packed), summed_answer_nll(model(**packed).logits, labels))

@@ -3,9 +3,9 @@
     result = holdout_perplexity(model, examples, batch_size=4)
     result["perplexity"], result["loss"], result["tokens"]
 
-Training reads `answer_nll` for its loss and the holdout perplexity for its evaluation,
-`qlora eval` the perplexity of the base and the tuned model; both run the output head only
-at the positions that predict a label (`answer_nll`).
+Training reads `answer_nll` for its loss (on the GPU fast path, `kernels.linear_cross_entropy`)
+and the holdout perplexity for its evaluation, `qlora eval` the perplexity of the base and the
+tuned model. `answer_nll` runs the output head only at the positions that predict a label.
 
 `examples` are encoded records (`data.tokenize.encode_record`): only tokens with
 a label (the assistant answers and their EOS) count, and every token weighs the
@@ -36,28 +36,38 @@ def summed_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     )
 
 
+# Model types whose causal LM computes its logits as `lm_head(decoder(...).last_hidden_state)` and
+# nothing more; others (softcapping, logit multipliers, multimodal wrappers) get the full logits.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3"})
+
+
 def output_head_parts(model):
     """(decoder, head) when the logits are `head(decoder(...).last_hidden_state)` position by
-    position: a plain linear head, no logit softcapping or scaling. None otherwise, and for a
-    model an engine wraps (DDP, FSDP, DeepSpeed): its forward is what gathers shards and syncs
-    gradients, so the model is run whole. `model` is the causal LM, PEFT-wrapped or not."""
-    from peft import PeftModel
+    position: a model type in PLAIN_HEAD_MODEL_TYPES with a linear head, under no adapter but
+    plain LoRA. None otherwise, and for a model an engine wraps (DDP, FSDP, DeepSpeed): its
+    forward is what gathers shards and syncs gradients, so the model is run whole. `model` is the
+    causal LM, PEFT-wrapped or not."""
+    from peft import PeftModel, PeftType
     from transformers import PreTrainedModel
 
-    if not isinstance(model, PeftModel | PreTrainedModel):
+    if isinstance(model, PeftModel):
+        # Prompt learning adds virtual tokens and aLoRA reads invocation offsets in PeftModel's forward.
+        peft_config = model.active_peft_config
+        if peft_config.peft_type != PeftType.LORA or getattr(peft_config, "alora_invocation_tokens", None):
+            return None
+        lm = model.get_base_model()
+    elif isinstance(model, PreTrainedModel):
+        lm = model
+    else:
         return None
-    lm = model.get_base_model() if isinstance(model, PeftModel) else model
     head = lm.get_output_embeddings()
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
-    config = lm.config
     if (
-        type(head) is not nn.Linear
+        lm.config.model_type not in PLAIN_HEAD_MODEL_TYPES
+        or type(head) is not nn.Linear
         or head.bias is not None
         or decoder is None
         or decoder is lm
-        or getattr(config, "final_logit_softcapping", None)
-        or getattr(config, "logit_scale", None)
-        or getattr(config, "logits_scaling", None)
     ):
         return None
     return decoder, head
@@ -65,10 +75,9 @@ def output_head_parts(model):
 
 def answer_nll(model, labels: torch.Tensor, **inputs) -> torch.Tensor:
     """`summed_answer_nll(model(**inputs).logits, labels)`, with the output head run only at the
-    positions that predict a label: the prompt's positions need no logits. With a vocabulary of
-    49k words the head and its softmax over every position are a tenth of a CPU training step, and
-    the full logits of a batch are its largest tensor. A head that is more than a linear map
-    (`output_head_parts` is None) gets the full logits."""
+    positions that predict a label: the prompt's positions need no logits, and the full logits
+    of a batch are its largest tensor (docs/training.md, the CPU path). Where
+    `output_head_parts` is None the model runs whole and gives the full logits."""
     parts = output_head_parts(model)
     if parts is None:
         return summed_answer_nll(model(**inputs).logits, labels)
