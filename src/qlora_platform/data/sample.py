@@ -419,7 +419,7 @@ class Entry:
     heading: str
     category: str
     question: str
-    signature: str  # `name(args)` for classes and callables, "" otherwise
+    signature: str  # name(args) for classes and callables, "" otherwise
     doc: str
 
     @property
@@ -462,19 +462,19 @@ def _object_entries() -> list[Entry]:
             full = f"{modname}.{attr}"
             if inspect.isclass(obj):
                 doc = inspect.getdoc(obj) or ""
-                out.append(Entry(file, full, "class", _pick(CLASS_QUESTIONS, full), f"`{full}{_signature(obj)}`", doc))
+                out.append(Entry(file, full, "class", _pick(CLASS_QUESTIONS, full), f"{full}{_signature(obj)}", doc))
                 for mname, meth in sorted(vars(obj).items()):
                     if mname.startswith("_") or not callable(meth):
                         continue
                     if isinstance(getattr(meth, "__module__", None), str) and meth.__module__ != obj.__module__:
                         continue  # set on the class by another package (transformers adds logging.Logger.warning_once)
                     name = f"{full}.{mname}"
-                    signature = f"`{name}{_signature(meth)}`"
+                    signature = f"{name}{_signature(meth)}"
                     mdoc = inspect.getdoc(meth) or ""
                     out.append(Entry(file, name, "method", _pick(FUNCTION_QUESTIONS, name), signature, mdoc))
             elif callable(obj):
                 doc = inspect.getdoc(obj) or ""
-                signature = f"`{full}{_signature(obj)}`"
+                signature = f"{full}{_signature(obj)}"
                 out.append(Entry(file, full, "function", _pick(FUNCTION_QUESTIONS, full), signature, doc))
     return out
 
@@ -493,7 +493,7 @@ def build_sample_records(min_words: int = 30, max_words: int = 160, entries: lis
         if len(entry.doc.split()) < min_words:
             continue
         body = _trim(clean_doc(entry.doc), max_words)
-        answer = with_signature(body, entry.signature.strip("`")) if entry.signature else body
+        answer = with_signature(body, entry.signature) if entry.signature else body
         if len(answer.split()) < min_words:
             continue  # trimming can leave less than the docstring had
         rec = _pair(entry.question, answer, entry.category, entry.source)
@@ -516,7 +516,7 @@ def _document(title: str, entries: list[Entry]) -> str:
         tag = "h1" if e.category == "module" else "h2"
         parts.append(f"<{tag}>{html.escape(e.heading)}</{tag}>")
         if e.signature:
-            parts.append(f"<p><code>{html.escape(e.signature.strip('`'))}</code></p>")
+            parts.append(f"<p><code>{html.escape(e.signature)}</code></p>")
         if e.doc.strip():
             parts.append(f"<pre>{html.escape(e.doc)}</pre>")
     parts.append("</body></html>")
