@@ -63,3 +63,24 @@ def test_the_sample_set_keeps_its_size_and_no_answer_carries_grammar_or_wrapped_
         r["messages"][-1]["content"].startswith(f"`{split_signature(r['messages'][-1]['content'])[1]}")
         for r in with_signature
     )
+
+
+def test_signatures_carry_no_memory_address(tmp_path):
+    """Defaults without their own repr print with an address that changes in every process."""
+    import re
+    import weakref
+
+    from qlora_platform.data.sample import _signature, write_sample_documents
+
+    sentinel = object()
+    ref = weakref.ref(test_signatures_carry_no_memory_address)
+
+    def f(a=sentinel, b=ref, c=None):
+        pass
+
+    assert (
+        _signature(f)
+        == "(a=<object object>, b=<weakref; to 'function' (test_signatures_carry_no_memory_address)>, c=None)"
+    )
+    lines = [line for page in write_sample_documents(tmp_path) for line in page.read_text().splitlines()]
+    assert not [line for line in lines if line.startswith("<p><code>") and re.search(r" at 0x[0-9a-f]+", line)]

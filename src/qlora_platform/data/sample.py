@@ -374,11 +374,12 @@ def clean_doc(text: str, max_example_lines: int = 4) -> str:
 
 
 def _signature(obj) -> str:
-    """`(parameters)` of a callable, "" when it has none to show. A sentinel default prints with its
-    memory address (`<object object at 0x7f...>`), which differs in every process: the address is
-    dropped so that the set is the same on every run."""
+    """`(parameters)` of a callable, "" when it has none to show. A default without its own repr
+    prints with its memory address (`<object object at 0x7f...>`, `<weakref at 0x7f...; to ...>`),
+    which differs in every process: the address is dropped so that the set and its documents are
+    the same on every run."""
     try:
-        return re.sub(r" at 0x[0-9a-fA-F]+>", ">", str(inspect.signature(obj)))
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", str(inspect.signature(obj)))
     except (TypeError, ValueError):
         return ""
 
