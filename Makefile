@@ -1,10 +1,14 @@
 # make demo: install, then prepare -> train -> evaluate on the bundled SmolLM2 (CPU, under 15 min on 2 cores)
-# make test: install, build the pinned llama.cpp once (cached outside the repo), then run the test suite (CPU);
+# make test: install, build the pinned llama.cpp once (cached outside the repo), then run the test suite (CPU)
+#   in TEST_WORKERS pytest-xdist processes that share the cores out (tests/conftest.py);
 #   PYTEST_ARGS adds pytest options (CI: the slowest tests' durations)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Most tests spend their time in one thread (process start-up, model loading, token-by-token
+# decoding), so one pytest process leaves a core idle on a 2-core machine; two workers fill both.
+TEST_WORKERS ?= 2
 
 .PHONY: install llama-cpp demo test test-gpu clean
 
@@ -27,7 +31,7 @@ demo: install
 	$(VENV)/bin/qlora demo
 
 test: install llama-cpp
-	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu

@@ -15,6 +15,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` runs TEST_WORKERS workers) the cores are shared out, so that
+# workers and the `qlora` processes they start do not oversubscribe them; OpenMP threads that
+# outnumber the cores spin while waiting and slow every worker down.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    share = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    torch.set_num_threads(share)
+
 
 @pytest.fixture(scope="session")
 def bundled_dir() -> Path:
